@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The one test command: README.md and .ci/run call exactly this.
+#
+# Installs what the interop suite needs (a Python venv at .venv with the pinned
+# clients from tests/interop/requirements.txt), builds the `rill` binary, runs
+# fmt/clippy/cargo tests, then drives the real binary with pika, aio-pika and
+# kombu (tests/interop). Works as root on a fresh Debian box with Rust and
+# python3 installed; never reads stdin. Any failing step fails the script, and
+# a pytest run that collects no tests counts as a failure.
+#
+# Environment:
+#   AMQP_TEST_URL   run the interop suite against that broker instead of
+#                   starting target/debug/rill (e.g. a real RabbitMQ)
+#   PYTEST_ARGS     extra arguments for pytest (e.g. "-k queue -x")
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "python venv (.venv)"
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    # Debian splits venv/ensurepip into python3-venv.
+    if command -v apt-get >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq </dev/null
+        apt-get install -y -qq python3-venv </dev/null
+    else
+        echo "python3 venv support is missing and apt-get is unavailable" >&2
+        exit 1
+    fi
+fi
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    -r tests/interop/requirements.txt </dev/null
+
+step "cargo build -p rill"
+cargo build -p rill
+export RILL_BIN="${RILL_BIN:-$root/target/debug/rill}"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --workspace
+
+step "pytest tests/interop"
+set +e
+# shellcheck disable=SC2086
+.venv/bin/python -m pytest tests/interop ${PYTEST_ARGS:-} </dev/null
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests: treating as failure" >&2
+    exit 1
+fi
+exit "$rc"
