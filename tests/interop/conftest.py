@@ -15,6 +15,7 @@ Two modes:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -27,6 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import pika
+import pika.exceptions
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -255,3 +257,19 @@ def message_count(connect, queue: str) -> int:
 
 
 SIGTERM = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def channel_closed(code: int, text: str | None = None):
+    """Expect the block to end with the broker closing the channel (code, exact text)."""
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as exc:
+        yield exc
+    assert (exc.value.reply_code, exc.value.reply_text) == (code, text if text is not None else exc.value.reply_text)
+
+
+@contextlib.contextmanager
+def connection_closed(code: int, text: str | None = None):
+    """Expect the block to end with the broker closing the connection (code, exact text)."""
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as exc:
+        yield exc
+    assert (exc.value.reply_code, exc.value.reply_text) == (code, text if text is not None else exc.value.reply_text)
