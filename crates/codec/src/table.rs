@@ -1,0 +1,191 @@
+//! Field tables: a validating walk over raw table bytes, and lookups on decoded tables.
+//!
+//! amq-protocol's table parser recurses once per nesting level, so a few kilobytes of
+//! `F`/`A` nesting from a client would overflow the stack. Everything we hand to it from
+//! the network is first walked here, with recursion bounded by [`MAX_TABLE_DEPTH`].
+
+use crate::error::AmqpError;
+use crate::wire::Reader;
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
+
+/// Deepest nesting of tables and arrays accepted from the network. RabbitMQ's own
+/// deepest header (`x-death`: headers → array → table) is 3.
+pub const MAX_TABLE_DEPTH: usize = 64;
+
+/// Walks a field table body (the bytes after its 32-bit length) and checks that every
+/// entry is well formed: keys are UTF-8 short strings, value types are known, lengths
+/// fit, and nesting stays within [`MAX_TABLE_DEPTH`].
+pub(crate) fn validate_table_body(body: &[u8], depth: usize) -> Result<(), AmqpError> {
+    if depth > MAX_TABLE_DEPTH {
+        return Err(AmqpError::syntax("field table nesting too deep"));
+    }
+    let mut r = Reader::new(body);
+    while !r.is_empty() {
+        let key = r
+            .short_str()
+            .ok_or_else(|| AmqpError::syntax("truncated field table key"))?;
+        if std::str::from_utf8(key).is_err() {
+            return Err(AmqpError::syntax("field table key is not UTF-8"));
+        }
+        validate_value(&mut r, depth)?;
+    }
+    Ok(())
+}
+
+fn validate_array_body(body: &[u8], depth: usize) -> Result<(), AmqpError> {
+    if depth > MAX_TABLE_DEPTH {
+        return Err(AmqpError::syntax("field array nesting too deep"));
+    }
+    let mut r = Reader::new(body);
+    while !r.is_empty() {
+        validate_value(&mut r, depth)?;
+    }
+    Ok(())
+}
+
+fn validate_value(r: &mut Reader<'_>, depth: usize) -> Result<(), AmqpError> {
+    let truncated = || AmqpError::syntax("truncated field value");
+    let kind = r.u8().ok_or_else(truncated)?;
+    let fixed = match kind {
+        b'V' => 0,
+        b't' | b'b' | b'B' => 1,
+        b's' | b'U' | b'u' => 2,
+        b'I' | b'i' | b'f' => 4,
+        b'D' => 5,
+        b'L' | b'l' | b'd' | b'T' => 8,
+        b'S' | b'x' => {
+            r.long_str().ok_or_else(truncated)?;
+            return Ok(());
+        }
+        b'F' => return validate_table_body(r.long_str().ok_or_else(truncated)?, depth + 1),
+        b'A' => return validate_array_body(r.long_str().ok_or_else(truncated)?, depth + 1),
+        other => {
+            return Err(AmqpError::syntax(format_args!(
+                "unknown field value type {:?}",
+                char::from(other)
+            )))
+        }
+    };
+    r.take(fixed).ok_or_else(truncated)?;
+    Ok(())
+}
+
+/// Reads a table (32-bit length + body) from `r` and validates it.
+pub(crate) fn skip_table(r: &mut Reader<'_>) -> Result<(), AmqpError> {
+    let body = r
+        .long_str()
+        .ok_or_else(|| AmqpError::syntax("truncated field table"))?;
+    validate_table_body(body, 1)
+}
+
+/// Looks a key up in a decoded table.
+///
+/// ```
+/// use rill_codec::{field_table_get, AMQPValue, FieldTable};
+/// let mut t = FieldTable::default();
+/// t.insert("x-max-length".into(), AMQPValue::LongInt(10));
+/// assert_eq!(field_table_get(&t, "x-max-length"), Some(&AMQPValue::LongInt(10)));
+/// assert_eq!(field_table_get(&t, "absent"), None);
+/// ```
+pub fn field_table_get<'a>(t: &'a FieldTable, key: &str) -> Option<&'a AMQPValue> {
+    t.inner().get(key)
+}
+
+/// Any integer-typed value (signed or unsigned, any width, or a timestamp) as an `i64`;
+/// `None` for other types and for `u64` timestamps beyond `i64::MAX`. RabbitMQ accepts
+/// every integer type for arguments such as `x-message-ttl` and `x-max-length`.
+pub fn value_as_i64(v: &AMQPValue) -> Option<i64> {
+    match *v {
+        AMQPValue::ShortShortInt(i) => Some(i64::from(i)),
+        AMQPValue::ShortShortUInt(i) => Some(i64::from(i)),
+        AMQPValue::ShortInt(i) => Some(i64::from(i)),
+        AMQPValue::ShortUInt(i) => Some(i64::from(i)),
+        AMQPValue::LongInt(i) => Some(i64::from(i)),
+        AMQPValue::LongUInt(i) => Some(i64::from(i)),
+        AMQPValue::LongLongInt(i) => Some(i),
+        AMQPValue::Timestamp(t) => i64::try_from(t).ok(),
+        _ => None,
+    }
+}
+
+/// A string-typed value (long string, short string or byte array) as bytes.
+pub fn value_as_bytes(v: &AMQPValue) -> Option<&[u8]> {
+    match v {
+        AMQPValue::LongString(s) => Some(s.as_bytes()),
+        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes()),
+        AMQPValue::ByteArray(a) => Some(a.as_slice()),
+        _ => None,
+    }
+}
+
+/// `field_table_get` followed by [`value_as_i64`].
+pub fn table_get_i64(t: &FieldTable, key: &str) -> Option<i64> {
+    field_table_get(t, key).and_then(value_as_i64)
+}
+
+/// `field_table_get` followed by [`value_as_bytes`] and a UTF-8 check.
+pub fn table_get_str<'a>(t: &'a FieldTable, key: &str) -> Option<&'a str> {
+    field_table_get(t, key)
+        .and_then(value_as_bytes)
+        .and_then(|b| std::str::from_utf8(b).ok())
+}
+
+/// `field_table_get` of a boolean value.
+pub fn table_get_bool(t: &FieldTable, key: &str) -> Option<bool> {
+    match field_table_get(t, key) {
+        Some(AMQPValue::Boolean(b)) => Some(*b),
+        _ => None,
+    }
+}
+
+/// Inserts `value` under `key`, cutting the key to 255 bytes rather than panicking.
+pub fn field_table_insert(t: &mut FieldTable, key: &str, value: AMQPValue) {
+    let key: ShortString = crate::wire::short_string_truncated(key);
+    t.insert(key, value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::types::LongString;
+
+    #[test]
+    fn typed_lookups() {
+        let mut t = FieldTable::default();
+        field_table_insert(&mut t, "a", AMQPValue::ShortShortUInt(7));
+        field_table_insert(&mut t, "b", AMQPValue::LongString(LongString::from("dlx")));
+        field_table_insert(&mut t, "c", AMQPValue::Boolean(true));
+        field_table_insert(&mut t, &"k".repeat(300), AMQPValue::Void);
+        assert_eq!(table_get_i64(&t, "a"), Some(7));
+        assert_eq!(table_get_i64(&t, "b"), None);
+        assert_eq!(table_get_str(&t, "b"), Some("dlx"));
+        assert_eq!(table_get_bool(&t, "c"), Some(true));
+        assert!(t.contains_key(&"k".repeat(255)));
+    }
+
+    #[test]
+    fn validation_rejects_bad_tables() {
+        // unknown type
+        assert!(validate_table_body(b"\x01aZ", 1).is_err());
+        // truncated value
+        assert!(validate_table_body(b"\x01aI\x00\x00", 1).is_err());
+        // non-UTF-8 key
+        assert!(validate_table_body(b"\x01\xffV", 1).is_err());
+        // fine
+        assert!(validate_table_body(b"\x01aV\x01bt\x01", 1).is_ok());
+    }
+
+    #[test]
+    fn deep_nesting_is_rejected_not_overflowed() {
+        // key "" + 'F' + len, nested 10_000 deep.
+        let mut body: Vec<u8> = Vec::new();
+        for _ in 0..10_000 {
+            let mut outer = vec![0u8, b'F'];
+            outer.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            outer.extend_from_slice(&body);
+            body = outer;
+        }
+        let err = validate_table_body(&body, 1).unwrap_err();
+        assert_eq!(err.code, crate::ReplyCode::SyntaxError);
+    }
+}
