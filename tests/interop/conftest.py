@@ -273,3 +273,12 @@ def connection_closed(code: int, text: str | None = None):
     with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as exc:
         yield exc
     assert (exc.value.reply_code, exc.value.reply_text) == (code, text if text is not None else exc.value.reply_text)
+
+
+def ready(ch, queue: str) -> int:
+    """Ready-message count via a passive declare on `ch`.
+
+    RabbitMQ does not order a queue's statistics with publishes still in flight, so
+    tests assert on counts through `wait_until(lambda: ready(ch, q) == n)`.
+    """
+    return ch.queue_declare(queue, passive=True).method.message_count

@@ -5,7 +5,7 @@ import re
 import pika
 import pytest
 
-from conftest import channel_closed, drain, uniq, wait_until
+from conftest import channel_closed, drain, ready, uniq, wait_until
 
 
 def locked(q: str) -> str:
@@ -35,9 +35,9 @@ def test_declare_message_count_counts_ready(ch):
     ch.queue_declare(q, auto_delete=True)
     for i in range(5):
         ch.basic_publish("", q, str(i).encode())
-    assert ch.queue_declare(q, passive=True).method.message_count == 5
+    assert wait_until(lambda: ready(ch, q) == 5)
     ch.basic_get(q, auto_ack=False)
-    assert ch.queue_declare(q, passive=True).method.message_count == 4
+    assert ready(ch, q) == 4
     ch.queue_delete(q)
 
 
@@ -67,6 +67,7 @@ def test_durable_queue(ch):
     ch.queue_declare(q, durable=True)
     ch.queue_declare(q, passive=True)
     ch.basic_publish("", q, b"x", pika.BasicProperties(delivery_mode=2))
+    assert wait_until(lambda: ready(ch, q) == 1)
     assert ch.queue_delete(q).method.message_count == 1
 
 
@@ -142,7 +143,7 @@ def test_exclusive_queue_accepts_publishes_from_others(connect):
     q = owner.queue_declare("", exclusive=True).method.queue
     other = connect().channel()
     other.basic_publish("", q, b"from elsewhere")
-    assert wait_until(lambda: owner.queue_declare(q, passive=True).method.message_count == 1)
+    assert wait_until(lambda: ready(owner, q) == 1)
     assert owner.basic_get(q, auto_ack=True)[2] == b"from elsewhere"
 
 
@@ -260,12 +261,13 @@ def test_purge_returns_count(ch):
     q = ch.queue_declare("", exclusive=True).method.queue
     for i in range(7):
         ch.basic_publish("", q, b"x")
+    assert wait_until(lambda: ready(ch, q) == 7)
     # Unacked messages are not purged.
     method, _, _ = ch.basic_get(q)
     assert ch.queue_purge(q).method.message_count == 6
     assert ch.queue_purge(q).method.message_count == 0
     ch.basic_reject(method.delivery_tag, requeue=True)
-    assert ch.queue_declare(q, passive=True).method.message_count == 1
+    assert wait_until(lambda: ready(ch, q) == 1)
 
 
 def test_purge_missing_is_404(ch):
@@ -278,6 +280,7 @@ def test_delete_returns_count(ch):
     ch.queue_declare(q)
     for _ in range(3):
         ch.basic_publish("", q, b"x")
+    assert wait_until(lambda: ready(ch, q) == 3)
     assert ch.queue_delete(q).method.message_count == 3
     with channel_closed(404):
         ch.queue_declare(q, passive=True)
@@ -305,6 +308,7 @@ def test_delete_if_empty(connect):
     q = uniq("q")
     ch.queue_declare(q)
     ch.basic_publish("", q, b"x")
+    assert wait_until(lambda: ready(ch, q) == 1)
     with channel_closed(406, f"PRECONDITION_FAILED - queue '{q}' in vhost '/' not empty"):
         conn.channel().queue_delete(q, if_empty=True)
     ch.queue_purge(q)
