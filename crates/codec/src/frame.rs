@@ -106,6 +106,7 @@ pub(crate) fn put_frame_header(out: &mut BytesMut, kind: u8, channel: u16, size:
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
 mod tests {
     use super::*;
     use crate::ReplyCode;

@@ -46,6 +46,7 @@ mod table;
 mod wire;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
 mod tests;
 
 pub use amq_protocol;

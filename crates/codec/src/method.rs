@@ -273,7 +273,7 @@ fn decode_other(payload: &[u8], class_id: u16, method_id: u16) -> Result<Method,
             .map_err(|e| e.with_method(class_id, method_id))?;
     }
     match parse_class(payload) {
-        Ok((rest, class)) if rest.is_empty() => Ok(Method::Other(class)),
+        Ok(([], class)) => Ok(Method::Other(class)),
         Ok(_) => Err(AmqpError::syntax("unexpected bytes after method arguments")
             .with_method(class_id, method_id)),
         Err(_) => {

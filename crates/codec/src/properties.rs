@@ -233,7 +233,7 @@ impl<'a> PropertiesView<'a> {
 pub fn decode_properties(raw: &[u8]) -> Result<BasicProperties, AmqpError> {
     PropertiesView::new(raw)?;
     match parse_properties(raw) {
-        Ok((rest, props)) if rest.is_empty() => Ok(props),
+        Ok(([], props)) => Ok(props),
         _ => Err(AmqpError::syntax("malformed content header properties")),
     }
 }

@@ -145,6 +145,7 @@ pub fn field_table_insert(t: &mut FieldTable, key: &str, value: AMQPValue) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
 mod tests {
     use super::*;
     use amq_protocol::types::LongString;

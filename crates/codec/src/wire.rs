@@ -98,6 +98,7 @@ pub(crate) fn short_str_len(s: &str) -> usize {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
 mod tests {
     use super::*;
 
