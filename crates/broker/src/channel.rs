@@ -1,0 +1,954 @@
+//! One AMQP channel: publishes being assembled, consumers, deliveries awaiting acks, confirm and
+//! transaction modes. Driven by [`crate::connection::Connection`]; writes replies into the
+//! connection's output buffer.
+
+use crate::consumer::{ChannelCredit, Consumer, Delivery, Outlet};
+use crate::message::Message;
+use crate::queue::{ConsumeError, Queue};
+use crate::vhost::{generate_name, ExchangeDeclare, QueueDeclare, VHost};
+use bytes::{Bytes, BytesMut};
+use rill_codec::amq_protocol::protocol::{
+    access as amqp_access, basic as amqp_basic, channel as amqp_channel, confirm as amqp_confirm,
+    exchange as amqp_exchange, queue as amqp_queue, tx as amqp_tx,
+};
+use rill_codec::{
+    decode_content_header, encode_basic_ack, encode_deliver, encode_get_ok, encode_method,
+    encode_return, short_string_truncated, AMQPClass, AmqpError, ContentHeader, Method,
+    PropertiesView, Publish, ReplyCode,
+};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// What a channel needs to know about its connection.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub vhost: Option<Arc<VHost>>,
+    pub connection: u64,
+    pub user: String,
+    pub outlet: Arc<dyn Outlet>,
+    pub frame_max: u32,
+    pub max_message_size: u64,
+}
+
+impl Ctx {
+    fn vhost(&self) -> Result<&Arc<VHost>, AmqpError> {
+        self.vhost
+            .as_ref()
+            .ok_or_else(|| AmqpError::new(ReplyCode::InternalError, "connection has no vhost"))
+    }
+}
+
+/// A delivery the client has not settled yet.
+#[derive(Debug)]
+struct Unacked {
+    tag: u64,
+    queue: Arc<Queue>,
+    seq: u64,
+    /// None for basic.get deliveries, which hold no consumer credit.
+    consumer: Option<Arc<Consumer>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    Ack,
+    Requeue,
+    Discard,
+}
+
+#[derive(Debug)]
+enum Content {
+    Idle,
+    AwaitHeader(Publish),
+    AwaitBody {
+        publish: Publish,
+        header: ContentHeader,
+        body: BodyBuf,
+    },
+}
+
+/// Body frames of one message. One frame (the common case) is kept as the zero-copy payload.
+#[derive(Debug)]
+enum BodyBuf {
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl BodyBuf {
+    fn len(&self) -> usize {
+        match self {
+            BodyBuf::Empty => 0,
+            BodyBuf::One(b) => b.len(),
+            BodyBuf::Many(b) => b.len(),
+        }
+    }
+
+    fn push(&mut self, part: Bytes, expected: usize) {
+        *self = match std::mem::replace(self, BodyBuf::Empty) {
+            BodyBuf::Empty => BodyBuf::One(part),
+            BodyBuf::One(first) => {
+                let mut all = BytesMut::with_capacity(expected);
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&part);
+                BodyBuf::Many(all)
+            }
+            BodyBuf::Many(mut all) => {
+                all.extend_from_slice(&part);
+                BodyBuf::Many(all)
+            }
+        }
+    }
+
+    fn freeze(self) -> Bytes {
+        match self {
+            BodyBuf::Empty => Bytes::new(),
+            BodyBuf::One(b) => b,
+            BodyBuf::Many(b) => b.freeze(),
+        }
+    }
+}
+
+/// Publisher-confirm bookkeeping. Acks are coalesced per input batch into one `multiple` ack.
+#[derive(Debug, Default)]
+struct Confirms {
+    /// Sequence number of the last publish.
+    published: u64,
+    /// Highest sequence number acked to the client.
+    acked: u64,
+}
+
+#[derive(Debug)]
+struct PendingPublish {
+    exchange: Arc<crate::exchange::Exchange>,
+    msg: Arc<Message>,
+    mandatory: bool,
+}
+
+#[derive(Debug, Default)]
+struct Tx {
+    publishes: Vec<PendingPublish>,
+    settles: Vec<(Unacked, Settle)>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Channel {
+    id: u16,
+    closing: bool,
+    content: Content,
+    credit: Arc<ChannelCredit>,
+    /// `basic.qos global=false` prefetch, applied to consumers created afterwards.
+    consumer_prefetch: u32,
+    consumers: HashMap<String, (Arc<Consumer>, Arc<Queue>)>,
+    /// Ordered by delivery tag.
+    unacked: VecDeque<Unacked>,
+    last_tag: u64,
+    last_queue: Option<String>,
+    confirms: Option<Confirms>,
+    tx: Option<Tx>,
+    route_buf: Vec<Arc<Queue>>,
+    seq_buf: Vec<u64>,
+}
+
+fn reply(out: &mut BytesMut, channel: u16, method: AMQPClass) {
+    encode_method(out, channel, &method);
+}
+
+impl Channel {
+    pub fn new(id: u16) -> Channel {
+        Channel {
+            id,
+            closing: false,
+            content: Content::Idle,
+            credit: Arc::new(ChannelCredit::default()),
+            consumer_prefetch: 0,
+            consumers: HashMap::new(),
+            unacked: VecDeque::new(),
+            last_tag: 0,
+            last_queue: None,
+            confirms: None,
+            tx: None,
+            route_buf: Vec::new(),
+            seq_buf: Vec::new(),
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    pub fn handle_method(
+        &mut self,
+        ctx: &Ctx,
+        method: Method,
+        out: &mut BytesMut,
+    ) -> Result<(), AmqpError> {
+        if !matches!(self.content, Content::Idle) {
+            return Err(AmqpError::new(
+                ReplyCode::UnexpectedFrame,
+                "expected content header for class 60, got non content header frame instead",
+            ));
+        }
+        match method {
+            Method::Publish(p) => {
+                if p.immediate {
+                    return Err(AmqpError::new(ReplyCode::NotImplemented, "immediate=true"));
+                }
+                self.content = Content::AwaitHeader(p);
+                Ok(())
+            }
+            Method::Ack {
+                delivery_tag,
+                multiple,
+            } => self.settle(ctx, delivery_tag, multiple, Settle::Ack),
+            Method::Nack {
+                delivery_tag,
+                multiple,
+                requeue,
+            } => self.settle(ctx, delivery_tag, multiple, requeue_or_discard(requeue)),
+            Method::Reject {
+                delivery_tag,
+                requeue,
+            } => self.settle(ctx, delivery_tag, false, requeue_or_discard(requeue)),
+            Method::Other(AMQPClass::Basic(m)) => self.basic(ctx, m, out),
+            Method::Other(AMQPClass::Exchange(m)) => self.exchange(ctx, m, out),
+            Method::Other(AMQPClass::Queue(m)) => self.queue(ctx, m, out),
+            Method::Other(AMQPClass::Confirm(amqp_confirm::AMQPMethod::Select(s))) => {
+                if self.tx.is_some() {
+                    return Err(AmqpError::new(
+                        ReplyCode::PreconditionFailed,
+                        "cannot switch from tx to confirm mode",
+                    ));
+                }
+                self.confirms.get_or_insert_with(Confirms::default);
+                if !s.nowait {
+                    reply(
+                        out,
+                        self.id,
+                        AMQPClass::Confirm(amqp_confirm::AMQPMethod::SelectOk(
+                            amqp_confirm::SelectOk {},
+                        )),
+                    );
+                }
+                Ok(())
+            }
+            Method::Other(AMQPClass::Tx(m)) => self.tx(ctx, m, out),
+            Method::Other(AMQPClass::Channel(m)) => match m {
+                amqp_channel::AMQPMethod::Flow(f) => {
+                    self.credit.set_paused(!f.active);
+                    reply(
+                        out,
+                        self.id,
+                        AMQPClass::Channel(amqp_channel::AMQPMethod::FlowOk(
+                            amqp_channel::FlowOk { active: f.active },
+                        )),
+                    );
+                    if f.active {
+                        self.dispatch_consumer_queues();
+                    }
+                    Ok(())
+                }
+                amqp_channel::AMQPMethod::FlowOk(_) => Ok(()),
+                _ => Err(command_invalid()),
+            },
+            Method::Other(AMQPClass::Access(amqp_access::AMQPMethod::Request(_))) => {
+                reply(
+                    out,
+                    self.id,
+                    AMQPClass::Access(amqp_access::AMQPMethod::RequestOk(
+                        amqp_access::RequestOk {},
+                    )),
+                );
+                Ok(())
+            }
+            Method::Other(_) => Err(command_invalid()),
+        }
+    }
+
+    // ---- publishing ----
+
+    pub fn content_header(
+        &mut self,
+        ctx: &Ctx,
+        payload: Bytes,
+        out: &mut BytesMut,
+    ) -> Result<(), AmqpError> {
+        let Content::AwaitHeader(publish) = std::mem::replace(&mut self.content, Content::Idle)
+        else {
+            return Err(AmqpError::new(
+                ReplyCode::UnexpectedFrame,
+                format!(
+                    "expected method frame, got non method frame (content header) on channel {}",
+                    self.id
+                ),
+            ));
+        };
+        let header = decode_content_header(payload)?;
+        if header.body_size > ctx.max_message_size {
+            return Err(AmqpError::new(
+                ReplyCode::PreconditionFailed,
+                format!(
+                    "message size {} is larger than configured max size {}",
+                    header.body_size, ctx.max_message_size
+                ),
+            )
+            .with_method(60, 40));
+        }
+        if header.body_size == 0 {
+            return self.publish_complete(ctx, publish, header, Bytes::new(), out);
+        }
+        self.content = Content::AwaitBody {
+            publish,
+            header,
+            body: BodyBuf::Empty,
+        };
+        Ok(())
+    }
+
+    pub fn content_body(
+        &mut self,
+        ctx: &Ctx,
+        payload: Bytes,
+        out: &mut BytesMut,
+    ) -> Result<(), AmqpError> {
+        let Content::AwaitBody { header, body, .. } = &mut self.content else {
+            return Err(AmqpError::new(
+                ReplyCode::UnexpectedFrame,
+                format!(
+                    "expected method frame, got non method frame (content body) on channel {}",
+                    self.id
+                ),
+            ));
+        };
+        let expected = usize::try_from(header.body_size).unwrap_or(usize::MAX);
+        if body.len() + payload.len() > expected {
+            return Err(AmqpError::new(
+                ReplyCode::FrameError,
+                format!(
+                    "body of {} bytes exceeds the {} bytes announced in the content header",
+                    body.len() + payload.len(),
+                    expected
+                ),
+            ));
+        }
+        body.push(payload, expected);
+        if body.len() < expected {
+            return Ok(());
+        }
+        let Content::AwaitBody {
+            publish,
+            header,
+            body,
+        } = std::mem::replace(&mut self.content, Content::Idle)
+        else {
+            return Ok(());
+        };
+        self.publish_complete(ctx, publish, header, body.freeze(), out)
+    }
+
+    fn publish_complete(
+        &mut self,
+        ctx: &Ctx,
+        publish: Publish,
+        header: ContentHeader,
+        body: Bytes,
+        out: &mut BytesMut,
+    ) -> Result<(), AmqpError> {
+        let at_publish = |e: AmqpError| e.with_method(60, 40);
+        let vhost = ctx.vhost()?;
+        if let Some(uid) = PropertiesView::new(&header.properties)
+            .map_err(at_publish)?
+            .user_id()
+        {
+            if uid != ctx.user.as_bytes() {
+                return Err(at_publish(AmqpError::new(
+                    ReplyCode::PreconditionFailed,
+                    format!(
+                        "user_id property set to '{}' but authenticated user was '{}'",
+                        String::from_utf8_lossy(uid),
+                        ctx.user
+                    ),
+                )));
+            }
+        }
+        let exchange = vhost
+            .exchange(publish.exchange_str().map_err(at_publish)?)
+            .map_err(at_publish)?;
+        if exchange.config.internal {
+            return Err(at_publish(AmqpError::new(
+                ReplyCode::AccessRefused,
+                format!(
+                    "cannot publish to internal exchange '{}' in vhost '{}'",
+                    exchange.name(),
+                    vhost.name
+                ),
+            )));
+        }
+        publish.routing_key_str().map_err(at_publish)?;
+        let msg = Arc::new(Message {
+            exchange: exchange.config.name.clone(),
+            routing_key: publish.routing_key.clone(),
+            properties: header.properties,
+            body,
+        });
+        if let Some(tx) = &mut self.tx {
+            tx.publishes.push(PendingPublish {
+                exchange,
+                msg,
+                mandatory: publish.mandatory,
+            });
+            return Ok(());
+        }
+        self.route(ctx, vhost, &exchange, msg, publish.mandatory, out);
+        if let Some(c) = &mut self.confirms {
+            c.published += 1;
+        }
+        Ok(())
+    }
+
+    fn route(
+        &mut self,
+        ctx: &Ctx,
+        vhost: &VHost,
+        exchange: &Arc<crate::exchange::Exchange>,
+        msg: Arc<Message>,
+        mandatory: bool,
+        out: &mut BytesMut,
+    ) {
+        self.route_buf.clear();
+        let props = msg.properties.clone();
+        let headers = move || PropertiesView::new(&props).ok()?.headers().ok()?;
+        vhost.route(exchange, msg.routing_key_str(), &headers, &mut self.route_buf);
+        if self.route_buf.is_empty() {
+            if mandatory {
+                encode_return(
+                    out,
+                    self.id,
+                    312,
+                    "NO_ROUTE",
+                    &msg.exchange,
+                    msg.routing_key_str(),
+                    &msg.properties,
+                    &msg.body,
+                    ctx.frame_max,
+                );
+            }
+            return;
+        }
+        let last = self.route_buf.len() - 1;
+        for (i, q) in self.route_buf.drain(..).enumerate() {
+            if i == last {
+                q.publish(msg);
+                break;
+            }
+            q.publish(msg.clone());
+        }
+    }
+
+    /// Sends the publisher confirms accumulated during the last input batch.
+    pub fn flush_confirms(&mut self, out: &mut BytesMut) {
+        if let Some(c) = &mut self.confirms {
+            if c.published > c.acked {
+                let multiple = c.published - c.acked > 1;
+                encode_basic_ack(out, self.id, c.published, multiple);
+                c.acked = c.published;
+            }
+        }
+    }
+
+    // ---- deliveries and acknowledgements ----
+
+    /// Writes a delivery a queue handed to one of this channel's consumers.
+    pub fn deliver(&mut self, d: Delivery, frame_max: u32, out: &mut BytesMut) {
+        if self.closing || d.consumer.is_cancelled() {
+            Self::bounce(d);
+            return;
+        }
+        self.last_tag += 1;
+        let tag = self.last_tag;
+        let m = &d.item.msg;
+        encode_deliver(
+            out,
+            self.id,
+            &d.consumer.tag,
+            tag,
+            d.item.redelivered,
+            &m.exchange,
+            m.routing_key_str(),
+            &m.properties,
+            &m.body,
+            frame_max,
+        );
+        if d.consumer.no_ack {
+            if d.consumer.release(1) {
+                d.queue.dispatch();
+            }
+        } else {
+            self.unacked.push_back(Unacked {
+                tag,
+                queue: d.queue,
+                seq: d.item.seq,
+                consumer: Some(d.consumer),
+            });
+        }
+    }
+
+    /// A delivery that can no longer be written: back to its queue, credit returned.
+    pub fn bounce(d: Delivery) {
+        d.consumer.release(1);
+        d.queue.return_undelivered(d.item);
+    }
+
+    fn settle(
+        &mut self,
+        ctx: &Ctx,
+        tag: u64,
+        multiple: bool,
+        how: Settle,
+    ) -> Result<(), AmqpError> {
+        let taken: Vec<Unacked> = if multiple && tag == 0 {
+            self.unacked.drain(..).collect()
+        } else {
+            let Ok(idx) = self.unacked.binary_search_by_key(&tag, |u| u.tag) else {
+                return Err(AmqpError::new(
+                    ReplyCode::PreconditionFailed,
+                    format!("unknown delivery tag {tag}"),
+                ));
+            };
+            if multiple {
+                self.unacked.drain(..=idx).collect()
+            } else {
+                self.unacked.remove(idx).into_iter().collect()
+            }
+        };
+        if let Some(tx) = &mut self.tx {
+            tx.settles.extend(taken.into_iter().map(|u| (u, how)));
+            return Ok(());
+        }
+        let _ = ctx;
+        self.apply_settles(taken.into_iter().map(|u| (u, how)));
+        Ok(())
+    }
+
+    /// Returns consumer credit first, then settles per queue in runs (one lock per run), so the
+    /// queue's dispatch after settling sees the credit.
+    fn apply_settles(&mut self, items: impl IntoIterator<Item = (Unacked, Settle)>) {
+        let items: Vec<(Unacked, Settle)> = items.into_iter().collect();
+        for (u, _) in &items {
+            if let Some(c) = &u.consumer {
+                c.release(1);
+            }
+        }
+        let mut run: Option<(Arc<Queue>, Settle)> = None;
+        self.seq_buf.clear();
+        for (u, how) in items {
+            let same = run
+                .as_ref()
+                .is_some_and(|(q, h)| Arc::ptr_eq(q, &u.queue) && *h == how);
+            if !same {
+                if let Some((q, h)) = run.take() {
+                    settle_run(&q, h, &mut self.seq_buf);
+                }
+                run = Some((u.queue, how));
+            }
+            self.seq_buf.push(u.seq);
+        }
+        if let Some((q, h)) = run {
+            settle_run(&q, h, &mut self.seq_buf);
+        }
+        if self.credit_is_shared() {
+            self.dispatch_consumer_queues();
+        }
+    }
+
+    fn credit_is_shared(&self) -> bool {
+        self.credit.is_limited() && self.consumers.len() > 1
+    }
+
+    fn dispatch_consumer_queues(&self) {
+        let mut seen: Vec<&Arc<Queue>> = Vec::new();
+        for (_, q) in self.consumers.values() {
+            if !seen.iter().any(|s| Arc::ptr_eq(s, q)) {
+                seen.push(q);
+                q.dispatch();
+            }
+        }
+    }
+
+    /// The queue of a consumer of ours went away.
+    pub fn consumer_gone(&mut self, tag: &str, notify: bool, out: &mut BytesMut) {
+        if self.consumers.remove(tag).is_some() && notify && !self.closing {
+            reply(
+                out,
+                self.id,
+                AMQPClass::Basic(amqp_basic::AMQPMethod::Cancel(amqp_basic::Cancel {
+                    consumer_tag: short_string_truncated(tag),
+                    nowait: true,
+                })),
+            );
+        }
+    }
+
+    /// Tears the channel down: consumers cancelled, unacked deliveries requeued.
+    pub fn close(&mut self, vhost: Option<&Arc<VHost>>) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        self.content = Content::Idle;
+        for (_, (c, q)) in self.consumers.drain() {
+            c.cancel();
+            if q.remove_consumer(&c) {
+                if let Some(vh) = vhost {
+                    vh.remove_queue(&q);
+                }
+            }
+        }
+        let mut items: Vec<(Unacked, Settle)> = self
+            .unacked
+            .drain(..)
+            .map(|u| (u, Settle::Requeue))
+            .collect();
+        if let Some(tx) = self.tx.take() {
+            items.extend(tx.settles.into_iter().map(|(u, _)| (u, Settle::Requeue)));
+        }
+        items.sort_by_key(|(u, _)| u.tag);
+        self.apply_settles(items);
+    }
+
+    // ---- basic.* control methods ----
+
+    fn basic(
+        &mut self,
+        ctx: &Ctx,
+        m: amqp_basic::AMQPMethod,
+        out: &mut BytesMut,
+    ) -> Result<(), AmqpError> {
+        use amqp_basic::AMQPMethod as B;
+        let vhost = ctx.vhost()?;
+        match m {
+            B::Qos(q) => {
+                if q.global {
+                    self.credit.set_prefetch(u32::from(q.prefetch_count));
+                } else {
+                    self.consumer_prefetch = u32::from(q.prefetch_count);
+                }
+                reply(out, self.id, AMQPClass::Basic(B::QosOk(amqp_basic::QosOk {})));
+                Ok(())
+            }
+            B::Consume(c) => {
+                let qname = self.queue_name(c.queue.as_str())?;
+                let q = vhost.queue_for(ctx.connection, &qname)?;
+                let tag = if c.consumer_tag.as_str().is_empty() {
+                    generate_name("amq.ctag-")
+                } else {
+                    c.consumer_tag.as_str().to_owned()
+                };
+                if self.consumers.contains_key(&tag) {
+                    return Err(AmqpError::new(
+                        ReplyCode::NotAllowed,
+                        format!("attempt to reuse consumer tag '{tag}'"),
+                    ));
+                }
+                let consumer = Arc::new(Consumer::new(
+                    tag.clone(),
+                    self.id,
+                    ctx.connection,
+                    c.no_ack,
+                    c.exclusive,
+                    c.arguments,
+                    self.consumer_prefetch,
+                    self.credit.clone(),
+                    ctx.outlet.clone(),
+                ));
+                // Register before replying: if it fails the client must not see consume-ok.
+                // Deliveries it triggers travel through the outlet and are written after this
+                // reply.
+                q.add_consumer(consumer.clone()).map_err(|e| match e {
+                    ConsumeError::ExclusiveConflict => AmqpError::new(
+                        ReplyCode::AccessRefused,
+                        format!("queue '{qname}' in vhost '{}' in exclusive use", vhost.name),
+                    ),
+                    ConsumeError::Deleted => AmqpError::new(
+                        ReplyCode::NotFound,
+                        format!("no queue '{qname}' in vhost '{}'", vhost.name),
+                    ),
+                })?;
+                self.consumers.insert(tag.clone(), (consumer, q));
+                if !c.nowait {
+                    reply(
+                        out,
+                        self.id,
+                        AMQPClass::Basic(B::ConsumeOk(amqp_basic::ConsumeOk {
+                            consumer_tag: short_string_truncated(&tag),
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            B::Cancel(c) => {
+                if let Some((consumer, q)) = self.consumers.remove(c.consumer_tag.as_str()) {
+                    consumer.cancel();
+                    if q.remove_consumer(&consumer) {
+                        vhost.remove_queue(&q);
+                    }
+                }
+                if !c.nowait {
+                    reply(
+                        out,
+                        self.id,
+                        AMQPClass::Basic(B::CancelOk(amqp_basic::CancelOk {
+                            consumer_tag: c.consumer_tag,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            B::Get(g) => {
+                let qname = self.queue_name(g.queue.as_str())?;
+                let q = vhost.queue_for(ctx.connection, &qname)?;
+                match q.get(!g.no_ack) {
+                    Some((item, left)) => {
+                        self.last_tag += 1;
+                        let tag = self.last_tag;
+                        let m = &item.msg;
+                        encode_get_ok(
+                            out,
+                            self.id,
+                            tag,
+                            item.redelivered,
+                            &m.exchange,
+                            m.routing_key_str(),
+                            left,
+                            &m.properties,
+                            &m.body,
+                            ctx.frame_max,
+                        );
+                        if !g.no_ack {
+                            self.unacked.push_back(Unacked {
+                                tag,
+                                queue: q,
+                                seq: item.seq,
+                                consumer: None,
+                            });
+                        }
+                    }
+                    None => reply(
+                        out,
+                        self.id,
+                        AMQPClass::Basic(B::GetEmpty(amqp_basic::GetEmpty {})),
+                    ),
+                }
+                Ok(())
+            }
+            B::Recover(_) | B::RecoverAsync(_) => {
+                let items: Vec<(Unacked, Settle)> = self
+                    .unacked
+                    .drain(..)
+                    .map(|u| (u, Settle::Requeue))
+                    .collect();
+                self.apply_settles(items);
+                if matches!(m, B::Recover(_)) {
+                    reply(
+                        out,
+                        self.id,
+                        AMQPClass::Basic(B::RecoverOk(amqp_basic::RecoverOk {})),
+                    );
+                }
+                Ok(())
+            }
+            _ => Err(command_invalid()),
+        }
+    }
+
+    /// An empty queue name means the channel's last declared queue.
+    fn queue_name(&self, given: &str) -> Result<String, AmqpError> {
+        if !given.is_empty() {
+            return Ok(given.to_owned());
+        }
+        self.last_queue.clone().ok_or_else(|| {
+            AmqpError::new(ReplyCode::NotFound, "no previously declared queue")
+        })
+    }
+
+    fn exchange(
+        &mut self,
+        ctx: &Ctx,
+        m: amqp_exchange::AMQPMethod,
+        out: &mut BytesMut,
+    ) -> Result<(), AmqpError> {
+        use amqp_exchange::AMQPMethod as X;
+        let vhost = ctx.vhost()?;
+        let (nowait, ok) = match m {
+            X::Declare(d) => {
+                vhost.declare_exchange(ExchangeDeclare {
+                    name: d.exchange.as_str(),
+                    kind: d.kind.as_str(),
+                    passive: d.passive,
+                    durable: d.durable,
+                    auto_delete: d.auto_delete,
+                    internal: d.internal,
+                    arguments: d.arguments,
+                })?;
+                (d.nowait, X::DeclareOk(amqp_exchange::DeclareOk {}))
+            }
+            X::Delete(d) => {
+                vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                (d.nowait, X::DeleteOk(amqp_exchange::DeleteOk {}))
+            }
+            X::Bind(b) => {
+                vhost.bind_exchange(
+                    b.destination.as_str(),
+                    b.source.as_str(),
+                    b.routing_key.as_str(),
+                    b.arguments,
+                )?;
+                (b.nowait, X::BindOk(amqp_exchange::BindOk {}))
+            }
+            X::Unbind(b) => {
+                vhost.unbind_exchange(
+                    b.destination.as_str(),
+                    b.source.as_str(),
+                    b.routing_key.as_str(),
+                    b.arguments,
+                )?;
+                (b.nowait, X::UnbindOk(amqp_exchange::UnbindOk {}))
+            }
+            _ => return Err(command_invalid()),
+        };
+        if !nowait {
+            reply(out, self.id, AMQPClass::Exchange(ok));
+        }
+        Ok(())
+    }
+
+    fn queue(
+        &mut self,
+        ctx: &Ctx,
+        m: amqp_queue::AMQPMethod,
+        out: &mut BytesMut,
+    ) -> Result<(), AmqpError> {
+        use amqp_queue::AMQPMethod as Q;
+        let vhost = ctx.vhost()?;
+        let (nowait, ok) = match m {
+            Q::Declare(d) => {
+                let q = vhost.declare_queue(
+                    ctx.connection,
+                    QueueDeclare {
+                        name: d.queue.as_str(),
+                        passive: d.passive,
+                        durable: d.durable,
+                        exclusive: d.exclusive,
+                        auto_delete: d.auto_delete,
+                        arguments: d.arguments,
+                    },
+                )?;
+                self.last_queue = Some(q.name().to_owned());
+                (
+                    d.nowait,
+                    Q::DeclareOk(amqp_queue::DeclareOk {
+                        queue: short_string_truncated(q.name()),
+                        message_count: q.message_count(),
+                        consumer_count: q.consumer_count(),
+                    }),
+                )
+            }
+            Q::Bind(b) => {
+                let qname = self.queue_name(b.queue.as_str())?;
+                let key = if b.queue.as_str().is_empty() && b.routing_key.as_str().is_empty() {
+                    qname.clone()
+                } else {
+                    b.routing_key.as_str().to_owned()
+                };
+                vhost.bind_queue(ctx.connection, &qname, b.exchange.as_str(), &key, b.arguments)?;
+                (b.nowait, Q::BindOk(amqp_queue::BindOk {}))
+            }
+            Q::Unbind(b) => {
+                let qname = self.queue_name(b.queue.as_str())?;
+                vhost.unbind_queue(
+                    ctx.connection,
+                    &qname,
+                    b.exchange.as_str(),
+                    b.routing_key.as_str(),
+                    b.arguments,
+                )?;
+                (false, Q::UnbindOk(amqp_queue::UnbindOk {}))
+            }
+            Q::Purge(p) => {
+                let qname = self.queue_name(p.queue.as_str())?;
+                let n = vhost.queue_for(ctx.connection, &qname)?.purge();
+                (p.nowait, Q::PurgeOk(amqp_queue::PurgeOk { message_count: n }))
+            }
+            Q::Delete(d) => {
+                let qname = self.queue_name(d.queue.as_str())?;
+                let n = vhost.delete_queue(ctx.connection, &qname, d.if_unused, d.if_empty)?;
+                (d.nowait, Q::DeleteOk(amqp_queue::DeleteOk { message_count: n }))
+            }
+            _ => return Err(command_invalid()),
+        };
+        if !nowait {
+            reply(out, self.id, AMQPClass::Queue(ok));
+        }
+        Ok(())
+    }
+
+    fn tx(
+        &mut self,
+        ctx: &Ctx,
+        m: amqp_tx::AMQPMethod,
+        out: &mut BytesMut,
+    ) -> Result<(), AmqpError> {
+        use amqp_tx::AMQPMethod as T;
+        let not_tx = || AmqpError::new(ReplyCode::PreconditionFailed, "channel is not transactional");
+        match m {
+            T::Select(_) => {
+                if self.confirms.is_some() {
+                    return Err(AmqpError::new(
+                        ReplyCode::PreconditionFailed,
+                        "cannot switch from confirm to tx mode",
+                    ));
+                }
+                self.tx.get_or_insert_with(Tx::default);
+                reply(out, self.id, AMQPClass::Tx(T::SelectOk(amqp_tx::SelectOk {})));
+            }
+            T::Commit(_) => {
+                let tx = std::mem::take(self.tx.as_mut().ok_or_else(not_tx)?);
+                let vhost = ctx.vhost()?.clone();
+                for p in tx.publishes {
+                    self.route(ctx, &vhost, &p.exchange, p.msg, p.mandatory, out);
+                }
+                self.apply_settles(tx.settles);
+                reply(out, self.id, AMQPClass::Tx(T::CommitOk(amqp_tx::CommitOk {})));
+            }
+            T::Rollback(_) => {
+                let tx = std::mem::take(self.tx.as_mut().ok_or_else(not_tx)?);
+                // Acks taken back: the deliveries are unacked again, in tag order.
+                for (u, _) in tx.settles {
+                    let pos = self.unacked.partition_point(|x| x.tag < u.tag);
+                    self.unacked.insert(pos, u);
+                }
+                reply(out, self.id, AMQPClass::Tx(T::RollbackOk(amqp_tx::RollbackOk {})));
+            }
+            _ => return Err(command_invalid()),
+        }
+        Ok(())
+    }
+}
+
+fn settle_run(q: &Arc<Queue>, how: Settle, seqs: &mut Vec<u64>) {
+    match how {
+        Settle::Ack | Settle::Discard => q.ack(seqs.drain(..)),
+        Settle::Requeue => q.requeue(seqs.drain(..)),
+    }
+}
+
+fn requeue_or_discard(requeue: bool) -> Settle {
+    if requeue {
+        Settle::Requeue
+    } else {
+        Settle::Discard
+    }
+}
+
+fn command_invalid() -> AmqpError {
+    AmqpError::new(ReplyCode::CommandInvalid, "method not valid from a client")
+}

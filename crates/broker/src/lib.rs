@@ -1,0 +1,28 @@
+//! Rill's broker core: what an AMQP 0-9-1 broker *means*, without any I/O.
+//!
+//! # Layout
+//! - [`broker`]: the [`Broker`] handle (vhosts, users, limits); clone it to share.
+//! - [`vhost`]: a virtual host's exchanges and queues, declaration rules and routing.
+//! - [`exchange`]: bindings and the matching rules of direct, fanout, topic and headers exchanges.
+//! - [`queue`]: a queue's messages, unacked deliveries and consumers; dispatch with prefetch.
+//! - [`consumer`]: consumers, their credit, and the [`Outlet`] a queue delivers through.
+//! - [`message`]: the shared, immutable message.
+//! - [`connection`] / `channel`: the AMQP state machines: frames in, frames out.
+//!
+//! This crate knows nothing of sockets, runtimes or files: the server feeds it frames and
+//! writes the bytes it produces; queues hand deliveries to connections through an [`Outlet`].
+//! That keeps every AMQP rule (acks, requeue order, prefetch, exclusivity, auto-delete)
+//! testable in-process, and lets stream jobs embed a broker without TCP.
+
+pub mod broker;
+mod channel;
+pub mod connection;
+pub mod consumer;
+pub mod exchange;
+pub mod message;
+pub mod queue;
+pub mod vhost;
+
+pub use broker::{Broker, BrokerConfig};
+pub use connection::{Connection, Status, Tuning};
+pub use consumer::{ConnEvent, Outlet};
