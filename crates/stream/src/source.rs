@@ -1,0 +1,366 @@
+//! Sources: collections and iterators, parallel sequences, [`SourceFunction`]s and text files.
+//!
+//! In-memory sources run inside the worker and hand timely a batch of up to
+//! [`SOURCE_BATCH`] records per activation, so they never starve the operators downstream.
+//! A [`SourceFunction`] may block (sleep, read a socket); it therefore runs on a thread of its
+//! own and reaches the worker through a bounded channel — the bound is the source's
+//! backpressure — waking the worker with timely's `SyncActivator`.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
+
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::generic::operator::source;
+use timely::scheduling::SyncActivator;
+
+use crate::env::JobEnv;
+use crate::error::StreamError;
+use crate::stream::DataStream;
+use crate::types::Data;
+use crate::watermark::{WatermarkGen, WatermarkStrategy};
+
+/// Records an in-worker source emits per activation.
+pub const SOURCE_BATCH: usize = 4096;
+/// Batches a [`SourceFunction`] may have in flight before `collect` blocks.
+const CHANNEL_BATCHES: usize = 64;
+
+type Builder<T> = CapacityContainerBuilder<Vec<(u64, T)>>;
+
+impl<'s> JobEnv<'s> {
+    /// A non-parallel source over an iterator (Flink's `fromCollection`): worker 0 emits every
+    /// item, in order; records carry timestamp 0 until
+    /// [`DataStream::assign_timestamps_and_watermarks`] gives them one.
+    ///
+    /// `iter` is built on every worker (the job closure runs on each) and dropped on all
+    /// but worker 0.
+    pub fn from_iter<T: Data, I>(&self, iter: I) -> DataStream<'s, T>
+    where
+        I: IntoIterator<Item = T>,
+        I::IntoIter: 'static,
+    {
+        let it = (self.worker_index() == 0).then(|| iter.into_iter().map(|x| (0, x)));
+        self.iter_source("FromIter", it, WatermarkStrategy::no_watermarks())
+    }
+
+    /// [`Self::from_iter`] over a `Vec`.
+    pub fn from_collection<T: Data>(&self, items: Vec<T>) -> DataStream<'s, T> {
+        self.from_iter(items)
+    }
+
+    /// A non-parallel source of `(timestamp_ms, item)` pairs with a watermark strategy
+    /// (worker 0 emits them in order).
+    ///
+    /// ```
+    /// use rill_stream::{StreamExecutionEnvironment, CollectSink, WatermarkStrategy};
+    /// let out = CollectSink::new();
+    /// let sink = out.clone();
+    /// StreamExecutionEnvironment::new().with_parallelism(1).execute("ts", move |env| {
+    ///     env.from_timestamped(vec![(5, "a"), (3, "b")], WatermarkStrategy::for_monotonous_timestamps())
+    ///         .collect_into(&sink);
+    /// }).unwrap();
+    /// assert_eq!(out.take(), vec!["a", "b"]);
+    /// ```
+    pub fn from_timestamped<T: Data>(
+        &self,
+        items: Vec<(u64, T)>,
+        strategy: WatermarkStrategy<T>,
+    ) -> DataStream<'s, T> {
+        let it = (self.worker_index() == 0).then(|| items.into_iter());
+        self.iter_source("FromTimestamped", it, strategy)
+    }
+
+    /// A parallel source of the numbers `start..=end` (Flink's `fromSequence`): each worker
+    /// emits one contiguous slice.
+    pub fn from_sequence(&self, start: u64, end: u64) -> DataStream<'s, u64> {
+        let (index, peers) = (self.worker_index() as u128, self.parallelism() as u128);
+        let total = if end >= start { u128::from(end - start) + 1 } else { 0 };
+        let lo = u128::from(start) + total * index / peers;
+        let hi = u128::from(start) + total * (index + 1) / peers;
+        let (lo, hi) = (lo as u64, hi as u64);
+        self.iter_source("FromSequence", Some((lo..hi).map(|x| (0, x))), WatermarkStrategy::no_watermarks())
+    }
+
+    /// A parallel source: `make(worker_index, parallelism)` builds each worker's share.
+    pub fn from_parallel_iter<T: Data, I, F>(&self, make: F, strategy: WatermarkStrategy<T>) -> DataStream<'s, T>
+    where
+        F: FnOnce(usize, usize) -> I,
+        I: IntoIterator<Item = T>,
+        I::IntoIter: 'static,
+    {
+        let it = make(self.worker_index(), self.parallelism()).into_iter().map(|x| (0, x));
+        self.iter_source("FromParallelIter", Some(it), strategy)
+    }
+
+    fn iter_source<T: Data, I>(&self, name: &str, iter: Option<I>, strategy: WatermarkStrategy<T>) -> DataStream<'s, T>
+    where
+        I: Iterator<Item = (u64, T)> + 'static,
+    {
+        let scope = self.scope;
+        let stream = source::<_, Builder<T>, _, _>(scope, name, move |cap, info| {
+            let activator = scope.activator_for(info.address);
+            let mut iter = iter;
+            let mut cap = iter.is_some().then_some(cap);
+            let mut gen = WatermarkGen::new(strategy);
+            move |output| {
+                let (Some(c), Some(it)) = (cap.as_mut(), iter.as_mut()) else {
+                    cap = None;
+                    return;
+                };
+                let mut batch = Vec::with_capacity(SOURCE_BATCH);
+                let mut exhausted = false;
+                for _ in 0..SOURCE_BATCH {
+                    let Some((attached, item)) = it.next() else {
+                        exhausted = true;
+                        break;
+                    };
+                    let ts = gen.stamp(&item, attached);
+                    batch.push((ts, item));
+                    let f = gen.frontier();
+                    if f > *c.time() {
+                        output.session(&*c).give_container(&mut batch);
+                        batch.clear();
+                        c.downgrade(&f);
+                    }
+                }
+                if !batch.is_empty() {
+                    output.session(&*c).give_container(&mut batch);
+                }
+                if exhausted {
+                    cap = None;
+                    iter = None;
+                } else {
+                    activator.activate();
+                }
+            }
+        });
+        DataStream::new(stream, self.clone())
+    }
+
+    /// A non-parallel [`SourceFunction`] without watermarks (Flink's `addSource`).
+    pub fn add_source<T: Data, S: SourceFunction<T>>(&self, source_fn: S) -> DataStream<'s, T> {
+        self.from_source(source_fn, WatermarkStrategy::no_watermarks(), "Source")
+    }
+
+    /// A non-parallel [`SourceFunction`] with a watermark strategy (Flink's `fromSource`).
+    /// It runs on its own thread, started on worker 0; the function is dropped unused on the
+    /// other workers.
+    pub fn from_source<T: Data, S: SourceFunction<T>>(
+        &self,
+        source_fn: S,
+        strategy: WatermarkStrategy<T>,
+        name: &str,
+    ) -> DataStream<'s, T> {
+        let scope = self.scope;
+        let env = self.reporter();
+        let active = self.worker_index() == 0;
+        let stream = source::<_, Builder<T>, _, _>(scope, name, move |cap, info| {
+            let mut gen = WatermarkGen::new(strategy);
+            let mut running = None;
+            if active {
+                let activator = scope.worker().sync_activator_for(info.address.to_vec());
+                match spawn_source(source_fn, activator) {
+                    Ok(r) => running = Some(r),
+                    Err(e) => env.report(e),
+                }
+            }
+            let mut cap = running.is_some().then_some(cap);
+            move |output| {
+                let (Some(c), Some(r)) = (cap.as_mut(), running.as_mut()) else {
+                    return;
+                };
+                loop {
+                    match r.rx.try_recv() {
+                        Ok(SourceMsg::Batch(items)) => {
+                            r.in_flight.fetch_sub(1, Ordering::AcqRel);
+                            let mut batch = Vec::with_capacity(items.len());
+                            for (attached, item) in items {
+                                let ts = gen.stamp(&item, attached.unwrap_or(0));
+                                batch.push((ts, item));
+                                let f = gen.frontier();
+                                if f > *c.time() {
+                                    output.session(&*c).give_container(&mut batch);
+                                    batch.clear();
+                                    c.downgrade(&f);
+                                }
+                            }
+                            if !batch.is_empty() {
+                                output.session(&*c).give_container(&mut batch);
+                            }
+                        }
+                        Ok(SourceMsg::Watermark(w)) => {
+                            r.in_flight.fetch_sub(1, Ordering::AcqRel);
+                            gen.explicit_watermark(w);
+                            let f = gen.frontier();
+                            if f > *c.time() {
+                                c.downgrade(&f);
+                            }
+                        }
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            if let Some(handle) = r.thread.take() {
+                                match handle.join() {
+                                    Ok(Ok(())) => {}
+                                    Ok(Err(e)) => env.report(e),
+                                    Err(_) => env.report(StreamError::Source("source thread panicked".into())),
+                                }
+                            }
+                            cap = None;
+                            running = None;
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        DataStream::new(stream, self.clone())
+    }
+
+    /// The lines of a text file, as a non-parallel source (Flink's `readTextFile`).
+    /// A missing or unreadable file makes `execute` fail with [`StreamError::Io`].
+    pub fn read_text_file(&self, path: impl Into<PathBuf>) -> DataStream<'s, String> {
+        self.from_source(TextFileSource { path: path.into() }, WatermarkStrategy::no_watermarks(), "TextFile")
+    }
+}
+
+/// A user-defined source (Flink's `SourceFunction`): `run` emits records through the context
+/// and returns when the input is exhausted. It runs on a dedicated thread, so it may block or
+/// sleep freely.
+///
+/// ```
+/// use rill_stream::{SourceContext, SourceFunction, StreamError};
+/// struct Hello { count: usize }
+/// impl SourceFunction<String> for Hello {
+///     fn run(&mut self, ctx: &mut SourceContext<String>) -> Result<(), StreamError> {
+///         for _ in 0..self.count {
+///             if ctx.is_cancelled() { break; }
+///             ctx.collect("Hello Flink!".to_string());
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait SourceFunction<T>: Send + 'static {
+    /// Emits the source's records; returning ends the source.
+    fn run(&mut self, ctx: &mut SourceContext<T>) -> Result<(), StreamError>;
+}
+
+enum SourceMsg<T> {
+    Batch(Vec<(Option<u64>, T)>),
+    Watermark(u64),
+}
+
+/// A [`SourceFunction`]'s way to emit records and watermarks.
+///
+/// Records are batched, but a batch is sent at once whenever the worker has nothing queued,
+/// so a slow source (one record a second) is not delayed while a fast one is batched.
+pub struct SourceContext<T> {
+    buf: Vec<(Option<u64>, T)>,
+    tx: SyncSender<SourceMsg<T>>,
+    activator: SyncActivator,
+    in_flight: Arc<AtomicUsize>,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl<T> SourceContext<T> {
+    /// Emits a record; its timestamp comes from the strategy's assigner (or is 0).
+    pub fn collect(&mut self, item: T) {
+        self.push(None, item);
+    }
+
+    /// Emits a record with an event timestamp (ms).
+    pub fn collect_with_timestamp(&mut self, item: T, timestamp: u64) {
+        self.push(Some(timestamp), item);
+    }
+
+    /// Declares that no more records with timestamps `<= watermark` will follow.
+    pub fn emit_watermark(&mut self, watermark: u64) {
+        self.flush();
+        self.send(SourceMsg::Watermark(watermark));
+    }
+
+    /// True once the job no longer wants records (it failed); `run` should return.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    fn push(&mut self, ts: Option<u64>, item: T) {
+        self.buf.push((ts, item));
+        if self.buf.len() >= SOURCE_BATCH || self.in_flight.load(Ordering::Acquire) == 0 {
+            self.flush();
+        }
+    }
+
+    /// Sends buffered records now.
+    pub fn flush(&mut self) {
+        if !self.buf.is_empty() {
+            let batch = std::mem::replace(&mut self.buf, Vec::with_capacity(SOURCE_BATCH));
+            self.send(SourceMsg::Batch(batch));
+        }
+    }
+
+    fn send(&mut self, msg: SourceMsg<T>) {
+        if self.is_cancelled() {
+            return;
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(msg).is_err() || self.activator.activate().is_err() {
+            self.cancelled.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+struct RunningSource<T> {
+    rx: Receiver<SourceMsg<T>>,
+    in_flight: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<Result<(), StreamError>>>,
+}
+
+fn spawn_source<T: Data, S: SourceFunction<T>>(
+    mut source_fn: S,
+    activator: SyncActivator,
+) -> Result<RunningSource<T>, StreamError> {
+    let (tx, rx) = sync_channel(CHANNEL_BATCHES);
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let mut ctx = SourceContext {
+        buf: Vec::new(),
+        tx,
+        activator,
+        in_flight: in_flight.clone(),
+        cancelled: Arc::new(AtomicBool::new(false)),
+    };
+    let thread = std::thread::Builder::new()
+        .name("rill-source".into())
+        .spawn(move || {
+            let result = source_fn.run(&mut ctx);
+            ctx.flush();
+            // Dropping the context closes the channel; wake the worker so it sees that.
+            let activator = ctx.activator.clone();
+            drop(ctx);
+            let _ = activator.activate();
+            result
+        })
+        .map_err(|source| StreamError::Io { context: "spawning source thread".into(), source })?;
+    Ok(RunningSource { rx, in_flight, thread: Some(thread) })
+}
+
+/// Reads a file line by line (without line terminators).
+struct TextFileSource {
+    path: PathBuf,
+}
+
+impl SourceFunction<String> for TextFileSource {
+    fn run(&mut self, ctx: &mut SourceContext<String>) -> Result<(), StreamError> {
+        let io = |source| StreamError::Io { context: format!("reading {}", self.path.display()), source };
+        let file = std::fs::File::open(&self.path).map_err(io)?;
+        for line in std::io::BufReader::new(file).lines() {
+            if ctx.is_cancelled() {
+                break;
+            }
+            ctx.collect(line.map_err(io)?);
+        }
+        Ok(())
+    }
+}

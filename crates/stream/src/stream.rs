@@ -1,0 +1,363 @@
+//! [`DataStream`]: stateless transformations, `union`, `key_by` and side outputs.
+//!
+//! Stateless operators run on the worker that produced the record (timely's `Pipeline`
+//! channel: no copy, no serialisation) and process whole batches; only `key_by` moves data.
+
+use std::cell::RefCell;
+use std::hash::Hash;
+use std::rc::Rc;
+
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::{Operator, OutputBuilder};
+use timely::dataflow::operators::Concat;
+use timely::dataflow::StreamVec;
+
+use crate::env::JobEnv;
+use crate::keyed::KeyedStream;
+use crate::types::{Data, Key};
+use crate::watermark::{WatermarkGen, WatermarkStrategy};
+
+pub(crate) type Inner<'s, T> = StreamVec<'s, u64, (u64, T)>;
+pub(crate) type Builder<T> = CapacityContainerBuilder<Vec<(u64, T)>>;
+
+/// A stream of records of type `T`, each with an event timestamp, partitioned over the
+/// job's workers. Created from a [`JobEnv`] source; consumed by transformations and sinks.
+pub struct DataStream<'s, T> {
+    pub(crate) inner: Inner<'s, T>,
+    pub(crate) env: JobEnv<'s>,
+}
+
+impl<'s, T: Data> Clone for DataStream<'s, T> {
+    fn clone(&self) -> Self {
+        DataStream { inner: self.inner.clone(), env: self.env.clone() }
+    }
+}
+
+/// Names a side output (Flink's `OutputTag`), e.g. the late records of a window.
+///
+/// ```
+/// use rill_stream::*;
+/// use std::time::Duration;
+/// let late = CollectSink::new();
+/// let late_sink = late.clone();
+/// StreamExecutionEnvironment::new().with_parallelism(1).execute("late", move |env| {
+///     let tag = OutputTag::new("late");
+///     let counts = env
+///         .from_timestamped(vec![(1000, 1u64), (7000, 1), (2000, 1)], WatermarkStrategy::for_monotonous_timestamps())
+///         .key_by(|_| 0u8)
+///         .window(TumblingWindows::event_time(Duration::from_secs(5)))
+///         .side_output_late_data(&tag)
+///         .reduce(|a, b| a + b);
+///     counts.get_side_output(&tag).collect_into(&late_sink);
+/// }).unwrap();
+/// assert_eq!(late.take(), vec![1]); // the record at 2000 came after the watermark passed 5000
+/// ```
+pub struct OutputTag<'s, T> {
+    name: String,
+    stream: Rc<RefCell<Option<Inner<'s, T>>>>,
+}
+
+impl<'s, T> Clone for OutputTag<'s, T> {
+    fn clone(&self) -> Self {
+        OutputTag { name: self.name.clone(), stream: self.stream.clone() }
+    }
+}
+
+impl<'s, T: Data> OutputTag<'s, T> {
+    /// A new, unattached tag.
+    pub fn new(name: &str) -> Self {
+        OutputTag { name: name.to_string(), stream: Rc::new(RefCell::new(None)) }
+    }
+
+    /// The tag's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn attach(&self, stream: Inner<'s, T>) {
+        let mut slot = self.stream.borrow_mut();
+        *slot = Some(match slot.take() {
+            Some(existing) => existing.concat(stream),
+            None => stream,
+        });
+    }
+}
+
+impl<'s, T: Data> DataStream<'s, T> {
+    pub(crate) fn new(inner: Inner<'s, T>, env: JobEnv<'s>) -> Self {
+        DataStream { inner, env }
+    }
+
+    /// The job environment this stream belongs to.
+    pub fn env(&self) -> &JobEnv<'s> {
+        &self.env
+    }
+
+    /// Applies `f` to every record.
+    ///
+    /// ```
+    /// # use rill_stream::*;
+    /// # let out = CollectSink::new(); let sink = out.clone();
+    /// # StreamExecutionEnvironment::new().with_parallelism(1).execute("m", move |env| {
+    /// env.from_collection(vec![1, 2, 3]).map(|x: i32| x * 10).collect_into(&sink);
+    /// # }).unwrap();
+    /// # assert_eq!(out.take(), vec![10, 20, 30]);
+    /// ```
+    pub fn map<R: Data>(self, mut f: impl FnMut(T) -> R + 'static) -> DataStream<'s, R> {
+        let inner = self.inner.unary::<Builder<R>, _, _, _>(Pipeline, "Map", |_, _| {
+            move |input, output| {
+                input.for_each(|cap, data| {
+                    let mut out: Vec<(u64, R)> = data.drain(..).map(|(ts, d)| (ts, f(d))).collect();
+                    output.session(&cap).give_container(&mut out);
+                });
+            }
+        });
+        DataStream::new(inner, self.env)
+    }
+
+    /// Replaces every record by zero or more records.
+    ///
+    /// ```
+    /// # use rill_stream::*;
+    /// # let out = CollectSink::new(); let sink = out.clone();
+    /// # StreamExecutionEnvironment::new().with_parallelism(1).execute("fm", move |env| {
+    /// env.from_collection(vec!["a b".to_string(), "c".to_string()])
+    ///     .flat_map(|s: String| s.split(' ').map(String::from).collect::<Vec<_>>())
+    ///     .collect_into(&sink);
+    /// # }).unwrap();
+    /// # assert_eq!(out.take(), vec!["a", "b", "c"]);
+    /// ```
+    pub fn flat_map<R: Data, I>(self, mut f: impl FnMut(T) -> I + 'static) -> DataStream<'s, R>
+    where
+        I: IntoIterator<Item = R>,
+    {
+        let inner = self.inner.unary::<Builder<R>, _, _, _>(Pipeline, "FlatMap", |_, _| {
+            move |input, output| {
+                input.for_each(|cap, data| {
+                    let mut out = Vec::with_capacity(data.len());
+                    for (ts, d) in data.drain(..) {
+                        out.extend(f(d).into_iter().map(|r| (ts, r)));
+                    }
+                    output.session(&cap).give_container(&mut out);
+                });
+            }
+        });
+        DataStream::new(inner, self.env)
+    }
+
+    /// Keeps the records for which `f` is true.
+    ///
+    /// ```
+    /// # use rill_stream::*;
+    /// # let out = CollectSink::new(); let sink = out.clone();
+    /// # StreamExecutionEnvironment::new().with_parallelism(1).execute("f", move |env| {
+    /// env.from_collection(vec![1, 2, 3, 4]).filter(|x| x % 2 == 0).collect_into(&sink);
+    /// # }).unwrap();
+    /// # assert_eq!(out.take(), vec![2, 4]);
+    /// ```
+    pub fn filter(self, mut f: impl FnMut(&T) -> bool + 'static) -> DataStream<'s, T> {
+        let inner = self.inner.unary::<Builder<T>, _, _, _>(Pipeline, "Filter", |_, _| {
+            move |input, output| {
+                input.for_each(|cap, data| {
+                    data.retain(|(_, d)| f(d));
+                    if !data.is_empty() {
+                        output.session(&cap).give_container(data);
+                    }
+                });
+            }
+        });
+        DataStream::new(inner, self.env)
+    }
+
+    /// Merges streams of the same type; the watermark is the minimum of the inputs'.
+    ///
+    /// ```
+    /// # use rill_stream::*;
+    /// # let out = CollectSink::new(); let sink = out.clone();
+    /// # StreamExecutionEnvironment::new().with_parallelism(2).execute("u", move |env| {
+    /// let a = env.from_collection(vec![1, 2]);
+    /// let b = env.from_collection(vec![3]);
+    /// a.union(b).collect_into(&sink);
+    /// # }).unwrap();
+    /// # let mut v = out.take(); v.sort(); assert_eq!(v, vec![1, 2, 3]);
+    /// ```
+    pub fn union(self, other: DataStream<'s, T>) -> DataStream<'s, T> {
+        DataStream::new(self.inner.concat(other.inner), self.env)
+    }
+
+    /// Partitions the stream by key: all records with the same key go to the same worker.
+    ///
+    /// The key selector runs once to route a record and once more in the keyed operator;
+    /// keep it cheap (a field copy, a [`crate::ShortStr`]).
+    pub fn key_by<K: Key, KF>(self, key: KF) -> KeyedStream<'s, T, K, KF>
+    where
+        KF: Fn(&T) -> K + Clone + 'static,
+    {
+        KeyedStream::new(self, key)
+    }
+
+    /// Re-stamps records with `strategy`'s timestamps and generates watermarks from them,
+    /// replacing upstream watermarks (Flink's `assignTimestampsAndWatermarks`). The
+    /// watermark advances record by record, in each worker's input order.
+    pub fn assign_timestamps_and_watermarks(self, strategy: WatermarkStrategy<T>) -> DataStream<'s, T> {
+        let inner = self.inner.unary_frontier::<Builder<T>, _, _, _>(Pipeline, "AssignTimestamps", |cap, _| {
+            let mut cap = Some(cap);
+            let mut gen = WatermarkGen::new(strategy);
+            move |(input, frontier), output| {
+                let Some(c) = cap.as_mut() else {
+                    input.for_each(|_, _| {});
+                    return;
+                };
+                input.for_each(|_, data| {
+                    let mut batch = Vec::with_capacity(data.len());
+                    for (attached, item) in data.drain(..) {
+                        let ts = gen.stamp(&item, attached);
+                        batch.push((ts, item));
+                        let f = gen.frontier();
+                        if f > *c.time() {
+                            output.session(&*c).give_container(&mut batch);
+                            batch.clear();
+                            c.downgrade(&f);
+                        }
+                    }
+                    if !batch.is_empty() {
+                        output.session(&*c).give_container(&mut batch);
+                    }
+                });
+                if frontier.is_empty() {
+                    cap = None;
+                }
+            }
+        });
+        DataStream::new(inner, self.env)
+    }
+
+    /// The side output named by `tag` (empty if nothing was attached to it).
+    pub fn get_side_output<U: Data>(&self, tag: &OutputTag<'s, U>) -> DataStream<'s, U> {
+        let inner = match tag.stream.borrow().as_ref() {
+            Some(s) => s.clone(),
+            None => timely::dataflow::operators::generic::operator::empty(self.env.scope),
+        };
+        DataStream::new(inner, self.env.clone())
+    }
+
+    /// Splits records into two streams: `Ok` to the first, `Err` to the second.
+    pub fn split<A: Data, B: Data>(
+        self,
+        mut f: impl FnMut(T) -> Result<A, B> + 'static,
+    ) -> (DataStream<'s, A>, DataStream<'s, B>) {
+        let mut builder = OperatorBuilder::new("Split".to_owned(), self.env.scope);
+        let mut input = builder.new_input(self.inner, Pipeline);
+        let (out_a, stream_a) = builder.new_output::<Vec<(u64, A)>>();
+        let (out_b, stream_b) = builder.new_output::<Vec<(u64, B)>>();
+        let mut out_a = OutputBuilder::<_, Builder<A>>::from(out_a);
+        let mut out_b = OutputBuilder::<_, Builder<B>>::from(out_b);
+        builder.build(move |_| {
+            move |_frontiers| {
+                let mut a = out_a.activate();
+                let mut b = out_b.activate();
+                input.for_each(|cap, data| {
+                    let mut sa = a.session(&cap);
+                    let mut sb = b.session(&cap);
+                    for (ts, d) in data.drain(..) {
+                        match f(d) {
+                            Ok(x) => sa.give((ts, x)),
+                            Err(y) => sb.give((ts, y)),
+                        }
+                    }
+                });
+            }
+        });
+        (DataStream::new(stream_a, self.env.clone()), DataStream::new(stream_b, self.env))
+    }
+
+    /// Folds the whole stream into one value, emitted once by worker 0 when the input ends.
+    ///
+    /// Each worker folds its records locally with `fold` (no data moves per record), then
+    /// the partial results go to worker 0, which combines them with `merge` — a global
+    /// aggregate over a bounded stream (Flink's `windowAll(GlobalWindows)` with a combiner).
+    ///
+    /// ```
+    /// # use rill_stream::*;
+    /// # let out = CollectSink::new(); let sink = out.clone();
+    /// # StreamExecutionEnvironment::new().with_parallelism(3).execute("total", move |env| {
+    /// env.from_sequence(1, 100)
+    ///     .fold_at_end(0u64, |acc, x| *acc += x, |acc, other| *acc += other)
+    ///     .collect_into(&sink);
+    /// # }).unwrap();
+    /// # assert_eq!(out.take(), vec![5050]);
+    /// ```
+    pub fn fold_at_end<A: Data>(
+        self,
+        init: A,
+        mut fold: impl FnMut(&mut A, T) + 'static,
+        mut merge: impl FnMut(&mut A, A) + 'static,
+    ) -> DataStream<'s, A> {
+        let local_init = init.clone();
+        let partials = self.inner.unary_frontier::<Builder<A>, _, _, _>(Pipeline, "FoldLocal", move |cap, _| {
+            let mut cap = Some(cap);
+            let mut acc = Some(local_init);
+            move |(input, frontier), output| {
+                input.for_each(|_, data| {
+                    if let Some(a) = acc.as_mut() {
+                        for (_, d) in data.drain(..) {
+                            fold(a, d);
+                        }
+                    }
+                });
+                if frontier.is_empty() {
+                    if let (Some(c), Some(a)) = (cap.take(), acc.take()) {
+                        output.session(&c).give((u64::MAX, a));
+                    }
+                }
+            }
+        });
+        let is_zero = self.env.worker_index() == 0;
+        let global = partials.unary_frontier::<Builder<A>, _, _, _>(
+            Exchange::new(|_: &(u64, A)| 0u64),
+            "FoldGlobal",
+            move |cap, _| {
+                let mut cap = is_zero.then_some(cap);
+                let mut acc = Some(init);
+                move |(input, frontier), output| {
+                    input.for_each(|_, data| {
+                        if let Some(a) = acc.as_mut() {
+                            for (_, d) in data.drain(..) {
+                                merge(a, d);
+                            }
+                        }
+                    });
+                    if frontier.is_empty() {
+                        if let (Some(c), Some(a)) = (cap.take(), acc.take()) {
+                            output.session(&c).give((u64::MAX, a));
+                        }
+                    }
+                }
+            },
+        );
+        DataStream::new(global, self.env)
+    }
+
+    /// Pairs every record with its event timestamp (ms).
+    pub fn with_timestamps(self) -> DataStream<'s, (u64, T)> {
+        let inner = self.inner.unary::<Builder<(u64, T)>, _, _, _>(Pipeline, "WithTimestamps", |_, _| {
+            move |input, output| {
+                input.for_each(|cap, data| {
+                    let mut out: Vec<_> = data.drain(..).map(|(ts, d)| (ts, (ts, d))).collect();
+                    output.session(&cap).give_container(&mut out);
+                });
+            }
+        });
+        DataStream::new(inner, self.env)
+    }
+}
+
+/// Routing function shared by keyed operators.
+pub(crate) fn key_route<T, K: Hash, KF: Fn(&T) -> K>(kf: KF) -> impl Fn(&(u64, T)) -> u64 + 'static
+where
+    KF: 'static,
+{
+    move |(_, d): &(u64, T)| crate::hash::route(&kf(d))
+}
