@@ -113,7 +113,12 @@ impl Broker {
     }
 
     /// Checks credentials as presented from `peer` (None for in-process callers).
-    pub fn login(&self, user: &str, password: &str, peer: Option<IpAddr>) -> Result<User, LoginError> {
+    pub fn login(
+        &self,
+        user: &str,
+        password: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<User, LoginError> {
         let users = self.inner.users.read();
         let u = users.get(user).ok_or(LoginError::UnknownUser)?;
         if !constant_time_eq(u.password.as_bytes(), password.as_bytes()) {
@@ -126,7 +131,9 @@ impl Broker {
     }
 
     pub(crate) fn next_connection_id(&self) -> u64 {
-        self.inner.next_connection_id.fetch_add(1, Ordering::Relaxed)
+        self.inner
+            .next_connection_id
+            .fetch_add(1, Ordering::Relaxed)
     }
 }
 

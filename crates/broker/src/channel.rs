@@ -417,7 +417,12 @@ impl Channel {
         self.route_buf.clear();
         let props = msg.properties.clone();
         let headers = move || PropertiesView::new(&props).ok()?.headers().ok()?;
-        vhost.route(exchange, msg.routing_key_str(), &headers, &mut self.route_buf);
+        vhost.route(
+            exchange,
+            msg.routing_key_str(),
+            &headers,
+            &mut self.route_buf,
+        );
         if self.route_buf.is_empty() {
             if mandatory {
                 encode_return(
@@ -494,8 +499,7 @@ impl Channel {
 
     /// A delivery that can no longer be written: back to its queue, credit returned.
     pub fn bounce(d: Delivery) {
-        d.consumer.release(1);
-        d.queue.return_undelivered(d.item);
+        d.bounce();
     }
 
     fn settle(
@@ -632,7 +636,11 @@ impl Channel {
                 } else {
                     self.consumer_prefetch = u32::from(q.prefetch_count);
                 }
-                reply(out, self.id, AMQPClass::Basic(B::QosOk(amqp_basic::QosOk {})));
+                reply(
+                    out,
+                    self.id,
+                    AMQPClass::Basic(B::QosOk(amqp_basic::QosOk {})),
+                );
                 Ok(())
             }
             B::Consume(c) => {
@@ -765,9 +773,9 @@ impl Channel {
         if !given.is_empty() {
             return Ok(given.to_owned());
         }
-        self.last_queue.clone().ok_or_else(|| {
-            AmqpError::new(ReplyCode::NotFound, "no previously declared queue")
-        })
+        self.last_queue
+            .clone()
+            .ok_or_else(|| AmqpError::new(ReplyCode::NotFound, "no previously declared queue"))
     }
 
     fn exchange(
@@ -859,7 +867,13 @@ impl Channel {
                 } else {
                     b.routing_key.as_str().to_owned()
                 };
-                vhost.bind_queue(ctx.connection, &qname, b.exchange.as_str(), &key, b.arguments)?;
+                vhost.bind_queue(
+                    ctx.connection,
+                    &qname,
+                    b.exchange.as_str(),
+                    &key,
+                    b.arguments,
+                )?;
                 (b.nowait, Q::BindOk(amqp_queue::BindOk {}))
             }
             Q::Unbind(b) => {
@@ -876,12 +890,18 @@ impl Channel {
             Q::Purge(p) => {
                 let qname = self.queue_name(p.queue.as_str())?;
                 let n = vhost.queue_for(ctx.connection, &qname)?.purge();
-                (p.nowait, Q::PurgeOk(amqp_queue::PurgeOk { message_count: n }))
+                (
+                    p.nowait,
+                    Q::PurgeOk(amqp_queue::PurgeOk { message_count: n }),
+                )
             }
             Q::Delete(d) => {
                 let qname = self.queue_name(d.queue.as_str())?;
                 let n = vhost.delete_queue(ctx.connection, &qname, d.if_unused, d.if_empty)?;
-                (d.nowait, Q::DeleteOk(amqp_queue::DeleteOk { message_count: n }))
+                (
+                    d.nowait,
+                    Q::DeleteOk(amqp_queue::DeleteOk { message_count: n }),
+                )
             }
             _ => return Err(command_invalid()),
         };
@@ -898,7 +918,12 @@ impl Channel {
         out: &mut BytesMut,
     ) -> Result<(), AmqpError> {
         use amqp_tx::AMQPMethod as T;
-        let not_tx = || AmqpError::new(ReplyCode::PreconditionFailed, "channel is not transactional");
+        let not_tx = || {
+            AmqpError::new(
+                ReplyCode::PreconditionFailed,
+                "channel is not transactional",
+            )
+        };
         match m {
             T::Select(_) => {
                 if self.confirms.is_some() {
@@ -908,7 +933,11 @@ impl Channel {
                     ));
                 }
                 self.tx.get_or_insert_with(Tx::default);
-                reply(out, self.id, AMQPClass::Tx(T::SelectOk(amqp_tx::SelectOk {})));
+                reply(
+                    out,
+                    self.id,
+                    AMQPClass::Tx(T::SelectOk(amqp_tx::SelectOk {})),
+                );
             }
             T::Commit(_) => {
                 let tx = std::mem::take(self.tx.as_mut().ok_or_else(not_tx)?);
@@ -917,7 +946,11 @@ impl Channel {
                     self.route(ctx, &vhost, &p.exchange, p.msg, p.mandatory, out);
                 }
                 self.apply_settles(tx.settles);
-                reply(out, self.id, AMQPClass::Tx(T::CommitOk(amqp_tx::CommitOk {})));
+                reply(
+                    out,
+                    self.id,
+                    AMQPClass::Tx(T::CommitOk(amqp_tx::CommitOk {})),
+                );
             }
             T::Rollback(_) => {
                 let tx = std::mem::take(self.tx.as_mut().ok_or_else(not_tx)?);
@@ -926,7 +959,11 @@ impl Channel {
                     let pos = self.unacked.partition_point(|x| x.tag < u.tag);
                     self.unacked.insert(pos, u);
                 }
-                reply(out, self.id, AMQPClass::Tx(T::RollbackOk(amqp_tx::RollbackOk {})));
+                reply(
+                    out,
+                    self.id,
+                    AMQPClass::Tx(T::RollbackOk(amqp_tx::RollbackOk {})),
+                );
             }
             _ => return Err(command_invalid()),
         }

@@ -95,7 +95,10 @@ fn server_properties(cluster_name: &str) -> FieldTable {
         "information".into(),
         s("Rill: an AMQP 0-9-1 broker and stream processor. Licensed under Apache-2.0"),
     );
-    t.insert("platform".into(), s(concat!("Rust ", env!("CARGO_PKG_RUST_VERSION"))));
+    t.insert(
+        "platform".into(),
+        s(concat!("Rust ", env!("CARGO_PKG_RUST_VERSION"))),
+    );
     t.insert("product".into(), s("Rill"));
     t.insert("version".into(), s(env!("CARGO_PKG_VERSION")));
     t
@@ -191,6 +194,19 @@ impl Connection {
         self.fail(0, AmqpError::new(code, detail), out);
     }
 
+    /// A framing error found by the server (bad frame end, oversize frame): connection.close.
+    pub fn protocol_error(&mut self, err: AmqpError, out: &mut BytesMut) {
+        if matches!(self.state, State::Closing | State::Closed) {
+            return;
+        }
+        self.fail(0, err, out);
+    }
+
+    /// Whether the handshake finished (connection.open-ok sent).
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
     /// The peer stopped heartbeating or the socket closed: nothing more to send.
     pub fn abort(&mut self) {
         self.state = State::Closed;
@@ -211,7 +227,11 @@ impl Connection {
                 consumer_tag,
             } => {
                 if let Some(ch) = self.channels.get_mut(&channel) {
-                    ch.consumer_gone(&consumer_tag, self.cancel_notify && self.state == State::Open, out);
+                    ch.consumer_gone(
+                        &consumer_tag,
+                        self.cancel_notify && self.state == State::Open,
+                        out,
+                    );
                 }
             }
             ConnEvent::ForceClose { code, text } => {
@@ -254,7 +274,11 @@ impl Connection {
         }
     }
 
-    fn dispatch_frame(&mut self, frame: RawFrame, out: &mut BytesMut) -> Result<(), (u16, AmqpError)> {
+    fn dispatch_frame(
+        &mut self,
+        frame: RawFrame,
+        out: &mut BytesMut,
+    ) -> Result<(), (u16, AmqpError)> {
         let channel = frame.channel;
         match self.state {
             State::Closed => return Ok(()),
@@ -262,10 +286,14 @@ impl Connection {
                 // Only the close handshake matters now.
                 if frame.kind == FRAME_METHOD && channel == 0 {
                     match decode_method(&frame.payload) {
-                        Ok(Method::Other(AMQPClass::Connection(amqp_conn::AMQPMethod::CloseOk(_)))) => {
+                        Ok(Method::Other(AMQPClass::Connection(
+                            amqp_conn::AMQPMethod::CloseOk(_),
+                        ))) => {
                             self.state = State::Closed;
                         }
-                        Ok(Method::Other(AMQPClass::Connection(amqp_conn::AMQPMethod::Close(_)))) => {
+                        Ok(Method::Other(AMQPClass::Connection(amqp_conn::AMQPMethod::Close(
+                            _,
+                        )))) => {
                             encode_method(out, 0, &close_ok());
                             self.state = State::Closed;
                         }
@@ -279,7 +307,13 @@ impl Connection {
         match frame.kind {
             FRAME_HEARTBEAT => {
                 if channel != 0 {
-                    return Err((0, AmqpError::new(ReplyCode::FrameError, "heartbeat frame on non-zero channel")));
+                    return Err((
+                        0,
+                        AmqpError::new(
+                            ReplyCode::FrameError,
+                            "heartbeat frame on non-zero channel",
+                        ),
+                    ));
                 }
                 Ok(())
             }
@@ -300,7 +334,10 @@ impl Connection {
                 }
                 let ctx = &self.ctx;
                 let Some(ch) = self.channels.get_mut(&channel) else {
-                    return Err((0, AmqpError::new(ReplyCode::ChannelError, "expected 'channel.open'")));
+                    return Err((
+                        0,
+                        AmqpError::new(ReplyCode::ChannelError, "expected 'channel.open'"),
+                    ));
                 };
                 if ch.is_closing() {
                     return Ok(());
@@ -312,7 +349,10 @@ impl Connection {
                 };
                 r.map_err(|e| (channel, e))
             }
-            other => Err((0, AmqpError::new(ReplyCode::FrameError, format!("unknown frame type {other}")))),
+            other => Err((
+                0,
+                AmqpError::new(ReplyCode::FrameError, format!("unknown frame type {other}")),
+            )),
         }
     }
 
@@ -321,7 +361,10 @@ impl Connection {
         let Method::Other(AMQPClass::Connection(m)) = method else {
             return Err(AmqpError::new(
                 ReplyCode::ChannelError,
-                format!("unexpected method in connection state {}", self.state_name()),
+                format!(
+                    "unexpected method in connection state {}",
+                    self.state_name()
+                ),
             )
             .with_method(class_id, method_id));
         };
@@ -335,7 +378,11 @@ impl Connection {
                     frame_max: c.frame_max,
                     heartbeat: c.heartbeat,
                 };
-                encode_method(out, 0, &AMQPClass::Connection(amqp_conn::AMQPMethod::Tune(tune)));
+                encode_method(
+                    out,
+                    0,
+                    &AMQPClass::Connection(amqp_conn::AMQPMethod::Tune(tune)),
+                );
                 self.state = State::AwaitTuneOk;
                 Ok(())
             }
@@ -354,8 +401,16 @@ impl Connection {
                     )));
                 }
                 self.tuning = Tuning {
-                    channel_max: if ok.channel_max == 0 { c.channel_max } else { ok.channel_max.min(c.channel_max) },
-                    frame_max: if ok.frame_max == 0 { c.frame_max } else { ok.frame_max },
+                    channel_max: if ok.channel_max == 0 {
+                        c.channel_max
+                    } else {
+                        ok.channel_max.min(c.channel_max)
+                    },
+                    frame_max: if ok.frame_max == 0 {
+                        c.frame_max
+                    } else {
+                        ok.frame_max
+                    },
                     heartbeat: ok.heartbeat,
                 };
                 self.state = State::AwaitOpen;
@@ -364,12 +419,19 @@ impl Connection {
             (State::AwaitOpen, amqp_conn::AMQPMethod::Open(open)) => {
                 let name = open.virtual_host.as_str();
                 let Some(vh) = self.broker.vhost(name) else {
-                    return Err(with(AmqpError::new(ReplyCode::NotAllowed, format!("vhost {name} not found"))));
+                    return Err(with(AmqpError::new(
+                        ReplyCode::NotAllowed,
+                        format!("vhost {name} not found"),
+                    )));
                 };
                 self.ctx.vhost = Some(vh);
                 self.ctx.frame_max = self.tuning.frame_max;
                 self.state = State::Open;
-                encode_method(out, 0, &AMQPClass::Connection(amqp_conn::AMQPMethod::OpenOk(amqp_conn::OpenOk {})));
+                encode_method(
+                    out,
+                    0,
+                    &AMQPClass::Connection(amqp_conn::AMQPMethod::OpenOk(amqp_conn::OpenOk {})),
+                );
                 Ok(())
             }
             (_, amqp_conn::AMQPMethod::Close(_)) => {
@@ -384,15 +446,23 @@ impl Connection {
                 encode_method(
                     out,
                     0,
-                    &AMQPClass::Connection(amqp_conn::AMQPMethod::UpdateSecretOk(amqp_conn::UpdateSecretOk {})),
+                    &AMQPClass::Connection(amqp_conn::AMQPMethod::UpdateSecretOk(
+                        amqp_conn::UpdateSecretOk {},
+                    )),
                 );
                 Ok(())
             }
-            (State::Open, amqp_conn::AMQPMethod::Blocked(_) | amqp_conn::AMQPMethod::Unblocked(_)) => Ok(()),
+            (
+                State::Open,
+                amqp_conn::AMQPMethod::Blocked(_) | amqp_conn::AMQPMethod::Unblocked(_),
+            ) => Ok(()),
             (State::Open, amqp_conn::AMQPMethod::CloseOk(_)) => Ok(()),
             (_, _) => Err(with(AmqpError::new(
                 ReplyCode::CommandInvalid,
-                format!("unexpected method in connection state {}", self.state_name()),
+                format!(
+                    "unexpected method in connection state {}",
+                    self.state_name()
+                ),
             ))),
         }
     }
@@ -426,25 +496,39 @@ impl Connection {
             Err(why) => {
                 tracing::warn!(user = %user, reason = ?why, "login refused");
                 return Err(match why {
-                    LoginError::LoopbackOnly | LoginError::UnknownUser | LoginError::BadPassword => refused(mechanism),
+                    LoginError::LoopbackOnly
+                    | LoginError::UnknownUser
+                    | LoginError::BadPassword => refused(mechanism),
                 });
             }
         }
-        if let Some(AMQPValue::FieldTable(caps)) = ok.client_properties.inner().get("capabilities") {
-            self.cancel_notify = matches!(caps.inner().get("consumer_cancel_notify"), Some(AMQPValue::Boolean(true)));
+        if let Some(AMQPValue::FieldTable(caps)) = ok.client_properties.inner().get("capabilities")
+        {
+            self.cancel_notify = matches!(
+                caps.inner().get("consumer_cancel_notify"),
+                Some(AMQPValue::Boolean(true))
+            );
         }
         self.client_properties = ok.client_properties;
         Ok(())
     }
 
-    fn channel_method(&mut self, channel: u16, method: Method, out: &mut BytesMut) -> Result<(), (u16, AmqpError)> {
+    fn channel_method(
+        &mut self,
+        channel: u16,
+        method: Method,
+        out: &mut BytesMut,
+    ) -> Result<(), (u16, AmqpError)> {
         let (class_id, method_id) = method.ids();
         if self.state != State::Open {
             return Err((
                 0,
                 AmqpError::new(
                     ReplyCode::ChannelError,
-                    format!("unexpected method on channel {channel} in connection state {}", self.state_name()),
+                    format!(
+                        "unexpected method on channel {channel} in connection state {}",
+                        self.state_name()
+                    ),
                 )
                 .with_method(class_id, method_id),
             ));
@@ -453,14 +537,18 @@ impl Connection {
             if channel > self.tuning.channel_max {
                 return Err((
                     0,
-                    AmqpError::new(ReplyCode::ChannelError, format!("channel number {channel} exceeds channel_max"))
-                        .with_method(class_id, method_id),
+                    AmqpError::new(
+                        ReplyCode::ChannelError,
+                        format!("channel number {channel} exceeds channel_max"),
+                    )
+                    .with_method(class_id, method_id),
                 ));
             }
             if self.channels.contains_key(&channel) {
                 return Err((
                     0,
-                    AmqpError::new(ReplyCode::ChannelError, "second 'channel.open' seen").with_method(class_id, method_id),
+                    AmqpError::new(ReplyCode::ChannelError, "second 'channel.open' seen")
+                        .with_method(class_id, method_id),
                 ));
             }
             self.channels.insert(channel, Channel::new(channel));
@@ -474,7 +562,8 @@ impl Connection {
         let Some(ch) = self.channels.get_mut(&channel) else {
             return Err((
                 0,
-                AmqpError::new(ReplyCode::ChannelError, "expected 'channel.open'").with_method(class_id, method_id),
+                AmqpError::new(ReplyCode::ChannelError, "expected 'channel.open'")
+                    .with_method(class_id, method_id),
             ));
         };
         if ch.is_closing() {
@@ -499,7 +588,11 @@ impl Connection {
         }
         let r = ch.handle_method(&self.ctx, method, out);
         r.map_err(|e| {
-            let e = if e.class_id == 0 { e.with_method(class_id, method_id) } else { e };
+            let e = if e.class_id == 0 {
+                e.with_method(class_id, method_id)
+            } else {
+                e
+            };
             (channel, e)
         })
     }
@@ -545,7 +638,11 @@ impl HardClose for AmqpError {
 }
 
 fn unexpected_frame(kind: u8, channel: u16) -> AmqpError {
-    let what = if kind == FRAME_HEADER { "content header" } else { "content body" };
+    let what = if kind == FRAME_HEADER {
+        "content header"
+    } else {
+        "content body"
+    };
     AmqpError::new(
         ReplyCode::UnexpectedFrame,
         format!("expected method frame, got non method frame ({what}) on channel {channel}"),
@@ -568,7 +665,10 @@ fn parse_plain(response: &[u8]) -> Option<(String, String)> {
     if parts.next().is_some() {
         return None;
     }
-    Some((String::from_utf8(user.to_vec()).ok()?, String::from_utf8(pass.to_vec()).ok()?))
+    Some((
+        String::from_utf8(user.to_vec()).ok()?,
+        String::from_utf8(pass.to_vec()).ok()?,
+    ))
 }
 
 /// AMQPLAIN: a field table without its length prefix, holding LOGIN and PASSWORD.
@@ -576,8 +676,12 @@ fn parse_amqplain(response: &[u8]) -> Option<(String, String)> {
     let mut framed = Vec::with_capacity(response.len() + 4);
     framed.extend_from_slice(&u32::try_from(response.len()).ok()?.to_be_bytes());
     framed.extend_from_slice(response);
-    let (_, table) = rill_codec::amq_protocol::types::parsing::parse_field_table(framed.as_slice()).ok()?;
-    let get = |k: &str| rill_codec::value_as_bytes(table.inner().get(k)?).map(|b| String::from_utf8_lossy(b).into_owned());
+    let (_, table) =
+        rill_codec::amq_protocol::types::parsing::parse_field_table(framed.as_slice()).ok()?;
+    let get = |k: &str| {
+        rill_codec::value_as_bytes(table.inner().get(k)?)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
     Some((get("LOGIN")?, get("PASSWORD")?))
 }
 
@@ -587,9 +691,15 @@ mod tests {
 
     #[test]
     fn plain_and_amqplain_parse() {
-        assert_eq!(parse_plain(b"\0guest\0secret"), Some(("guest".into(), "secret".into())));
+        assert_eq!(
+            parse_plain(b"\0guest\0secret"),
+            Some(("guest".into(), "secret".into()))
+        );
         assert_eq!(parse_plain(b"guest"), None);
         let amqplain = b"\x05LOGINS\x00\x00\x00\x05guest\x08PASSWORDS\x00\x00\x00\x02pw";
-        assert_eq!(parse_amqplain(amqplain), Some(("guest".into(), "pw".into())));
+        assert_eq!(
+            parse_amqplain(amqplain),
+            Some(("guest".into(), "pw".into()))
+        );
     }
 }

@@ -32,6 +32,15 @@ pub struct Delivery {
     pub item: QueuedMessage,
 }
 
+impl Delivery {
+    /// A delivery that can no longer be written: back to its queue at its old position, and
+    /// the consumer's credit returned. Never call this while holding the queue's lock.
+    pub fn bounce(self) {
+        self.consumer.release(1);
+        self.queue.return_undelivered(self.item);
+    }
+}
+
 /// Where a connection receives its events. The server implements it with a channel into the
 /// connection task; tests with a vector.
 pub trait Outlet: Send + Sync + std::fmt::Debug {
@@ -68,13 +77,17 @@ impl ChannelCredit {
             return true;
         }
         self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
             .is_ok()
     }
     fn release(&self, n: u32) {
         let _ = self
             .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
     }
 }
 
@@ -152,7 +165,9 @@ impl Consumer {
     pub fn release(&self, n: u32) -> bool {
         let before = self
             .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| Some(v.saturating_sub(n)))
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            })
             .unwrap_or(0);
         if self.no_ack {
             return before >= NO_ACK_BUFFER;

@@ -213,7 +213,8 @@ impl Queue {
         if st.deleted {
             return Err(ConsumeError::Deleted);
         }
-        if st.consumers.iter().any(|c| c.exclusive) || (consumer.exclusive && !st.consumers.is_empty())
+        if st.consumers.iter().any(|c| c.exclusive)
+            || (consumer.exclusive && !st.consumers.is_empty())
         {
             return Err(ConsumeError::ExclusiveConflict);
         }
@@ -277,7 +278,9 @@ impl Queue {
     }
 
     fn sync_gauges(&self, st: &QueueState) {
-        self.stats.ready.store(st.ready.len() as u64, Ordering::Relaxed);
+        self.stats
+            .ready
+            .store(st.ready.len() as u64, Ordering::Relaxed);
         self.stats
             .unacked
             .store(st.unacked.len() as u64, Ordering::Relaxed);

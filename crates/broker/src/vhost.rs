@@ -175,7 +175,11 @@ impl VHost {
                 return Err(mismatch("type", kind.as_str(), c.kind.as_str()));
             }
             if c.durable != d.durable {
-                return Err(mismatch("durable", bool_word(d.durable), bool_word(c.durable)));
+                return Err(mismatch(
+                    "durable",
+                    bool_word(d.durable),
+                    bool_word(c.durable),
+                ));
             }
             if c.auto_delete != d.auto_delete {
                 return Err(mismatch(
@@ -185,7 +189,11 @@ impl VHost {
                 ));
             }
             if c.internal != d.internal {
-                return Err(mismatch("internal", bool_word(d.internal), bool_word(c.internal)));
+                return Err(mismatch(
+                    "internal",
+                    bool_word(d.internal),
+                    bool_word(c.internal),
+                ));
             }
             compare_args(
                 &["alternate-exchange"],

@@ -125,7 +125,10 @@ mod tests {
         assert!(matches(&all, Some(&h2)));
         assert!(matches(&any, Some(&h1)));
         assert!(!matches(&any, None));
-        assert!(matches(&table(&[]), None), "empty all-binding matches everything");
+        assert!(
+            matches(&table(&[]), None),
+            "empty all-binding matches everything"
+        );
         assert!(!matches(&table(&[("x-match", s("any"))]), Some(&h1)));
     }
 
@@ -145,6 +148,9 @@ mod tests {
         let b = table(&[("k", AMQPValue::Void)]);
         assert!(matches(&b, Some(&table(&[("k", s("anything"))]))));
         let n = table(&[("n", AMQPValue::LongInt(5))]);
-        assert!(matches(&n, Some(&table(&[("n", AMQPValue::ShortShortUInt(5))]))));
+        assert!(matches(
+            &n,
+            Some(&table(&[("n", AMQPValue::ShortShortUInt(5))]))
+        ));
     }
 }

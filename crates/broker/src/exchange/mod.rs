@@ -196,7 +196,12 @@ impl Exchange {
 
     pub fn bindings(&self) -> Vec<Binding> {
         let b = self.bindings.read();
-        b.by_key.values().flatten().chain(&b.list).cloned().collect()
+        b.by_key
+            .values()
+            .flatten()
+            .chain(&b.list)
+            .cloned()
+            .collect()
     }
 
     /// Appends the destinations this exchange itself selects for a message.

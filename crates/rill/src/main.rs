@@ -1,0 +1,63 @@
+//! The `rill` binary: one command line for the broker and the stream engine.
+//!
+//! It only parses arguments, sets up logging and hands over to the library crates;
+//! no broker or stream logic lives here.
+
+mod bench;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "rill",
+    version,
+    about = "An AMQP 0-9-1 broker and stream processor"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the AMQP broker.
+    Server(ServerArgs),
+    /// Run a built-in benchmark.
+    Bench(bench::BenchCmd),
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: std::net::IpAddr,
+    /// AMQP port.
+    #[arg(long, default_value_t = 5672)]
+    port: u16,
+    /// Where durable state is kept.
+    #[arg(long, default_value = "./rill-data")]
+    data_dir: std::path::PathBuf,
+    /// Most concurrent client connections; more wait in the accept backlog.
+    #[arg(long, default_value_t = 65_536)]
+    max_connections: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RILL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Server(args) => Ok(rill_server::run_blocking(rill_server::ServerConfig {
+            bind: args.bind,
+            port: args.port,
+            data_dir: args.data_dir,
+            max_connections: args.max_connections,
+        })?),
+        Command::Bench(cmd) => bench::run(cmd),
+    }
+}

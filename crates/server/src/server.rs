@@ -1,0 +1,148 @@
+//! Listener, connection cap, signals and shutdown.
+
+use crate::conn;
+use rill_broker::{Broker, BrokerConfig};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, Semaphore};
+
+/// How the broker process listens and where it keeps data.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub bind: IpAddr,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    /// Connections beyond this wait in the accept backlog.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("accept failed: {0}")]
+    Accept(std::io::Error),
+}
+
+/// How long connections get to finish their close handshake at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Starts a runtime and serves until SIGINT or SIGTERM.
+pub fn run_blocking(config: ServerConfig) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    check_writable(&config.data_dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("rill-io")
+        .build()
+        .map_err(ServerError::Runtime)?;
+    runtime.block_on(async move {
+        let addr = SocketAddr::new(config.bind, config.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "rill broker listening");
+        let broker = Broker::new(BrokerConfig::default());
+        serve(listener, broker, config.max_connections, shutdown_signal()).await
+    })
+}
+
+fn check_writable(dir: &std::path::Path) -> Result<(), ServerError> {
+    let probe = dir.join(".rill-write-probe");
+    std::fs::write(&probe, b"ok")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|source| ServerError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the broker");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Accepts connections until `shutdown` completes, then closes every connection with
+/// 320 CONNECTION_FORCED and waits (bounded) for them to finish.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    max_connections: usize,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let (stop_tx, _) = broadcast::channel::<()>(1);
+    // Each connection task holds a clone; when all are dropped, recv() returns None.
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let limit = Arc::new(Semaphore::new(max_connections.max(1)));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (socket, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let broker = broker.clone();
+        let stop = stop_tx.subscribe();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            conn::run(socket, peer, broker, stop).await;
+            drop(permit);
+            drop(done);
+        });
+    }
+    tracing::info!("shutting down: closing connections");
+    drop(listener);
+    let _ = stop_tx.send(());
+    drop(done_tx);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, done_rx.recv()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
