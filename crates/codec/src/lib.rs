@@ -71,7 +71,8 @@ pub use method::{
 };
 pub use properties::{decode_properties, encode_properties, PropertiesView, EMPTY_PROPERTIES};
 pub use table::{
-    field_table_get, field_table_insert, table_get_bool, table_get_i64, table_get_str,
-    value_as_bytes, value_as_i64, MAX_TABLE_DEPTH,
+    decode_field_table, decode_field_table_body, encode_field_table, field_table_get,
+    field_table_insert, table_get_bool, table_get_i64, table_get_str, value_as_bytes, value_as_i64,
+    MAX_TABLE_DEPTH,
 };
 pub use wire::short_string_truncated;

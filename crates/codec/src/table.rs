@@ -6,6 +6,9 @@
 
 use crate::error::AmqpError;
 use crate::wire::Reader;
+use amq_protocol::frame::WriteContext;
+use amq_protocol::types::generation::gen_field_table;
+use amq_protocol::types::parsing::parse_field_table;
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 
 /// Deepest nesting of tables and arrays accepted from the network. RabbitMQ's own
@@ -76,6 +79,50 @@ pub(crate) fn skip_table(r: &mut Reader<'_>) -> Result<(), AmqpError> {
         .long_str()
         .ok_or_else(|| AmqpError::syntax("truncated field table"))?;
     validate_table_body(body, 1)
+}
+
+/// Decodes a field table's body (the entries, without the 32-bit length prefix; e.g. an
+/// AMQPLAIN response) from network bytes. Validated first: calling amq-protocol's
+/// `parse_field_table` directly on hostile input can overflow the stack and abort.
+///
+/// ```
+/// use rill_codec::{decode_field_table_body, table_get_str};
+/// let t = decode_field_table_body(b"\x05LOGINS\x00\x00\x00\x05guest").unwrap();
+/// assert_eq!(table_get_str(&t, "LOGIN"), Some("guest"));
+/// ```
+pub fn decode_field_table_body(body: &[u8]) -> Result<FieldTable, AmqpError> {
+    validate_table_body(body, 1)?;
+    let len = u32::try_from(body.len()).map_err(|_| AmqpError::syntax("field table over 4 GiB"))?;
+    let mut framed = Vec::with_capacity(body.len() + 4);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(body);
+    match parse_field_table(framed.as_slice()) {
+        Ok(([], t)) => Ok(t),
+        _ => Err(AmqpError::syntax("malformed field table")),
+    }
+}
+
+/// Decodes a field table with its 32-bit length prefix, which must cover all of `raw`.
+pub fn decode_field_table(raw: &[u8]) -> Result<FieldTable, AmqpError> {
+    let mut r = Reader::new(raw);
+    let body = r
+        .long_str()
+        .ok_or_else(|| AmqpError::syntax("truncated field table"))?;
+    if !r.is_empty() {
+        return Err(AmqpError::syntax("unexpected bytes after field table"));
+    }
+    decode_field_table_body(body)
+}
+
+/// Encodes a field table with its 32-bit length prefix (amq-protocol: keys sorted;
+/// `AMQPValue::ShortString` comes out with type tag `_`, which clients reject — use
+/// `LongString`).
+pub fn encode_field_table(t: &FieldTable) -> Vec<u8> {
+    match gen_field_table(t)(WriteContext::from(Vec::new())) {
+        Ok(ctx) => ctx.into_inner().0,
+        // Writing into a Vec cannot fail; an empty table is the safe fallback.
+        Err(_) => vec![0, 0, 0, 0],
+    }
 }
 
 /// Looks a key up in a decoded table.
@@ -177,6 +224,22 @@ mod tests {
     }
 
     #[test]
+    fn table_decode_encode_round_trip() {
+        let mut t = FieldTable::default();
+        field_table_insert(&mut t, "LOGIN", AMQPValue::LongString("guest".into()));
+        field_table_insert(&mut t, "n", AMQPValue::LongInt(-3));
+        let raw = encode_field_table(&t);
+        assert_eq!(decode_field_table(&raw).unwrap(), t);
+        assert_eq!(decode_field_table_body(&raw[4..]).unwrap(), t);
+        for len in 0..raw.len() {
+            assert!(decode_field_table(&raw[..len]).is_err(), "len {len}");
+        }
+        let mut long = raw.clone();
+        long.push(0);
+        assert!(decode_field_table(&long).is_err());
+    }
+
+    #[test]
     fn deep_nesting_is_rejected_not_overflowed() {
         // key "" + 'F' + len, nested 10_000 deep.
         let mut body: Vec<u8> = Vec::new();
@@ -188,5 +251,7 @@ mod tests {
         }
         let err = validate_table_body(&body, 1).unwrap_err();
         assert_eq!(err.code, crate::ReplyCode::SyntaxError);
+        // amq-protocol alone aborts the process on this input (stack overflow)
+        assert!(decode_field_table_body(&body).is_err());
     }
 }
