@@ -6,15 +6,11 @@
 //! final counts can be checked to sum to N. `wordcount-baseline` is the same generation and
 //! counting as a plain single-threaded loop over a `HashMap` with a reused buffer: the limit.
 
-use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
-use rill_stream::hash::FxHashMap;
-use rill_stream::{ClusterConfig, CollectSink, ShortStr, StreamExecutionEnvironment};
+use rill_stream::{bench, ClusterConfig, StreamExecutionEnvironment};
 
 /// Run a built-in benchmark.
 #[derive(Args, Debug)]
@@ -84,75 +80,37 @@ fn wordcount(args: WordcountArgs) -> anyhow::Result<()> {
         };
         env.set_cluster(cluster);
     }
-    let (n, vocab) = (args.events, args.vocab);
-    let totals = CollectSink::new();
-    let sink = totals.clone();
-    let result = env
-        .execute("wordcount-bench", move |env| {
-            env.from_sequence(1, n)
-                .map(move |id| {
-                    let mut word = ShortStr::default();
-                    // "w" + a u64 always fits in 23 bytes.
-                    let _ = write!(word, "w{}", id.wrapping_mul(7919) % vocab);
-                    (word, 1u64)
-                })
-                .key_by(|t| t.0)
-                .sum(|t| &mut t.1)
-                // Each key's last running count, per worker; then (keys, sum of counts).
-                .fold_at_end(
-                    (FxHashMap::<ShortStr, u64>::default(), 0u64, 0u64),
-                    |acc, (word, count)| {
-                        acc.0.insert(word, count);
-                    },
-                    |acc, mut part| {
-                        part.1 += part.0.len() as u64;
-                        part.2 += part.0.values().sum::<u64>();
-                        acc.1 += part.1;
-                        acc.2 += part.2;
-                    },
-                )
-                .collect_into(&sink);
-        })
-        .context("running the wordcount job")?;
-    let secs = result.net_runtime.as_secs_f64();
-    // Only process 0 hosts worker 0, which receives the global totals.
-    if let Some((_, keys, sum)) = totals.take().pop() {
+    let report =
+        bench::wordcount(&env, args.events, args.vocab).context("running the wordcount job")?;
+    // Only the process hosting worker 0 receives the global totals.
+    if let (Some(keys), Some(sum)) = (report.keys, report.sum_of_counts) {
         println!(
-            "wordcount: events={n} vocab={vocab} workers={} processes={} keys={keys} sum_of_counts={sum} ok={}",
+            "wordcount: events={} vocab={} workers={} processes={} keys={keys} sum_of_counts={sum} ok={}",
+            args.events,
+            args.vocab,
             args.workers,
             args.processes,
-            sum == n
+            sum == args.events
         );
-        if sum != n {
-            bail!("final counts sum to {sum}, expected {n}");
+        if sum != args.events {
+            bail!("final counts sum to {sum}, expected {}", args.events);
         }
     }
-    println!("net_runtime_s {secs:.3}");
-    println!("events_per_s {:.0}", n as f64 / secs);
+    println!("net_runtime_s {:.3}", report.runtime.as_secs_f64());
+    println!("events_per_s {:.0}", report.events_per_s());
     Ok(())
 }
 
 fn baseline(args: BaselineArgs) -> anyhow::Result<()> {
-    if args.vocab == 0 {
-        bail!("--vocab must be at least 1");
-    }
-    let start = Instant::now();
-    let mut counts: HashMap<String, u64> = HashMap::new();
-    let mut buf = String::new();
-    for id in 1..=args.events {
-        buf.clear();
-        let _ = write!(buf, "w{}", id.wrapping_mul(7919) % args.vocab);
-        match counts.get_mut(buf.as_str()) {
-            Some(c) => *c += 1,
-            None => {
-                counts.insert(buf.clone(), 1);
-            }
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let sum: u64 = counts.values().sum();
-    println!("wordcount-baseline: events={} keys={} sum_of_counts={sum} ok={}", args.events, counts.len(), sum == args.events);
-    println!("net_runtime_s {secs:.3}");
-    println!("events_per_s {:.0}", args.events as f64 / secs);
+    let report = bench::wordcount_baseline(args.events, args.vocab);
+    let sum = report.sum_of_counts.unwrap_or(0);
+    println!(
+        "wordcount-baseline: events={} keys={} sum_of_counts={sum} ok={}",
+        args.events,
+        report.keys.unwrap_or(0),
+        sum == args.events
+    );
+    println!("net_runtime_s {:.3}", report.runtime.as_secs_f64());
+    println!("events_per_s {:.0}", report.events_per_s());
     Ok(())
 }

@@ -55,13 +55,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         env.set_parallelism(p);
     }
     env.execute("Window WordCount", move |env| {
-        env.add_source(HelloSource { count, interval: Duration::from_millis(interval_ms) })
-            .flat_map(|line: String| {
-                line.split_whitespace().map(|w| (w.to_string(), 1u64)).collect::<Vec<_>>()
-            })
-            .key_by(|t| t.0.clone())
-            .sum(|t| &mut t.1)
-            .print();
+        env.add_source(HelloSource {
+            count,
+            interval: Duration::from_millis(interval_ms),
+        })
+        .flat_map(|line: String| {
+            line.split_whitespace()
+                .map(|w| (w.to_string(), 1u64))
+                .collect::<Vec<_>>()
+        })
+        .key_by(|t| t.0.clone())
+        .sum(|t| &mut t.1)
+        .print();
     })?;
     Ok(())
 }

@@ -91,7 +91,10 @@ impl StreamExecutionEnvironment {
     /// One process; parallelism = the number of cores, as in Flink's local environment.
     pub fn new() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        StreamExecutionEnvironment { parallelism: cores, cluster: None }
+        StreamExecutionEnvironment {
+            parallelism: cores,
+            cluster: None,
+        }
     }
 
     /// Total number of parallel subtasks (worker threads over all processes).
@@ -136,7 +139,7 @@ impl StreamExecutionEnvironment {
                         c.process, n
                     )));
                 }
-                if self.parallelism % n != 0 {
+                if !self.parallelism.is_multiple_of(n) {
                     return Err(StreamError::Config(format!(
                         "parallelism {} is not a multiple of {} processes",
                         self.parallelism, n
@@ -151,7 +154,10 @@ impl StreamExecutionEnvironment {
                 }
             }
         };
-        Ok(timely::Config { communication, worker: timely::WorkerConfig::default() })
+        Ok(timely::Config {
+            communication,
+            worker: timely::WorkerConfig::default(),
+        })
     }
 
     /// Builds the job on every worker with `job` and runs it to completion (all sources
@@ -173,7 +179,12 @@ impl StreamExecutionEnvironment {
             worker.dataflow::<u64, _, _>(|scope| {
                 let env = JobEnv {
                     scope,
-                    shared: Rc::new(Shared { index, peers, errors, job_name: name }),
+                    shared: Rc::new(Shared {
+                        index,
+                        peers,
+                        errors,
+                        job_name: name,
+                    }),
                 };
                 job(&env);
             });
@@ -189,7 +200,10 @@ impl StreamExecutionEnvironment {
         };
         match first_error {
             Some(e) => Err(e),
-            None => Ok(JobExecutionResult { job_name: job_name.to_string(), net_runtime }),
+            None => Ok(JobExecutionResult {
+                job_name: job_name.to_string(),
+                net_runtime,
+            }),
         }
     }
 }

@@ -113,12 +113,15 @@ pub(crate) struct Timers<K> {
 
 impl<K: Key> Default for Timers<K> {
     fn default() -> Self {
-        Timers { by_time: BTreeMap::new(), live: FxHashSet::default() }
+        Timers {
+            by_time: BTreeMap::new(),
+            live: FxHashSet::default(),
+        }
     }
 }
 
 impl<K: Key> Timers<K> {
-    fn register(&mut self, ts: u64, key: &K) {
+    pub(crate) fn register(&mut self, ts: u64, key: &K) {
         if self.live.insert((ts, key.clone())) {
             self.by_time.entry(ts).or_default().push(key.clone());
         }
@@ -127,7 +130,7 @@ impl<K: Key> Timers<K> {
         self.live.remove(&(ts, key.clone()));
     }
     /// Removes and returns one due timer (`ts < bound`), if any.
-    fn pop_before(&mut self, bound: Option<u64>) -> Option<(u64, K)> {
+    pub(crate) fn pop_before(&mut self, bound: Option<u64>) -> Option<(u64, K)> {
         loop {
             let mut entry = self.by_time.first_entry()?;
             let ts = *entry.key();
@@ -146,14 +149,16 @@ impl<K: Key> Timers<K> {
             }
         }
     }
-    fn earliest(&self) -> Option<u64> {
+    pub(crate) fn earliest(&self) -> Option<u64> {
         self.by_time.keys().next().copied()
     }
 }
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What a [`KeyedProcessFunction`] sees: the current key, its state, time, timers, output.
@@ -222,7 +227,11 @@ impl<'a, K: Key, S, O> ProcessContext<'a, K, S, O> {
 
 impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, K, KF> {
     pub(crate) fn new(stream: DataStream<'s, T>, key: KF) -> Self {
-        KeyedStream { stream, key, _k: std::marker::PhantomData }
+        KeyedStream {
+            stream,
+            key,
+            _k: std::marker::PhantomData,
+        }
     }
 
     /// A running aggregate kept per key: the first record of a key becomes its state,
@@ -231,29 +240,32 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
         let kf = self.key.clone();
         let pact = Exchange::new(key_route(self.key.clone()));
         let env = self.stream.env.clone();
-        let inner = self.stream.inner.unary::<Builder<T>, _, _, _>(pact, name, move |_, _| {
-            let mut backend = MemoryStateBackend::<K, T>::default();
-            move |input, output| {
-                input.for_each(|cap, data| {
-                    let map = backend.map_mut();
-                    let mut out = Vec::with_capacity(data.len());
-                    for (ts, d) in data.drain(..) {
-                        let k = kf(&d);
-                        match map.get_mut(&k) {
-                            Some(state) => {
-                                update(state, d);
-                                out.push((ts, state.clone()));
-                            }
-                            None => {
-                                out.push((ts, d.clone()));
-                                map.insert(k, d);
+        let inner = self
+            .stream
+            .inner
+            .unary::<Builder<T>, _, _, _>(pact, name, move |_, _| {
+                let mut backend = MemoryStateBackend::<K, T>::default();
+                move |input, output| {
+                    input.for_each(|cap, data| {
+                        let map = backend.map_mut();
+                        let mut out = Vec::with_capacity(data.len());
+                        for (ts, d) in data.drain(..) {
+                            let k = kf(&d);
+                            match map.get_mut(&k) {
+                                Some(state) => {
+                                    update(state, d);
+                                    out.push((ts, state.clone()));
+                                }
+                                None => {
+                                    out.push((ts, d.clone()));
+                                    map.insert(k, d);
+                                }
                             }
                         }
-                    }
-                    output.session(&cap).give_container(&mut out);
-                });
-            }
-        });
+                        output.session(&cap).give_container(&mut out);
+                    });
+                }
+            });
         DataStream::new(inner, env)
     }
 
@@ -263,15 +275,15 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
     /// # use rill_stream::*;
     /// # let out = CollectSink::new(); let sink = out.clone();
     /// # StreamExecutionEnvironment::new().with_parallelism(1).execute("r", move |env| {
-    /// env.from_collection(vec![("a", 1), ("a", 2), ("b", 5)])
+    /// env.from_collection(vec![('a', 1), ('a', 2), ('b', 5)])
     ///     .key_by(|t| t.0)
     ///     .reduce(|acc, v| (acc.0, acc.1 + v.1))
     ///     .collect_into(&sink);
     /// # }).unwrap();
-    /// # assert_eq!(out.take(), vec![("a", 1), ("a", 3), ("b", 5)]);
+    /// # assert_eq!(out.take(), vec![('a', 1), ('a', 3), ('b', 5)]);
     /// ```
-    pub fn reduce(self, mut f: impl FnMut(&T, T) -> T + 'static) -> DataStream<'s, T> {
-        self.running("Reduce", move |state, v| *state = f(state, v))
+    pub fn reduce(self, mut f: impl FnMut(T, T) -> T + 'static) -> DataStream<'s, T> {
+        self.running("Reduce", move |state, v| *state = f(state.clone(), v))
     }
 
     /// Running sum of one field (Flink's `sum(pos)`): `field` selects it; other fields keep
@@ -281,19 +293,25 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
     /// # use rill_stream::*;
     /// # let out = CollectSink::new(); let sink = out.clone();
     /// # StreamExecutionEnvironment::new().with_parallelism(2).execute("s", move |env| {
-    /// env.from_collection(vec![("a", 1u64), ("a", 1), ("a", 1)])
+    /// env.from_collection(vec![('a', 1u64), ('a', 1), ('a', 1)])
     ///     .key_by(|t| t.0)
     ///     .sum(|t| &mut t.1)
     ///     .collect_into(&sink);
     /// # }).unwrap();
-    /// # assert_eq!(out.take(), vec![("a", 1), ("a", 2), ("a", 3)]);
+    /// # assert_eq!(out.take(), vec![('a', 1), ('a', 2), ('a', 3)]);
     /// ```
-    pub fn sum<N: AddAssign + Copy + 'static>(self, field: fn(&mut T) -> &mut N) -> DataStream<'s, T> {
+    pub fn sum<N: AddAssign + Copy + 'static>(
+        self,
+        field: fn(&mut T) -> &mut N,
+    ) -> DataStream<'s, T> {
         self.running("Sum", move |state, mut v| *field(state) += *field(&mut v))
     }
 
     /// Running minimum of one field (Flink's `min(pos)`; other fields keep the first record's).
-    pub fn min<N: PartialOrd + Copy + 'static>(self, field: fn(&mut T) -> &mut N) -> DataStream<'s, T> {
+    pub fn min<N: PartialOrd + Copy + 'static>(
+        self,
+        field: fn(&mut T) -> &mut N,
+    ) -> DataStream<'s, T> {
         self.running("Min", move |state, mut v| {
             let x = *field(&mut v);
             if x < *field(state) {
@@ -303,7 +321,10 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
     }
 
     /// Running maximum of one field (Flink's `max(pos)`).
-    pub fn max<N: PartialOrd + Copy + 'static>(self, field: fn(&mut T) -> &mut N) -> DataStream<'s, T> {
+    pub fn max<N: PartialOrd + Copy + 'static>(
+        self,
+        field: fn(&mut T) -> &mut N,
+    ) -> DataStream<'s, T> {
         self.running("Max", move |state, mut v| {
             let x = *field(&mut v);
             if x > *field(state) {
@@ -313,7 +334,10 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
     }
 
     /// The whole record with the smallest field so far (Flink's `minBy`; first one on ties).
-    pub fn min_by<N: PartialOrd + Copy + 'static>(self, field: fn(&mut T) -> &mut N) -> DataStream<'s, T> {
+    pub fn min_by<N: PartialOrd + Copy + 'static>(
+        self,
+        field: fn(&mut T) -> &mut N,
+    ) -> DataStream<'s, T> {
         self.running("MinBy", move |state, mut v| {
             if *field(&mut v) < *field(state) {
                 *state = v;
@@ -322,7 +346,10 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
     }
 
     /// The whole record with the largest field so far (Flink's `maxBy`).
-    pub fn max_by<N: PartialOrd + Copy + 'static>(self, field: fn(&mut T) -> &mut N) -> DataStream<'s, T> {
+    pub fn max_by<N: PartialOrd + Copy + 'static>(
+        self,
+        field: fn(&mut T) -> &mut N,
+    ) -> DataStream<'s, T> {
         self.running("MaxBy", move |state, mut v| {
             if *field(&mut v) > *field(state) {
                 *state = v;
@@ -338,21 +365,25 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
         let kf = self.key.clone();
         let pact = Exchange::new(key_route(self.key.clone()));
         let env = self.stream.env.clone();
-        let inner = self.stream.inner.unary::<Builder<OUT>, _, _, _>(pact, "Aggregate", move |_, _| {
-            let mut backend = MemoryStateBackend::<K, ACC>::default();
-            move |input, output| {
-                input.for_each(|cap, data| {
-                    let mut out = Vec::with_capacity(data.len());
-                    for (ts, d) in data.drain(..) {
-                        let k = kf(&d);
-                        let acc = backend.get_or_insert_with(&k, &mut || agg.create_accumulator());
-                        agg.add(d, acc);
-                        out.push((ts, agg.get_result(acc)));
+        let inner =
+            self.stream
+                .inner
+                .unary::<Builder<OUT>, _, _, _>(pact, "Aggregate", move |_, _| {
+                    let mut backend = MemoryStateBackend::<K, ACC>::default();
+                    move |input, output| {
+                        input.for_each(|cap, data| {
+                            let mut out = Vec::with_capacity(data.len());
+                            for (ts, d) in data.drain(..) {
+                                let k = kf(&d);
+                                let acc = backend
+                                    .get_or_insert_with(&k, &mut || agg.create_accumulator());
+                                agg.add(d, acc);
+                                out.push((ts, agg.get_result(acc)));
+                            }
+                            output.session(&cap).give_container(&mut out);
+                        });
                     }
-                    output.session(&cap).give_container(&mut out);
                 });
-            }
-        });
         DataStream::new(inner, env)
     }
 
@@ -374,19 +405,57 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
         let pact = Exchange::new(key_route(self.key.clone()));
         let env = self.stream.env.clone();
         let scope = env.scope;
-        let inner = self.stream.inner.unary_frontier::<Builder<O>, _, _, _>(pact, "Process", move |cap, info| {
-            let activator = scope.activator_for(info.address);
-            let mut cap: Option<Capability<u64>> = Some(cap);
-            let mut backend = backend;
-            let mut event_timers = Timers::<K>::default();
-            let mut proc_timers = Timers::<K>::default();
-            let mut out: Vec<(u64, O)> = Vec::new();
-            move |(input, frontier), output| {
-                let bound = frontier.frontier().iter().min().copied();
-                let watermark = bound.map_or(u64::MAX, |f| f.saturating_sub(1));
-                input.for_each(|incap, data| {
-                    for (ts, d) in data.drain(..) {
-                        let k = kf(&d);
+        let inner = self.stream.inner.unary_frontier::<Builder<O>, _, _, _>(
+            pact,
+            "Process",
+            move |cap, info| {
+                let activator = scope.activator_for(info.address);
+                let mut cap: Option<Capability<u64>> = Some(cap);
+                let mut backend = backend;
+                let mut event_timers = Timers::<K>::default();
+                let mut proc_timers = Timers::<K>::default();
+                let mut out: Vec<(u64, O)> = Vec::new();
+                move |(input, frontier), output| {
+                    let bound = frontier.frontier().iter().min().copied();
+                    let watermark = bound.map_or(u64::MAX, |f| f.saturating_sub(1));
+                    input.for_each(|incap, data| {
+                        for (ts, d) in data.drain(..) {
+                            let k = kf(&d);
+                            let state = backend.get_or_insert_with(&k, &mut Default::default);
+                            let mut ctx = ProcessContext {
+                                key: &k,
+                                state,
+                                timestamp: ts,
+                                watermark,
+                                clear: false,
+                                event_timers: &mut event_timers,
+                                proc_timers: &mut proc_timers,
+                                out: &mut out,
+                            };
+                            f.process_element(d, &mut ctx);
+                            if ctx.clear {
+                                backend.remove(&k);
+                            }
+                        }
+                        if !out.is_empty() {
+                            output.session(&incap).give_container(&mut out);
+                            out.clear();
+                        }
+                    });
+                    let Some(c) = cap.as_mut() else { return };
+                    // Event-time timers strictly below the frontier are due (watermark >= ts);
+                    // at the end of input all are.
+                    let now = now_ms();
+                    loop {
+                        let (ts, k) = if let Some(t) = event_timers.pop_before(bound) {
+                            t
+                        } else if let Some(t) =
+                            proc_timers.pop_before(bound.map(|_| now.saturating_add(1)))
+                        {
+                            t
+                        } else {
+                            break;
+                        };
                         let state = backend.get_or_insert_with(&k, &mut Default::default);
                         let mut ctx = ProcessContext {
                             key: &k,
@@ -398,59 +467,29 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
                             proc_timers: &mut proc_timers,
                             out: &mut out,
                         };
-                        f.process_element(d, &mut ctx);
+                        f.on_timer(ts, &mut ctx);
                         if ctx.clear {
                             backend.remove(&k);
                         }
-                    }
-                    if !out.is_empty() {
-                        output.session(&incap).give_container(&mut out);
-                        out.clear();
-                    }
-                });
-                let Some(c) = cap.as_mut() else { return };
-                // Event-time timers strictly below the frontier are due (watermark >= ts);
-                // at the end of input all are.
-                let now = now_ms();
-                loop {
-                    let (ts, k) = if let Some(t) = event_timers.pop_before(bound) {
-                        t
-                    } else if let Some(t) = proc_timers.pop_before(bound.map(|_| now.saturating_add(1))) {
-                        t
-                    } else {
-                        break;
-                    };
-                    let state = backend.get_or_insert_with(&k, &mut Default::default);
-                    let mut ctx = ProcessContext {
-                        key: &k,
-                        state,
-                        timestamp: ts,
-                        watermark,
-                        clear: false,
-                        event_timers: &mut event_timers,
-                        proc_timers: &mut proc_timers,
-                        out: &mut out,
-                    };
-                    f.on_timer(ts, &mut ctx);
-                    if ctx.clear {
-                        backend.remove(&k);
-                    }
-                    for (ots, o) in out.drain(..) {
-                        let time = ots.max(*c.time());
-                        output.session(&c.delayed(&time)).give((ots, o));
-                    }
-                }
-                match bound {
-                    Some(b) => {
-                        c.downgrade(&b.max(*c.time()));
-                        if let Some(next) = proc_timers.earliest() {
-                            activator.activate_after(std::time::Duration::from_millis(next.saturating_sub(now)));
+                        for (ots, o) in out.drain(..) {
+                            let time = ots.max(*c.time());
+                            output.session(&c.delayed(&time)).give((ots, o));
                         }
                     }
-                    None => cap = None,
+                    match bound {
+                        Some(b) => {
+                            c.downgrade(&b.max(*c.time()));
+                            if let Some(next) = proc_timers.earliest() {
+                                activator.activate_after(std::time::Duration::from_millis(
+                                    next.saturating_sub(now),
+                                ));
+                            }
+                        }
+                        None => cap = None,
+                    }
                 }
-            }
-        });
+            },
+        );
         DataStream::new(inner, env)
     }
 }

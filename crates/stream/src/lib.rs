@@ -51,6 +51,7 @@
 //! assert!(counts.contains(&("Hello".to_string(), 2)));
 //! ```
 
+pub mod bench;
 pub mod env;
 pub mod error;
 pub mod hash;
@@ -72,7 +73,10 @@ pub use state::{ListState, MapState, MemoryStateBackend, StateBackend, ValueStat
 pub use stream::{DataStream, OutputTag};
 pub use types::{Data, Key, ShortStr};
 pub use watermark::WatermarkStrategy;
-// WINDOW pub use window::{
+pub use window::{
+    CountWindow, CountWindowedStream, ProcessWindowFunction, SessionWindows, SlidingWindows,
+    TimeDomain, TimeWindow, TumblingWindows, WindowAssigner, WindowedStream,
+};
 
 /// Event timestamps and watermarks, in milliseconds.
 pub type Timestamp = u64;

@@ -37,7 +37,10 @@ macro_rules! display_format {
         }
     )*};
 }
-display_format!(u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, f32, f64, bool, char, String, str, ShortStr);
+display_format!(
+    u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, f32, f64, bool, char, String,
+    str, ShortStr
+);
 
 impl<T: FlinkFormat + ?Sized> FlinkFormat for &T {
     fn flink_fmt(&self, out: &mut String) {
@@ -108,13 +111,17 @@ pub struct CollectSink<T> {
 
 impl<T> Clone for CollectSink<T> {
     fn clone(&self) -> Self {
-        CollectSink { items: self.items.clone() }
+        CollectSink {
+            items: self.items.clone(),
+        }
     }
 }
 
 impl<T> Default for CollectSink<T> {
     fn default() -> Self {
-        CollectSink { items: Arc::new(Mutex::new(Vec::new())) }
+        CollectSink {
+            items: Arc::new(Mutex::new(Vec::new())),
+        }
     }
 }
 
@@ -191,7 +198,8 @@ impl<'s, T: Data> DataStream<'s, T> {
     where
         T: FlinkFormat,
     {
-        let prefix = (self.env.parallelism() > 1).then(|| format!("{}> ", self.env.worker_index() + 1));
+        let prefix =
+            (self.env.parallelism() > 1).then(|| format!("{}> ", self.env.worker_index() + 1));
         let env = self.env.reporter();
         let mut line = String::new();
         let mut failed = false;
@@ -207,9 +215,15 @@ impl<'s, T: Data> DataStream<'s, T> {
                 }
                 let mut stdout = std::io::stdout().lock();
                 if !failed {
-                    if let Err(source) = stdout.write_all(line.as_bytes()).and_then(|_| stdout.flush()) {
+                    if let Err(source) = stdout
+                        .write_all(line.as_bytes())
+                        .and_then(|_| stdout.flush())
+                    {
                         failed = true;
-                        env.report(StreamError::Io { context: "printing".into(), source });
+                        env.report(StreamError::Io {
+                            context: "printing".into(),
+                            source,
+                        });
                     }
                 }
             });
@@ -238,53 +252,68 @@ impl<'s, T: Data> DataStream<'s, T> {
         });
     }
 
-    fn write_lines(self, path: PathBuf, fmt: impl Fn(&T, &mut String) -> Result<(), StreamError> + 'static) {
+    fn write_lines(
+        self,
+        path: PathBuf,
+        fmt: impl Fn(&T, &mut String) -> Result<(), StreamError> + 'static,
+    ) {
         let env = self.env.reporter();
-        let file_path = if self.env.parallelism() > 1 { path.join(format!("{}", self.env.worker_index() + 1)) } else { path };
+        let file_path = if self.env.parallelism() > 1 {
+            path.join(format!("{}", self.env.worker_index() + 1))
+        } else {
+            path
+        };
         let mut writer: Option<std::io::BufWriter<std::fs::File>> = None;
         let mut failed = false;
         let mut line = String::new();
-        self.inner.sink(Pipeline, "WriteFile", move |(input, frontier)| {
-            input.for_each(|_, data| {
-                if failed {
-                    data.clear();
-                    return;
-                }
-                let result = (|| -> Result<(), StreamError> {
-                    if writer.is_none() {
-                        writer = Some(open(&file_path)?);
+        self.inner
+            .sink(Pipeline, "WriteFile", move |(input, frontier)| {
+                input.for_each(|_, data| {
+                    if failed {
+                        data.clear();
+                        return;
                     }
-                    let w = writer.as_mut().ok_or_else(|| StreamError::Config("no writer".into()))?;
-                    for (_, d) in data.drain(..) {
-                        line.clear();
-                        fmt(&d, &mut line)?;
-                        line.push('\n');
-                        w.write_all(line.as_bytes()).map_err(|source| io_err(&file_path, source))?;
+                    let result = (|| -> Result<(), StreamError> {
+                        if writer.is_none() {
+                            writer = Some(open(&file_path)?);
+                        }
+                        let w = writer
+                            .as_mut()
+                            .ok_or_else(|| StreamError::Config("no writer".into()))?;
+                        for (_, d) in data.drain(..) {
+                            line.clear();
+                            fmt(&d, &mut line)?;
+                            line.push('\n');
+                            w.write_all(line.as_bytes())
+                                .map_err(|source| io_err(&file_path, source))?;
+                        }
+                        Ok(())
+                    })();
+                    if let Err(e) = result {
+                        failed = true;
+                        env.report(e);
                     }
-                    Ok(())
-                })();
-                if let Err(e) = result {
-                    failed = true;
-                    env.report(e);
+                });
+                if frontier.is_empty() && !failed {
+                    let result = match writer.take() {
+                        Some(mut w) => w.flush().map_err(|source| io_err(&file_path, source)),
+                        // Create the (empty) file even if this worker saw no records.
+                        None => open(&file_path).map(|_| ()),
+                    };
+                    if let Err(e) = result {
+                        env.report(e);
+                    }
+                    failed = true; // done: ignore further calls
                 }
             });
-            if frontier.is_empty() && !failed {
-                let result = match writer.take() {
-                    Some(mut w) => w.flush().map_err(|source| io_err(&file_path, source)),
-                    // Create the (empty) file even if this worker saw no records.
-                    None => open(&file_path).map(|_| ()),
-                };
-                if let Err(e) = result {
-                    env.report(e);
-                }
-                failed = true; // done: ignore further calls
-            }
-        });
     }
 }
 
 fn io_err(path: &std::path::Path, source: std::io::Error) -> StreamError {
-    StreamError::Io { context: format!("writing {}", path.display()), source }
+    StreamError::Io {
+        context: format!("writing {}", path.display()),
+        source,
+    }
 }
 
 fn open(path: &std::path::Path) -> Result<std::io::BufWriter<std::fs::File>, StreamError> {

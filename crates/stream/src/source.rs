@@ -58,10 +58,10 @@ impl<'s> JobEnv<'s> {
     /// let out = CollectSink::new();
     /// let sink = out.clone();
     /// StreamExecutionEnvironment::new().with_parallelism(1).execute("ts", move |env| {
-    ///     env.from_timestamped(vec![(5, "a"), (3, "b")], WatermarkStrategy::for_monotonous_timestamps())
+    ///     env.from_timestamped(vec![(5, 'a'), (3, 'b')], WatermarkStrategy::for_monotonous_timestamps())
     ///         .collect_into(&sink);
     /// }).unwrap();
-    /// assert_eq!(out.take(), vec!["a", "b"]);
+    /// assert_eq!(out.take(), vec!['a', 'b']);
     /// ```
     pub fn from_timestamped<T: Data>(
         &self,
@@ -76,25 +76,44 @@ impl<'s> JobEnv<'s> {
     /// emits one contiguous slice.
     pub fn from_sequence(&self, start: u64, end: u64) -> DataStream<'s, u64> {
         let (index, peers) = (self.worker_index() as u128, self.parallelism() as u128);
-        let total = if end >= start { u128::from(end - start) + 1 } else { 0 };
+        let total = if end >= start {
+            u128::from(end - start) + 1
+        } else {
+            0
+        };
         let lo = u128::from(start) + total * index / peers;
         let hi = u128::from(start) + total * (index + 1) / peers;
         let (lo, hi) = (lo as u64, hi as u64);
-        self.iter_source("FromSequence", Some((lo..hi).map(|x| (0, x))), WatermarkStrategy::no_watermarks())
+        self.iter_source(
+            "FromSequence",
+            Some((lo..hi).map(|x| (0, x))),
+            WatermarkStrategy::no_watermarks(),
+        )
     }
 
     /// A parallel source: `make(worker_index, parallelism)` builds each worker's share.
-    pub fn from_parallel_iter<T: Data, I, F>(&self, make: F, strategy: WatermarkStrategy<T>) -> DataStream<'s, T>
+    pub fn from_parallel_iter<T: Data, I, F>(
+        &self,
+        make: F,
+        strategy: WatermarkStrategy<T>,
+    ) -> DataStream<'s, T>
     where
         F: FnOnce(usize, usize) -> I,
         I: IntoIterator<Item = T>,
         I::IntoIter: 'static,
     {
-        let it = make(self.worker_index(), self.parallelism()).into_iter().map(|x| (0, x));
+        let it = make(self.worker_index(), self.parallelism())
+            .into_iter()
+            .map(|x| (0, x));
         self.iter_source("FromParallelIter", Some(it), strategy)
     }
 
-    fn iter_source<T: Data, I>(&self, name: &str, iter: Option<I>, strategy: WatermarkStrategy<T>) -> DataStream<'s, T>
+    fn iter_source<T: Data, I>(
+        &self,
+        name: &str,
+        iter: Option<I>,
+        strategy: WatermarkStrategy<T>,
+    ) -> DataStream<'s, T>
     where
         I: Iterator<Item = (u64, T)> + 'static,
     {
@@ -204,7 +223,9 @@ impl<'s> JobEnv<'s> {
                                 match handle.join() {
                                     Ok(Ok(())) => {}
                                     Ok(Err(e)) => env.report(e),
-                                    Err(_) => env.report(StreamError::Source("source thread panicked".into())),
+                                    Err(_) => env.report(StreamError::Source(
+                                        "source thread panicked".into(),
+                                    )),
                                 }
                             }
                             cap = None;
@@ -221,7 +242,11 @@ impl<'s> JobEnv<'s> {
     /// The lines of a text file, as a non-parallel source (Flink's `readTextFile`).
     /// A missing or unreadable file makes `execute` fail with [`StreamError::Io`].
     pub fn read_text_file(&self, path: impl Into<PathBuf>) -> DataStream<'s, String> {
-        self.from_source(TextFileSource { path: path.into() }, WatermarkStrategy::no_watermarks(), "TextFile")
+        self.from_source(
+            TextFileSource { path: path.into() },
+            WatermarkStrategy::no_watermarks(),
+            "TextFile",
+        )
     }
 }
 
@@ -342,8 +367,15 @@ fn spawn_source<T: Data, S: SourceFunction<T>>(
             let _ = activator.activate();
             result
         })
-        .map_err(|source| StreamError::Io { context: "spawning source thread".into(), source })?;
-    Ok(RunningSource { rx, in_flight, thread: Some(thread) })
+        .map_err(|source| StreamError::Io {
+            context: "spawning source thread".into(),
+            source,
+        })?;
+    Ok(RunningSource {
+        rx,
+        in_flight,
+        thread: Some(thread),
+    })
 }
 
 /// Reads a file line by line (without line terminators).
@@ -353,7 +385,10 @@ struct TextFileSource {
 
 impl SourceFunction<String> for TextFileSource {
     fn run(&mut self, ctx: &mut SourceContext<String>) -> Result<(), StreamError> {
-        let io = |source| StreamError::Io { context: format!("reading {}", self.path.display()), source };
+        let io = |source| StreamError::Io {
+            context: format!("reading {}", self.path.display()),
+            source,
+        };
         let file = std::fs::File::open(&self.path).map_err(io)?;
         for line in std::io::BufReader::new(file).lines() {
             if ctx.is_cancelled() {

@@ -127,7 +127,9 @@ pub struct MapState<UK, UV> {
 
 impl<UK, UV> Default for MapState<UK, UV> {
     fn default() -> Self {
-        MapState { map: FxHashMap::default() }
+        MapState {
+            map: FxHashMap::default(),
+        }
     }
 }
 
@@ -217,7 +219,9 @@ pub struct MemoryStateBackend<K, S> {
 
 impl<K, S> Default for MemoryStateBackend<K, S> {
     fn default() -> Self {
-        MemoryStateBackend { map: FxHashMap::default() }
+        MemoryStateBackend {
+            map: FxHashMap::default(),
+        }
     }
 }
 
@@ -258,7 +262,8 @@ impl<K: Key, S: Data> StateBackend<K, S> for MemoryStateBackend<K, S> {
         bincode::serialize(&entries).map_err(|e| StateError::Encode(e.to_string()))
     }
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        let entries: Vec<(K, S)> = bincode::deserialize(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
+        let entries: Vec<(K, S)> =
+            bincode::deserialize(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
         self.map = entries.into_iter().collect();
         Ok(())
     }

@@ -31,7 +31,10 @@ pub struct DataStream<'s, T> {
 
 impl<'s, T: Data> Clone for DataStream<'s, T> {
     fn clone(&self) -> Self {
-        DataStream { inner: self.inner.clone(), env: self.env.clone() }
+        DataStream {
+            inner: self.inner.clone(),
+            env: self.env.clone(),
+        }
     }
 }
 
@@ -61,14 +64,20 @@ pub struct OutputTag<'s, T> {
 
 impl<'s, T> Clone for OutputTag<'s, T> {
     fn clone(&self) -> Self {
-        OutputTag { name: self.name.clone(), stream: self.stream.clone() }
+        OutputTag {
+            name: self.name.clone(),
+            stream: self.stream.clone(),
+        }
     }
 }
 
 impl<'s, T: Data> OutputTag<'s, T> {
     /// A new, unattached tag.
     pub fn new(name: &str) -> Self {
-        OutputTag { name: name.to_string(), stream: Rc::new(RefCell::new(None)) }
+        OutputTag {
+            name: name.to_string(),
+            stream: Rc::new(RefCell::new(None)),
+        }
     }
 
     /// The tag's name.
@@ -106,14 +115,17 @@ impl<'s, T: Data> DataStream<'s, T> {
     /// # assert_eq!(out.take(), vec![10, 20, 30]);
     /// ```
     pub fn map<R: Data>(self, mut f: impl FnMut(T) -> R + 'static) -> DataStream<'s, R> {
-        let inner = self.inner.unary::<Builder<R>, _, _, _>(Pipeline, "Map", |_, _| {
-            move |input, output| {
-                input.for_each(|cap, data| {
-                    let mut out: Vec<(u64, R)> = data.drain(..).map(|(ts, d)| (ts, f(d))).collect();
-                    output.session(&cap).give_container(&mut out);
-                });
-            }
-        });
+        let inner = self
+            .inner
+            .unary::<Builder<R>, _, _, _>(Pipeline, "Map", |_, _| {
+                move |input, output| {
+                    input.for_each(|cap, data| {
+                        let mut out: Vec<(u64, R)> =
+                            data.drain(..).map(|(ts, d)| (ts, f(d))).collect();
+                        output.session(&cap).give_container(&mut out);
+                    });
+                }
+            });
         DataStream::new(inner, self.env)
     }
 
@@ -133,17 +145,19 @@ impl<'s, T: Data> DataStream<'s, T> {
     where
         I: IntoIterator<Item = R>,
     {
-        let inner = self.inner.unary::<Builder<R>, _, _, _>(Pipeline, "FlatMap", |_, _| {
-            move |input, output| {
-                input.for_each(|cap, data| {
-                    let mut out = Vec::with_capacity(data.len());
-                    for (ts, d) in data.drain(..) {
-                        out.extend(f(d).into_iter().map(|r| (ts, r)));
-                    }
-                    output.session(&cap).give_container(&mut out);
-                });
-            }
-        });
+        let inner = self
+            .inner
+            .unary::<Builder<R>, _, _, _>(Pipeline, "FlatMap", |_, _| {
+                move |input, output| {
+                    input.for_each(|cap, data| {
+                        let mut out = Vec::with_capacity(data.len());
+                        for (ts, d) in data.drain(..) {
+                            out.extend(f(d).into_iter().map(|r| (ts, r)));
+                        }
+                        output.session(&cap).give_container(&mut out);
+                    });
+                }
+            });
         DataStream::new(inner, self.env)
     }
 
@@ -158,16 +172,18 @@ impl<'s, T: Data> DataStream<'s, T> {
     /// # assert_eq!(out.take(), vec![2, 4]);
     /// ```
     pub fn filter(self, mut f: impl FnMut(&T) -> bool + 'static) -> DataStream<'s, T> {
-        let inner = self.inner.unary::<Builder<T>, _, _, _>(Pipeline, "Filter", |_, _| {
-            move |input, output| {
-                input.for_each(|cap, data| {
-                    data.retain(|(_, d)| f(d));
-                    if !data.is_empty() {
-                        output.session(&cap).give_container(data);
-                    }
-                });
-            }
-        });
+        let inner = self
+            .inner
+            .unary::<Builder<T>, _, _, _>(Pipeline, "Filter", |_, _| {
+                move |input, output| {
+                    input.for_each(|cap, data| {
+                        data.retain(|(_, d)| f(d));
+                        if !data.is_empty() {
+                            output.session(&cap).give_container(data);
+                        }
+                    });
+                }
+            });
         DataStream::new(inner, self.env)
     }
 
@@ -201,36 +217,43 @@ impl<'s, T: Data> DataStream<'s, T> {
     /// Re-stamps records with `strategy`'s timestamps and generates watermarks from them,
     /// replacing upstream watermarks (Flink's `assignTimestampsAndWatermarks`). The
     /// watermark advances record by record, in each worker's input order.
-    pub fn assign_timestamps_and_watermarks(self, strategy: WatermarkStrategy<T>) -> DataStream<'s, T> {
-        let inner = self.inner.unary_frontier::<Builder<T>, _, _, _>(Pipeline, "AssignTimestamps", |cap, _| {
-            let mut cap = Some(cap);
-            let mut gen = WatermarkGen::new(strategy);
-            move |(input, frontier), output| {
-                let Some(c) = cap.as_mut() else {
-                    input.for_each(|_, _| {});
-                    return;
-                };
-                input.for_each(|_, data| {
-                    let mut batch = Vec::with_capacity(data.len());
-                    for (attached, item) in data.drain(..) {
-                        let ts = gen.stamp(&item, attached);
-                        batch.push((ts, item));
-                        let f = gen.frontier();
-                        if f > *c.time() {
-                            output.session(&*c).give_container(&mut batch);
-                            batch.clear();
-                            c.downgrade(&f);
+    pub fn assign_timestamps_and_watermarks(
+        self,
+        strategy: WatermarkStrategy<T>,
+    ) -> DataStream<'s, T> {
+        let inner = self.inner.unary_frontier::<Builder<T>, _, _, _>(
+            Pipeline,
+            "AssignTimestamps",
+            |cap, _| {
+                let mut cap = Some(cap);
+                let mut gen = WatermarkGen::new(strategy);
+                move |(input, frontier), output| {
+                    let Some(c) = cap.as_mut() else {
+                        input.for_each(|_, _| {});
+                        return;
+                    };
+                    input.for_each(|_, data| {
+                        let mut batch = Vec::with_capacity(data.len());
+                        for (attached, item) in data.drain(..) {
+                            let ts = gen.stamp(&item, attached);
+                            batch.push((ts, item));
+                            let f = gen.frontier();
+                            if f > *c.time() {
+                                output.session(&*c).give_container(&mut batch);
+                                batch.clear();
+                                c.downgrade(&f);
+                            }
                         }
+                        if !batch.is_empty() {
+                            output.session(&*c).give_container(&mut batch);
+                        }
+                    });
+                    if frontier.is_empty() {
+                        cap = None;
                     }
-                    if !batch.is_empty() {
-                        output.session(&*c).give_container(&mut batch);
-                    }
-                });
-                if frontier.is_empty() {
-                    cap = None;
                 }
-            }
-        });
+            },
+        );
         DataStream::new(inner, self.env)
     }
 
@@ -270,7 +293,10 @@ impl<'s, T: Data> DataStream<'s, T> {
                 });
             }
         });
-        (DataStream::new(stream_a, self.env.clone()), DataStream::new(stream_b, self.env))
+        (
+            DataStream::new(stream_a, self.env.clone()),
+            DataStream::new(stream_b, self.env),
+        )
     }
 
     /// Folds the whole stream into one value, emitted once by worker 0 when the input ends.
@@ -296,24 +322,28 @@ impl<'s, T: Data> DataStream<'s, T> {
         mut merge: impl FnMut(&mut A, A) + 'static,
     ) -> DataStream<'s, A> {
         let local_init = init.clone();
-        let partials = self.inner.unary_frontier::<Builder<A>, _, _, _>(Pipeline, "FoldLocal", move |cap, _| {
-            let mut cap = Some(cap);
-            let mut acc = Some(local_init);
-            move |(input, frontier), output| {
-                input.for_each(|_, data| {
-                    if let Some(a) = acc.as_mut() {
-                        for (_, d) in data.drain(..) {
-                            fold(a, d);
+        let partials = self.inner.unary_frontier::<Builder<A>, _, _, _>(
+            Pipeline,
+            "FoldLocal",
+            move |cap, _| {
+                let mut cap = Some(cap);
+                let mut acc = Some(local_init);
+                move |(input, frontier), output| {
+                    input.for_each(|_, data| {
+                        if let Some(a) = acc.as_mut() {
+                            for (_, d) in data.drain(..) {
+                                fold(a, d);
+                            }
+                        }
+                    });
+                    if frontier.is_empty() {
+                        if let (Some(c), Some(a)) = (cap.take(), acc.take()) {
+                            output.session(&c).give((u64::MAX, a));
                         }
                     }
-                });
-                if frontier.is_empty() {
-                    if let (Some(c), Some(a)) = (cap.take(), acc.take()) {
-                        output.session(&c).give((u64::MAX, a));
-                    }
                 }
-            }
-        });
+            },
+        );
         let is_zero = self.env.worker_index() == 0;
         let global = partials.unary_frontier::<Builder<A>, _, _, _>(
             Exchange::new(|_: &(u64, A)| 0u64),
@@ -342,22 +372,24 @@ impl<'s, T: Data> DataStream<'s, T> {
 
     /// Pairs every record with its event timestamp (ms).
     pub fn with_timestamps(self) -> DataStream<'s, (u64, T)> {
-        let inner = self.inner.unary::<Builder<(u64, T)>, _, _, _>(Pipeline, "WithTimestamps", |_, _| {
-            move |input, output| {
-                input.for_each(|cap, data| {
-                    let mut out: Vec<_> = data.drain(..).map(|(ts, d)| (ts, (ts, d))).collect();
-                    output.session(&cap).give_container(&mut out);
+        let inner =
+            self.inner
+                .unary::<Builder<(u64, T)>, _, _, _>(Pipeline, "WithTimestamps", |_, _| {
+                    move |input, output| {
+                        input.for_each(|cap, data| {
+                            let mut out: Vec<_> =
+                                data.drain(..).map(|(ts, d)| (ts, (ts, d))).collect();
+                            output.session(&cap).give_container(&mut out);
+                        });
+                    }
                 });
-            }
-        });
         DataStream::new(inner, self.env)
     }
 }
 
 /// Routing function shared by keyed operators.
-pub(crate) fn key_route<T, K: Hash, KF: Fn(&T) -> K>(kf: KF) -> impl Fn(&(u64, T)) -> u64 + 'static
-where
-    KF: 'static,
-{
+pub(crate) fn key_route<T, K: Hash, KF: Fn(&T) -> K + 'static>(
+    kf: KF,
+) -> impl Fn(&(u64, T)) -> u64 + 'static {
     move |(_, d): &(u64, T)| crate::hash::route(&kf(d))
 }

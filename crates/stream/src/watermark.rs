@@ -30,29 +30,43 @@ enum Kind {
 /// ```
 pub struct WatermarkStrategy<T> {
     kind: Kind,
-    assigner: Option<Rc<dyn Fn(&T, u64) -> u64>>,
+    assigner: Option<Assigner<T>>,
 }
+
+type Assigner<T> = Rc<dyn Fn(&T, u64) -> u64>;
 
 impl<T> Clone for WatermarkStrategy<T> {
     fn clone(&self) -> Self {
-        WatermarkStrategy { kind: self.kind, assigner: self.assigner.clone() }
+        WatermarkStrategy {
+            kind: self.kind,
+            assigner: self.assigner.clone(),
+        }
     }
 }
 
 impl<T> WatermarkStrategy<T> {
     /// No watermarks: event-time windows fire only when the input ends.
     pub fn no_watermarks() -> Self {
-        WatermarkStrategy { kind: Kind::None, assigner: None }
+        WatermarkStrategy {
+            kind: Kind::None,
+            assigner: None,
+        }
     }
 
     /// Timestamps never decrease: the watermark is the largest timestamp seen minus one.
     pub fn for_monotonous_timestamps() -> Self {
-        WatermarkStrategy { kind: Kind::Monotonous, assigner: None }
+        WatermarkStrategy {
+            kind: Kind::Monotonous,
+            assigner: None,
+        }
     }
 
     /// Records arrive at most `bound` late: watermark = largest timestamp − bound − 1 ms.
     pub fn for_bounded_out_of_orderness(bound: Duration) -> Self {
-        WatermarkStrategy { kind: Kind::Bounded(duration_ms(bound)), assigner: None }
+        WatermarkStrategy {
+            kind: Kind::Bounded(duration_ms(bound)),
+            assigner: None,
+        }
     }
 
     /// Extracts a record's event timestamp (ms); the second argument is the timestamp the
@@ -76,7 +90,11 @@ pub(crate) struct WatermarkGen<T> {
 
 impl<T> WatermarkGen<T> {
     pub(crate) fn new(strategy: WatermarkStrategy<T>) -> Self {
-        WatermarkGen { strategy, max_ts: None, explicit: 0 }
+        WatermarkGen {
+            strategy,
+            max_ts: None,
+            explicit: 0,
+        }
     }
 
     /// The record's event timestamp; updates the largest timestamp seen.
