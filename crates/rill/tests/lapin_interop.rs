@@ -1110,3 +1110,518 @@ async fn unacked_deliveries_requeued_on_channel_close() {
     );
     close(conn).await;
 }
+
+// ---- error codes ------------------------------------------------------------------------------
+
+/// Awaits an operation that must fail with a channel error; returns (code, text).
+async fn channel_error<T: std::fmt::Debug>(
+    what: &str,
+    fut: impl std::future::Future<Output = lapin::Result<T>>,
+) -> (u16, String) {
+    let err = within(what, fut)
+        .await
+        .expect_err("the broker must refuse this");
+    amqp_error(&err)
+}
+
+fn queue_args(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    table(entries)
+}
+
+async fn declare_queue_with(
+    ch: &Channel,
+    name: &str,
+    options: QueueDeclareOptions,
+    args: FieldTable,
+) -> lapin::Result<lapin::Queue> {
+    ch.queue_declare(name.into(), options, args).await
+}
+
+#[tokio::test]
+async fn exchange_declare_errors() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let exchange = unique("redeclare-x");
+    declare_exchange(&ch, &exchange, ExchangeKind::Direct).await;
+    // Same properties again: fine.
+    declare_exchange(&ch, &exchange, ExchangeKind::Direct).await;
+
+    // RabbitMQ: 406 "PRECONDITION_FAILED - inequivalent arg 'type' for exchange '<x>' in vhost
+    // '/': received 'fanout' but current is 'direct'".
+    let ch = channel(&conn).await;
+    let got = channel_error(
+        "redeclare as fanout",
+        ch.exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        got,
+        (
+            406,
+            format!(
+                "PRECONDITION_FAILED - inequivalent arg 'type' for exchange '{exchange}' in \
+                 vhost '/': received 'fanout' but current is 'direct'"
+            )
+        )
+    );
+
+    // RabbitMQ: 403 "ACCESS_REFUSED - exchange name 'amq.<x>' contains reserved prefix 'amq.*'".
+    let ch = channel(&conn).await;
+    let reserved = format!("amq.{}", unique("mine"));
+    let got = channel_error(
+        "declare amq.*",
+        ch.exchange_declare(
+            reserved.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        got,
+        (
+            403,
+            format!("ACCESS_REFUSED - exchange name '{reserved}' contains reserved prefix 'amq.*'")
+        )
+    );
+
+    // RabbitMQ: connection error 503 "COMMAND_INVALID - unknown exchange type 'x-no-such-type'".
+    // It closes the whole connection, so it is checked on a connection of its own.
+    let doomed = connect(&broker).await;
+    let dch = channel(&doomed).await;
+    let got = channel_error(
+        "unknown exchange type",
+        dch.exchange_declare(
+            unique("typeless").as_str().into(),
+            ExchangeKind::Custom("x-no-such-type".into()),
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        got,
+        (
+            503,
+            "COMMAND_INVALID - unknown exchange type 'x-no-such-type'".to_string()
+        )
+    );
+
+    // RabbitMQ: 404 "NOT_FOUND - no exchange '<x>' in vhost '/'".
+    let ch = channel(&conn).await;
+    let missing = unique("missing-x");
+    let got = channel_error(
+        "passive declare",
+        ch.exchange_declare(
+            missing.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        got,
+        (
+            404,
+            format!("NOT_FOUND - no exchange '{missing}' in vhost '/'")
+        )
+    );
+
+    let ch = channel(&conn).await;
+    delete_exchange(&ch, &exchange).await;
+    close(conn).await;
+}
+
+#[tokio::test]
+async fn queue_redeclare_with_other_arguments_is_406() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let queue = unique("args");
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        ..QueueDeclareOptions::default()
+    };
+    within(
+        "declare",
+        declare_queue_with(
+            &ch,
+            &queue,
+            exclusive,
+            queue_args(&[("x-max-length", AMQPValue::LongInt(10))]),
+        ),
+    )
+    .await
+    .expect("declare with x-max-length");
+    // RabbitMQ: 406 "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue '<q>' in
+    // vhost '/': received '20' but current is '10'".
+    let got = channel_error(
+        "redeclare",
+        declare_queue_with(
+            &ch,
+            &queue,
+            exclusive,
+            queue_args(&[("x-max-length", AMQPValue::LongInt(20))]),
+        ),
+    )
+    .await;
+    assert_eq!(
+        got,
+        (
+            406,
+            format!(
+                "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue '{queue}' in \
+                 vhost '/': received '20' but current is '10'"
+            )
+        )
+    );
+    close(conn).await;
+}
+
+#[tokio::test]
+async fn server_named_queue_gets_amq_gen_name() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let q = within(
+        "declare",
+        declare_queue_with(
+            &ch,
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("declare server-named");
+    assert!(q.name().as_str().starts_with("amq.gen-"), "{:?}", q.name());
+    assert_eq!((q.message_count(), q.consumer_count()), (0, 0));
+    publish(&ch, "", q.name().as_str(), b"hi").await;
+    assert_eq!(drain(&ch, q.name().as_str()).await, ["hi"]);
+    close(conn).await;
+}
+
+/// RabbitMQ: 405 "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '<q>' in
+/// vhost '/'. It could be originally declared on another connection or the exclusive property
+/// value does not match that of the original declaration."
+#[tokio::test]
+async fn exclusive_queue_is_locked_to_its_connection() {
+    let broker = Broker::start();
+    let owner = connect(&broker).await;
+    let och = channel(&owner).await;
+    let queue = unique("locked");
+    exclusive_queue(&och, &queue).await;
+
+    let other = connect(&broker).await;
+    let ch = channel(&other).await;
+    let got = channel_error(
+        "consume another connection's exclusive queue",
+        ch.basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        got,
+        (
+            405,
+            format!(
+                "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' in \
+                 vhost '/'. It could be originally declared on another connection or the \
+                 exclusive property value does not match that of the original declaration."
+            )
+        )
+    );
+
+    // Deleted with its connection.
+    close(owner).await;
+    let ch = channel(&other).await;
+    let got = channel_error("passive declare", message_count_result(&ch, &queue)).await;
+    assert_eq!(
+        got,
+        (404, format!("NOT_FOUND - no queue '{queue}' in vhost '/'"))
+    );
+    close(other).await;
+}
+
+/// RabbitMQ: 403 "ACCESS_REFUSED - queue '<q>' in vhost '/' in exclusive use".
+#[tokio::test]
+async fn exclusive_consumer_refuses_a_second_consumer() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let queue = unique("excl-consumer");
+    exclusive_queue(&ch, &queue).await;
+    let _first = within(
+        "exclusive consume",
+        ch.basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("exclusive consume");
+    let ch2 = channel(&conn).await;
+    let got = channel_error(
+        "second consumer",
+        ch2.basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        got,
+        (
+            403,
+            format!("ACCESS_REFUSED - queue '{queue}' in vhost '/' in exclusive use")
+        )
+    );
+    close(conn).await;
+}
+
+/// RabbitMQ: 406 "PRECONDITION_FAILED - unknown delivery tag 42".
+#[tokio::test]
+async fn unknown_delivery_tag_is_406() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    within(
+        "ack unknown tag",
+        ch.basic_ack(42, BasicAckOptions::default()),
+    )
+    .await
+    .expect("ack is asynchronous");
+    let queue = unique("tag");
+    let got = channel_error(
+        "next call after the bad ack",
+        declare_queue_with(
+            &ch,
+            &queue,
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        got,
+        (
+            406,
+            "PRECONDITION_FAILED - unknown delivery tag 42".to_string()
+        )
+    );
+    close(conn).await;
+}
+
+/// RabbitMQ: 406 "PRECONDITION_FAILED - queue '<q>' in vhost '/' not empty" and
+/// 406 "PRECONDITION_FAILED - queue '<q>' in vhost '/' in use".
+#[tokio::test]
+async fn queue_delete_if_empty_and_if_unused() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let queue = unique("del");
+    exclusive_queue(&ch, &queue).await;
+    publish(&ch, "", &queue, b"x").await;
+    let got = channel_error(
+        "delete if-empty",
+        ch.queue_delete(
+            queue.as_str().into(),
+            QueueDeleteOptions {
+                if_empty: true,
+                ..QueueDeleteOptions::default()
+            },
+        ),
+    )
+    .await;
+    assert_eq!(
+        got,
+        (
+            406,
+            format!("PRECONDITION_FAILED - queue '{queue}' in vhost '/' not empty")
+        )
+    );
+
+    let ch = channel(&conn).await;
+    let _consumer = consume(&ch, &queue, false).await;
+    let ch2 = channel(&conn).await;
+    let got = channel_error(
+        "delete if-unused",
+        ch2.queue_delete(
+            queue.as_str().into(),
+            QueueDeleteOptions {
+                if_unused: true,
+                ..QueueDeleteOptions::default()
+            },
+        ),
+    )
+    .await;
+    assert_eq!(
+        got,
+        (
+            406,
+            format!("PRECONDITION_FAILED - queue '{queue}' in vhost '/' in use")
+        )
+    );
+    close(conn).await;
+}
+
+// ---- consumers --------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn consumers_share_a_queue_round_robin() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let queue = unique("rr");
+    exclusive_queue(&ch, &queue).await;
+    let mut a = consume(&ch, &queue, true).await;
+    let mut b = consume(&ch, &queue, true).await;
+    for i in 0..6 {
+        publish(&ch, "", &queue, format!("{i}").as_bytes()).await;
+    }
+    let mut got_a = Vec::new();
+    let mut got_b = Vec::new();
+    for _ in 0..3 {
+        got_a.push(next_delivery(&mut a).await.data);
+        got_b.push(next_delivery(&mut b).await.data);
+    }
+    let as_str = |v: Vec<Vec<u8>>| -> Vec<String> {
+        v.into_iter()
+            .map(|d| String::from_utf8_lossy(&d).into_owned())
+            .collect()
+    };
+    assert_eq!(as_str(got_a), ["0", "2", "4"]);
+    assert_eq!(as_str(got_b), ["1", "3", "5"]);
+    close(conn).await;
+}
+
+/// Deleting a queue sends basic.cancel to its consumers (lapin announces
+/// consumer_cancel_notify): the consumer stream ends.
+#[tokio::test]
+async fn deleting_a_queue_cancels_its_consumers() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let queue = unique("cancel-notify");
+    exclusive_queue(&ch, &queue).await;
+    let mut consumer = consume(&ch, &queue, true).await;
+    let other = channel(&conn).await;
+    within(
+        "queue.delete",
+        other.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()),
+    )
+    .await
+    .expect("delete");
+    let end = within("consumer end", consumer.next()).await;
+    assert!(end.is_none(), "consumer should end, got {end:?}");
+    // The consuming channel stays open.
+    assert!(ch.status().connected());
+    let q2 = unique("after-cancel");
+    exclusive_queue(&ch, &q2).await;
+    close(conn).await;
+}
+
+/// An auto-delete queue disappears when its last consumer is cancelled.
+#[tokio::test]
+async fn auto_delete_queue_goes_with_its_last_consumer() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let queue = unique("autodel");
+    within(
+        "declare",
+        declare_queue_with(
+            &ch,
+            &queue,
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("declare auto-delete");
+    let consumer = within(
+        "consume",
+        ch.basic_consume(
+            queue.as_str().into(),
+            "tag-1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("consume");
+    assert_eq!(consumer.tag().as_str(), "tag-1");
+    // Still there while consumed.
+    assert_eq!(message_count(&ch, &queue).await, 0);
+    within(
+        "cancel",
+        ch.basic_cancel("tag-1".into(), BasicCancelOptions::default()),
+    )
+    .await
+    .expect("cancel");
+    let got = channel_error("passive declare", message_count_result(&ch, &queue)).await;
+    assert_eq!(
+        got,
+        (404, format!("NOT_FOUND - no queue '{queue}' in vhost '/'"))
+    );
+    close(conn).await;
+}
+
+#[tokio::test]
+async fn basic_recover_redelivers_unacked() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let queue = unique("recover");
+    exclusive_queue(&ch, &queue).await;
+    publish(&ch, "", &queue, b"once").await;
+    let mut consumer = consume(&ch, &queue, false).await;
+    let first = next_delivery(&mut consumer).await;
+    assert!(!first.redelivered);
+    within(
+        "basic.recover",
+        ch.basic_recover(BasicRecoverOptions { requeue: true }),
+    )
+    .await
+    .expect("recover");
+    let again = next_delivery(&mut consumer).await;
+    assert_eq!(
+        (again.data.as_slice(), again.redelivered),
+        (&b"once"[..], true)
+    );
+    within("ack", again.ack(BasicAckOptions::default()))
+        .await
+        .expect("ack");
+    close(conn).await;
+}
