@@ -87,6 +87,7 @@ class RillProcess:
             stdout=self._log,
             stderr=self._log,
             cwd=self.data_dir,
+            env=dict(os.environ, NO_COLOR="1"),  # plain log lines in failure reports
         )
         _running.append(self)
         deadline = time.monotonic() + STARTUP_TIMEOUT
