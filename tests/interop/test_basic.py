@@ -546,3 +546,28 @@ def test_channel_error_keeps_other_channels(conn):
     again = conn.channel()
     again.basic_publish("", q, b"again")
     assert drain(again, q)[0][2] == b"again"
+
+
+def test_consumer_priorities(conn):
+    ch = conn.channel()
+    q = temp_queue(ch)
+    low, high = Collector(), Collector()
+    ch.basic_consume(q, low, auto_ack=True, arguments={"x-priority": 0})
+    ch.basic_consume(q, high, auto_ack=True, arguments={"x-priority": 10})
+    publish_n(ch, q, 10)
+    assert wait_until(lambda: len(low.got) + len(high.got) == 10, conn=conn)
+    assert (len(high.got), len(low.got)) == (10, 0)
+
+
+def test_consumer_priority_falls_back_when_high_is_full(connect):
+    conn = connect()
+    high_ch, low_ch = conn.channel(), conn.channel()
+    q = temp_queue(high_ch)
+    high_ch.basic_qos(prefetch_count=2)
+    high, low = Collector(), Collector()
+    high_ch.basic_consume(q, high, arguments={"x-priority": 5})   # never acks
+    low_ch.basic_consume(q, low, auto_ack=True)
+    publish_n(high_ch, q, 6)
+    assert wait_until(lambda: len(low.got) + len(high.got) == 6, conn=conn)
+    assert high.bodies == ["0", "1"]
+    assert low.bodies == ["2", "3", "4", "5"]

@@ -5,7 +5,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from conftest import with_params
+from conftest import wait_until, with_params
 
 CAPABILITIES = [
     "publisher_confirms",
@@ -127,3 +127,26 @@ def test_many_channels(conn):
     for c in channels:
         c.close()
     assert conn.is_open
+
+
+def test_update_secret(conn):
+    replies = []
+    conn._impl.update_secret("guest", "rotation", callback=lambda frame: replies.append(frame.method))
+    conn.process_data_events(time_limit=0.1)
+    assert wait_until(lambda: replies, conn=conn)
+    assert replies[0].NAME == "Connection.UpdateSecretOk"
+    conn.channel().queue_declare("", exclusive=True)
+
+
+def test_channel_flow(broker_addr):
+    host, port = broker_addr
+    c = amqp.Connection(host=f"{host}:{port}")
+    c.connect()
+    ch = c.channel()
+    assert ch.flow(True) is True
+    # RabbitMQ 3.x refuses to stop a channel's deliveries: a connection error.
+    with pytest.raises(amqp.exceptions.AMQPNotImplementedError) as exc:
+        ch.flow(False)
+    assert exc.value.reply_code == 540
+    assert exc.value.reply_text == "NOT_IMPLEMENTED - active=false"
+    c.collect()
