@@ -571,3 +571,48 @@ def test_consumer_priority_falls_back_when_high_is_full(connect):
     assert wait_until(lambda: len(low.got) + len(high.got) == 6, conn=conn)
     assert high.bodies == ["0", "1"]
     assert low.bodies == ["2", "3", "4", "5"]
+
+
+def test_nowait_methods(broker_addr):
+    # Clients such as kombu and lapin may send declare/bind/consume with nowait=true;
+    # the broker must apply them without replying.
+    host, port = broker_addr
+    c = amqp.Connection(host=f"{host}:{port}")
+    c.connect()
+    try:
+        ch = c.channel()
+        x, q = uniq("nw"), uniq("nw")
+        ch.exchange_declare(x, "direct", auto_delete=True, nowait=True)
+        ch.queue_declare(q, auto_delete=True, nowait=True)
+        ch.queue_bind(q, x, "k", nowait=True)
+        got = []
+        ch.basic_consume(q, consumer_tag="nw", no_ack=True, callback=got.append, nowait=True)
+        ch.basic_publish(amqp.Message(b"through"), exchange=x, routing_key="k")
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            try:
+                c.drain_events(timeout=0.1)
+            except TimeoutError:
+                pass
+        assert [m.body for m in got] == [b"through"]
+        assert got[0].delivery_info["consumer_tag"] == "nw"
+    finally:
+        c.close()
+
+
+def test_direct_reply_to(connect):
+    # Advertised via the direct_reply_to capability; RPC clients rely on it.
+    client_conn = connect()
+    client = client_conn.channel()
+    replies = Collector()
+    client.basic_consume("amq.rabbitmq.reply-to", replies, auto_ack=True)
+    server = connect().channel()
+    q = temp_queue(server)
+    client.basic_publish("", q, b"request", pika.BasicProperties(reply_to="amq.rabbitmq.reply-to"))
+    assert wait_until(lambda: ready(server, q) == 1)
+    _, props, body = server.basic_get(q, auto_ack=True)
+    assert body == b"request"
+    assert props.reply_to.startswith("amq.rabbitmq.reply-to.")
+    server.basic_publish("", props.reply_to, b"response")
+    assert wait_until(lambda: replies.got, conn=client_conn)
+    assert replies.bodies == ["response"]
