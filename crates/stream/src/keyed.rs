@@ -415,11 +415,69 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
                 let mut event_timers = Timers::<K>::default();
                 let mut proc_timers = Timers::<K>::default();
                 let mut out: Vec<(u64, O)> = Vec::new();
+                let mut stash: BTreeMap<u64, Vec<(u64, T)>> = BTreeMap::new();
                 move |(input, frontier), output| {
                     let bound = frontier.frontier().iter().min().copied();
-                    let watermark = bound.map_or(u64::MAX, |f| f.saturating_sub(1));
+                    // Input is handled in timestamp (watermark) order, with the event-time
+                    // timers that became due in between, as Flink interleaves records and
+                    // watermarks: what a timer sees does not depend on scheduling.
                     input.for_each(|incap, data| {
-                        for (ts, d) in data.drain(..) {
+                        let t = incap.least().copied().unwrap_or(0);
+                        stash.entry(t).or_default().append(data);
+                    });
+                    let Some(c) = cap.as_mut() else {
+                        stash.clear();
+                        return;
+                    };
+                    let now = now_ms();
+                    loop {
+                        let next = stash
+                            .first_key_value()
+                            .map(|(t, _)| *t)
+                            .filter(|t| bound.is_none_or(|b| *t <= b));
+                        // Timers due before the next batch (or before the frontier).
+                        let timer_bound = match (next, bound) {
+                            (Some(t), _) => Some(t),
+                            (None, b) => b,
+                        };
+                        let watermark = timer_bound.map_or(u64::MAX, |f| f.saturating_sub(1));
+                        loop {
+                            let (ts, k) = if let Some(t) = event_timers.pop_before(timer_bound) {
+                                t
+                            } else if let Some(t) =
+                                proc_timers.pop_before(if bound.is_none() && next.is_none() {
+                                    None
+                                } else {
+                                    Some(now.saturating_add(1))
+                                })
+                            {
+                                t
+                            } else {
+                                break;
+                            };
+                            let state = backend.get_or_insert_with(&k, &mut Default::default);
+                            let mut ctx = ProcessContext {
+                                key: &k,
+                                state,
+                                timestamp: ts,
+                                watermark,
+                                clear: false,
+                                event_timers: &mut event_timers,
+                                proc_timers: &mut proc_timers,
+                                out: &mut out,
+                            };
+                            f.on_timer(ts, &mut ctx);
+                            if ctx.clear {
+                                backend.remove(&k);
+                            }
+                            for (ots, o) in out.drain(..) {
+                                let time = ots.max(*c.time());
+                                output.session(&c.delayed(&time)).give((ots, o));
+                            }
+                        }
+                        let Some(t) = next else { break };
+                        let Some(batch) = stash.remove(&t) else { break };
+                        for (ts, d) in batch {
                             let k = kf(&d);
                             let state = backend.get_or_insert_with(&k, &mut Default::default);
                             let mut ctx = ProcessContext {
@@ -438,42 +496,9 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
                             }
                         }
                         if !out.is_empty() {
-                            output.session(&incap).give_container(&mut out);
+                            let time = t.max(*c.time());
+                            output.session(&c.delayed(&time)).give_container(&mut out);
                             out.clear();
-                        }
-                    });
-                    let Some(c) = cap.as_mut() else { return };
-                    // Event-time timers strictly below the frontier are due (watermark >= ts);
-                    // at the end of input all are.
-                    let now = now_ms();
-                    loop {
-                        let (ts, k) = if let Some(t) = event_timers.pop_before(bound) {
-                            t
-                        } else if let Some(t) =
-                            proc_timers.pop_before(bound.map(|_| now.saturating_add(1)))
-                        {
-                            t
-                        } else {
-                            break;
-                        };
-                        let state = backend.get_or_insert_with(&k, &mut Default::default);
-                        let mut ctx = ProcessContext {
-                            key: &k,
-                            state,
-                            timestamp: ts,
-                            watermark,
-                            clear: false,
-                            event_timers: &mut event_timers,
-                            proc_timers: &mut proc_timers,
-                            out: &mut out,
-                        };
-                        f.on_timer(ts, &mut ctx);
-                        if ctx.clear {
-                            backend.remove(&k);
-                        }
-                        for (ots, o) in out.drain(..) {
-                            let time = ots.max(*c.time());
-                            output.session(&c.delayed(&time)).give((ots, o));
                         }
                     }
                     match bound {

@@ -19,6 +19,7 @@
 //! Processing-time windows are assigned by the wall clock on arrival and fire when the clock
 //! passes their end; when the input ends, all pending windows fire.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -403,22 +404,86 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> WindowedStream<'s, 
         let want_late = late_tag.is_some();
 
         builder.build(move |caps| {
-            // One capability per output; the late output sends under input capabilities only.
-            let mut cap: Option<Capability<u64>> = caps.into_iter().next();
+            let mut caps = caps.into_iter();
+            let mut cap: Option<Capability<u64>> = caps.next();
+            let mut late_cap: Option<Capability<u64>> = caps.next();
             let mut state: FxHashMap<K, Vec<(TimeWindow, W::Acc)>> = FxHashMap::default();
             let mut fire: Timers<(K, TimeWindow)> = Timers::default();
             let mut cleanup: Timers<(K, TimeWindow)> = Timers::default();
+            let mut stash: BTreeMap<u64, Vec<(u64, T)>> = BTreeMap::new();
             let mut results: Vec<W::Out> = Vec::new();
-            let mut now_fired: Vec<(u64, W::Out)> = Vec::new();
+            let mut fired: Vec<(u64, W::Out)> = Vec::new();
+            let mut late_batch: Vec<(u64, T)> = Vec::new();
             move |frontiers| {
                 let bound = frontiers[0].frontier().iter().min().copied();
                 let mut main = main_out.activate();
                 let mut late = late_out.activate();
-                let now = now_ms();
+                // Input is handled in watermark order, firing the windows that became due in
+                // between, as Flink interleaves records and watermarks.
                 input.for_each(|incap, data| {
-                    let f_r = incap.least().copied().unwrap_or(0);
-                    let mut late_batch = Vec::new();
-                    for (ts, d) in data.drain(..) {
+                    let t = incap.least().copied().unwrap_or(0);
+                    stash.entry(t).or_default().append(data);
+                });
+                let (Some(c), Some(lc)) = (cap.as_mut(), late_cap.as_mut()) else {
+                    stash.clear();
+                    return;
+                };
+                let now = now_ms();
+                loop {
+                    let next = stash
+                        .first_key_value()
+                        .map(|(t, _)| *t)
+                        .filter(|t| bound.is_none_or(|b| *t <= b));
+                    // Fire what is due before the next batch: event-time windows whose end the
+                    // watermark frontier has reached, processing-time ones the clock has;
+                    // everything once the input has ended.
+                    let frontier_now = next.or(bound);
+                    let due = if event {
+                        frontier_now.map(|f| f.saturating_add(1))
+                    } else if bound.is_none() && next.is_none() {
+                        None
+                    } else {
+                        Some(now.saturating_add(1))
+                    };
+                    while let Some((_, (k, w))) = fire.pop_before(due) {
+                        let Some(wins) = state.get_mut(&k) else {
+                            continue;
+                        };
+                        let Some(pos) = wins.iter().position(|(x, _)| *x == w) else {
+                            continue;
+                        };
+                        wf.emit(&k, w, &wins[pos].1, &mut results);
+                        if !event || frontier_now.is_none() {
+                            wins.swap_remove(pos);
+                            if wins.is_empty() {
+                                state.remove(&k);
+                            }
+                        }
+                        let ts = w.max_timestamp();
+                        let time = if event { ts.max(*c.time()) } else { *c.time() };
+                        let delayed = c.delayed(&time);
+                        let mut session = main.session(&delayed);
+                        for r in results.drain(..) {
+                            session.give((ts, r));
+                        }
+                    }
+                    if event {
+                        while let Some((_, (k, w))) =
+                            cleanup.pop_before(frontier_now.map(|f| f.saturating_add(1)))
+                        {
+                            if let Some(wins) = state.get_mut(&k) {
+                                wins.retain(|(x, _)| *x != w);
+                                if wins.is_empty() {
+                                    state.remove(&k);
+                                }
+                            }
+                        }
+                    }
+                    let Some(f_r) = next else { break };
+                    let Some(batch) = stash.remove(&f_r) else {
+                        break;
+                    };
+                    for (ts, d) in batch {
                         let k = kf(&d);
                         let t = if event { ts } else { now };
                         if session {
@@ -450,10 +515,10 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> WindowedStream<'s, 
                                     w.end.saturating_add(lateness).saturating_add(1),
                                     &(k.clone(), w),
                                 );
-                                if bound.is_some_and(|b| w.end <= b) {
+                                if w.end <= f_r {
                                     if let Some((_, acc)) = wins.last() {
                                         wf.emit(&k, w, acc, &mut results);
-                                        now_fired.extend(
+                                        fired.extend(
                                             results.drain(..).map(|r| (w.max_timestamp(), r)),
                                         );
                                     }
@@ -488,10 +553,10 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> WindowedStream<'s, 
                                 };
                                 let acc = &mut wins[pos].1;
                                 wf.add(acc, v);
-                                if event && bound.is_some_and(|b| w.end <= b) {
+                                // A late record within the allowed lateness fires again.
+                                if event && w.end <= f_r {
                                     wf.emit(&k, w, acc, &mut results);
-                                    now_fired
-                                        .extend(results.drain(..).map(|r| (w.max_timestamp(), r)));
+                                    fired.extend(results.drain(..).map(|r| (w.max_timestamp(), r)));
                                 }
                             }
                             if !placed {
@@ -501,67 +566,34 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> WindowedStream<'s, 
                             }
                         }
                     }
-                    if !late_batch.is_empty() && want_late {
-                        late.session(&incap).give_container(&mut late_batch);
-                    }
-                    if !now_fired.is_empty() {
-                        main.session(&incap).give_container(&mut now_fired);
-                        now_fired.clear();
-                    }
-                });
-
-                let Some(c) = cap.as_mut() else { return };
-                // Due firings: event time when the frontier reaches `end`, processing time
-                // when the clock does; everything at the end of the input.
-                let due = match bound {
-                    None => None,
-                    Some(b) if event => Some(b.saturating_add(1)),
-                    Some(_) => Some(now.saturating_add(1)),
-                };
-                while let Some((_, (k, w))) = fire.pop_before(due) {
-                    let Some(wins) = state.get_mut(&k) else {
-                        continue;
-                    };
-                    let Some(pos) = wins.iter().position(|(x, _)| *x == w) else {
-                        continue;
-                    };
-                    wf.emit(&k, w, &wins[pos].1, &mut results);
-                    if !event || bound.is_none() {
-                        wins.swap_remove(pos);
-                        if wins.is_empty() {
-                            state.remove(&k);
+                    let time = f_r.max(*c.time());
+                    if !late_batch.is_empty() {
+                        if want_late {
+                            late.session(&lc.delayed(&time))
+                                .give_container(&mut late_batch);
                         }
+                        late_batch.clear();
                     }
-                    let ts = w.max_timestamp();
-                    let time = if event { ts.max(*c.time()) } else { *c.time() };
-                    let delayed = c.delayed(&time);
-                    let mut session = main.session(&delayed);
-                    for r in results.drain(..) {
-                        session.give((ts, r));
-                    }
-                }
-                if event {
-                    let due_cleanup = bound.map(|b| b.saturating_add(1));
-                    while let Some((_, (k, w))) = cleanup.pop_before(due_cleanup) {
-                        if let Some(wins) = state.get_mut(&k) {
-                            wins.retain(|(x, _)| *x != w);
-                            if wins.is_empty() {
-                                state.remove(&k);
-                            }
-                        }
+                    if !fired.is_empty() {
+                        main.session(&c.delayed(&time)).give_container(&mut fired);
+                        fired.clear();
                     }
                 }
                 match bound {
                     Some(b) => {
-                        if event {
-                            c.downgrade(&b.max(*c.time()));
-                        } else if let Some(next) = fire.earliest() {
-                            activator
-                                .activate_after(Duration::from_millis(next.saturating_sub(now)));
+                        c.downgrade(&b.max(*c.time()));
+                        if !event {
+                            if let Some(next) = fire.earliest() {
+                                activator.activate_after(Duration::from_millis(
+                                    next.saturating_sub(now),
+                                ));
+                            }
                         }
+                        lc.downgrade(&b.max(*lc.time()));
                     }
                     None => {
                         cap = None;
+                        late_cap = None;
                         state.clear();
                     }
                 }
