@@ -151,6 +151,55 @@ fn amqp_error(err: &lapin::Error) -> (u16, String) {
     }
 }
 
+/// Runs `bad`, a method the broker answers asynchronously with channel.close (a publish, an
+/// ack), and returns that close's (code, text) as lapin reports it on the connection's event
+/// stream. Waiting for the event rather than failing the next call avoids racing the close.
+async fn async_channel_error(
+    conn: &Connection,
+    bad: impl std::future::Future<Output = ()>,
+) -> (u16, String) {
+    let mut events = Box::pin(conn.events_listener());
+    bad.await;
+    loop {
+        match within("the channel error", events.next()).await {
+            Some(lapin::Event::Error(e)) => return amqp_error(&e),
+            Some(_) => continue,
+            None => panic!("connection event stream ended"),
+        }
+    }
+}
+
+// basic.ack/nack/reject sent on the channel itself. lapin's `Acker` (`delivery.ack()`) goes
+// through an internal task, so its frame can reach the wire after a later call on the same
+// channel; tests whose next step depends on the ack having been processed use these.
+
+async fn ack(ch: &Channel, delivery_tag: u64, multiple: bool) {
+    within(
+        "basic.ack",
+        ch.basic_ack(delivery_tag, BasicAckOptions { multiple }),
+    )
+    .await
+    .expect("basic.ack");
+}
+
+async fn nack(ch: &Channel, delivery_tag: u64, multiple: bool, requeue: bool) {
+    within(
+        "basic.nack",
+        ch.basic_nack(delivery_tag, BasicNackOptions { multiple, requeue }),
+    )
+    .await
+    .expect("basic.nack");
+}
+
+async fn reject(ch: &Channel, delivery_tag: u64, requeue: bool) {
+    within(
+        "basic.reject",
+        ch.basic_reject(delivery_tag, BasicRejectOptions { requeue }),
+    )
+    .await
+    .expect("basic.reject");
+}
+
 #[tokio::test]
 async fn publish_consume_round_trip() {
     let broker = Broker::start();
@@ -374,15 +423,8 @@ async fn nack_requeue_redelivers_and_reject_drops() {
         (&b"first"[..], true)
     );
 
-    within(
-        "reject",
-        again.reject(BasicRejectOptions { requeue: false }),
-    )
-    .await
-    .expect("reject");
-    within("ack", d2.ack(BasicAckOptions::default()))
-        .await
-        .expect("ack");
+    reject(&ch, again.delivery_tag, false).await;
+    ack(&ch, d2.delivery_tag, false).await;
     assert_no_delivery(&mut consumer).await;
     assert_eq!(message_count(&ch, &queue).await, 0);
     close(conn).await;
@@ -402,24 +444,8 @@ async fn requeued_message_keeps_its_position_for_basic_get() {
     let b = get(&ch, &queue, false).await.expect("b");
     assert_eq!(b.message_count, 1);
     // Requeue b then a: RabbitMQ puts each back at its original position, so a, b, c.
-    within(
-        "nack b",
-        b.delivery.nack(BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        }),
-    )
-    .await
-    .expect("nack");
-    within(
-        "nack a",
-        a.delivery.nack(BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        }),
-    )
-    .await
-    .expect("nack");
+    nack(&ch, b.delivery.delivery_tag, false, true).await;
+    nack(&ch, a.delivery.delivery_tag, false, true).await;
     let mut seen = Vec::new();
     while let Some(msg) = get(&ch, &queue, true).await {
         seen.push((
@@ -755,17 +781,10 @@ async fn channel_error_leaves_connection_and_other_channels_usable() {
 
     // Publishing to a missing exchange closes that channel with 404 too.
     let missing_x = unique("missing-x");
-    publish(&fresh, &missing_x, "k", b"x").await;
-    let err = within(
-        "next call on the closed channel",
-        message_count_result(&fresh, &queue),
-    )
-    .await
-    .expect_err("channel must be closed by the 404");
-    // RabbitMQ: 404 "NOT_FOUND - no exchange '<name>' in vhost '/'"; lapin reports it on the
-    // next call.
+    // RabbitMQ: 404 "NOT_FOUND - no exchange '<name>' in vhost '/'".
+    let got = async_channel_error(&conn, publish(&fresh, &missing_x, "k", b"x")).await;
     assert_eq!(
-        amqp_error(&err),
+        got,
         (
             404,
             format!("NOT_FOUND - no exchange '{missing_x}' in vhost '/'")
@@ -821,38 +840,27 @@ async fn tx_commit_publishes_and_rollback_discards() {
     // to the queue when the channel closes.
     let msg = get(&tx, &queue, false).await.expect("get");
     assert_eq!(msg.delivery.data, b"committed");
-    within("ack", msg.delivery.ack(BasicAckOptions::default()))
-        .await
-        .expect("ack");
+    ack(&tx, msg.delivery.delivery_tag, false).await;
     within("tx.rollback", tx.tx_rollback())
         .await
         .expect("rollback");
     within("channel.close", tx.close(200, "bye".into()))
         .await
         .expect("close tx channel");
-    let back = get(&observer, &queue, false).await.expect("requeued");
-    assert_eq!(back.delivery.data, b"committed");
-    assert!(back.delivery.redelivered);
-
-    // ...and a committed ack removes it.
+    // ...and a committed ack removes it for good: after commit, closing the channel does not
+    // bring it back.
     let tx2 = channel(&conn).await;
     within("tx.select", tx2.tx_select())
         .await
         .expect("tx.select");
-    within(
-        "nack to requeue",
-        back.delivery.nack(BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        }),
-    )
-    .await
-    .expect("nack");
-    let msg = get(&tx2, &queue, false).await.expect("get");
-    within("ack", msg.delivery.ack(BasicAckOptions::default()))
-        .await
-        .expect("ack");
+    let back = get(&tx2, &queue, false).await.expect("requeued");
+    assert_eq!(back.delivery.data, b"committed");
+    assert!(back.delivery.redelivered);
+    ack(&tx2, back.delivery.delivery_tag, false).await;
     within("tx.commit", tx2.tx_commit()).await.expect("commit");
+    within("channel.close", tx2.close(200, "bye".into()))
+        .await
+        .expect("close tx2 channel");
     assert_eq!(message_count(&observer, &queue).await, 0);
     close(conn).await;
 }
@@ -961,19 +969,19 @@ async fn foreign_user_id_is_406() {
     let ch = channel(&conn).await;
     let queue = unique("userid");
     exclusive_queue(&ch, &queue).await;
-    publish_with(
-        &ch,
-        "",
-        &queue,
-        b"x",
-        BasicProperties::default().with_user_id("someone-else".into()),
+    let got = async_channel_error(
+        &conn,
+        publish_with(
+            &ch,
+            "",
+            &queue,
+            b"x",
+            BasicProperties::default().with_user_id("someone-else".into()),
+        ),
     )
     .await;
-    let err = within("next call", message_count_result(&ch, &queue))
-        .await
-        .expect_err("channel closed by 406");
     assert_eq!(
-        amqp_error(&err),
+        got,
         (
             406,
             "PRECONDITION_FAILED - user_id property set to 'someone-else' but authenticated \
@@ -1410,26 +1418,7 @@ async fn unknown_delivery_tag_is_406() {
     let broker = Broker::start();
     let conn = connect(&broker).await;
     let ch = channel(&conn).await;
-    within(
-        "ack unknown tag",
-        ch.basic_ack(42, BasicAckOptions::default()),
-    )
-    .await
-    .expect("ack is asynchronous");
-    let queue = unique("tag");
-    let got = channel_error(
-        "next call after the bad ack",
-        declare_queue_with(
-            &ch,
-            &queue,
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await;
+    let got = async_channel_error(&conn, ack(&ch, 42, false)).await;
     assert_eq!(
         got,
         (
@@ -1623,5 +1612,336 @@ async fn basic_recover_redelivers_unacked() {
     within("ack", again.ack(BasicAckOptions::default()))
         .await
         .expect("ack");
+    close(conn).await;
+}
+
+// ---- more exchange features -------------------------------------------------------------------
+
+async fn declare_exchange_with(
+    ch: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+    options: ExchangeDeclareOptions,
+    args: FieldTable,
+) -> lapin::Result<()> {
+    ch.exchange_declare(name.into(), kind, options, args).await
+}
+
+#[tokio::test]
+async fn alternate_exchange_takes_unroutable_messages() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    within(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await
+    .expect("confirm.select");
+    let ae = unique("ae");
+    declare_exchange(&ch, &ae, ExchangeKind::Fanout).await;
+    let main = unique("with-ae");
+    within(
+        "declare with alternate-exchange",
+        declare_exchange_with(
+            &ch,
+            &main,
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            table(&[("alternate-exchange", s(&ae))]),
+        ),
+    )
+    .await
+    .expect("declare");
+    let routed = unique("routed");
+    let fallback = unique("fallback");
+    exclusive_queue(&ch, &routed).await;
+    exclusive_queue(&ch, &fallback).await;
+    bind(&ch, &routed, &main, "known", FieldTable::default()).await;
+    bind(&ch, &fallback, &ae, "", FieldTable::default()).await;
+
+    for key in ["known", "unknown"] {
+        let confirm = within(
+            "publish",
+            ch.basic_publish(
+                main.as_str().into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                key.as_bytes(),
+                BasicProperties::default(),
+            ),
+        )
+        .await
+        .expect("publish");
+        let confirmation = within("confirm", confirm).await.expect("confirmation");
+        assert!(confirmation.is_ack());
+        assert!(
+            confirmation.take_message().is_none(),
+            "routed via the alternate exchange, so not returned"
+        );
+    }
+    assert_eq!(drain(&ch, &routed).await, ["known"]);
+    assert_eq!(drain(&ch, &fallback).await, ["unknown"]);
+    delete_exchange(&ch, &main).await;
+    delete_exchange(&ch, &ae).await;
+    close(conn).await;
+}
+
+/// RabbitMQ: 403 "ACCESS_REFUSED - cannot publish to internal exchange '<x>' in vhost '/'";
+/// an internal exchange still routes what reaches it through an exchange-to-exchange binding.
+#[tokio::test]
+async fn internal_exchange_refuses_direct_publish() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let internal = unique("internal");
+    within(
+        "declare internal",
+        declare_exchange_with(
+            &ch,
+            &internal,
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                internal: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("declare internal");
+    let front = unique("front");
+    declare_exchange(&ch, &front, ExchangeKind::Fanout).await;
+    let queue = unique("behind-internal");
+    exclusive_queue(&ch, &queue).await;
+    bind(&ch, &queue, &internal, "", FieldTable::default()).await;
+    within(
+        "exchange.bind",
+        ch.exchange_bind(
+            internal.as_str().into(),
+            front.as_str().into(),
+            "".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("exchange.bind");
+    publish(&ch, &front, "", b"via front").await;
+    assert_eq!(drain(&ch, &queue).await, ["via front"]);
+
+    let pch = channel(&conn).await;
+    let got = async_channel_error(&conn, publish(&pch, &internal, "", b"direct")).await;
+    assert_eq!(
+        got,
+        (
+            403,
+            format!(
+                "ACCESS_REFUSED - cannot publish to internal exchange '{internal}' in vhost '/'"
+            )
+        )
+    );
+    let ch = channel(&conn).await;
+    assert!(drain(&ch, &queue).await.is_empty());
+    delete_exchange(&ch, &front).await;
+    delete_exchange(&ch, &internal).await;
+    close(conn).await;
+}
+
+/// RabbitMQ: 406 "PRECONDITION_FAILED - exchange '<x>' in vhost '/' in use".
+#[tokio::test]
+async fn exchange_delete_if_unused_and_queue_unbind() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let exchange = unique("del-x");
+    declare_exchange(&ch, &exchange, ExchangeKind::Direct).await;
+    let queue = unique("unbind-q");
+    exclusive_queue(&ch, &queue).await;
+    bind(&ch, &queue, &exchange, "k", FieldTable::default()).await;
+    publish(&ch, &exchange, "k", b"bound").await;
+    assert_eq!(drain(&ch, &queue).await, ["bound"]);
+
+    let got = channel_error(
+        "delete if-unused",
+        ch.exchange_delete(
+            exchange.as_str().into(),
+            ExchangeDeleteOptions {
+                if_unused: true,
+                ..ExchangeDeleteOptions::default()
+            },
+        ),
+    )
+    .await;
+    assert_eq!(
+        got,
+        (
+            406,
+            format!("PRECONDITION_FAILED - exchange '{exchange}' in vhost '/' in use")
+        )
+    );
+
+    let ch = channel(&conn).await;
+    within(
+        "queue.unbind",
+        ch.queue_unbind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "k".into(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("unbind");
+    publish(&ch, &exchange, "k", b"unbound").await;
+    assert!(drain(&ch, &queue).await.is_empty());
+    within(
+        "delete if-unused",
+        ch.exchange_delete(
+            exchange.as_str().into(),
+            ExchangeDeleteOptions {
+                if_unused: true,
+                ..ExchangeDeleteOptions::default()
+            },
+        ),
+    )
+    .await
+    .expect("unused now");
+    close(conn).await;
+}
+
+/// x-match all-with-x / any-with-x also compare the `x-` headers (RabbitMQ 3.10+); plain
+/// all/any ignore them.
+#[tokio::test]
+async fn headers_exchange_with_x_variants() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let exchange = unique("hx-x");
+    declare_exchange(&ch, &exchange, ExchangeKind::Headers).await;
+    let mut queues = Vec::new();
+    for mode in ["all", "any", "all-with-x", "any-with-x"] {
+        let q = unique(mode);
+        exclusive_queue(&ch, &q).await;
+        bind(
+            &ch,
+            &q,
+            &exchange,
+            "",
+            table(&[
+                ("x-match", s(mode)),
+                ("x-tenant", s("t1")),
+                ("kind", s("a")),
+            ]),
+        )
+        .await;
+        queues.push(q);
+    }
+    let cases: [(&str, FieldTable); 3] = [
+        ("kind-only", table(&[("kind", s("a"))])),
+        ("tenant-only", table(&[("x-tenant", s("t1"))])),
+        ("both", table(&[("kind", s("a")), ("x-tenant", s("t1"))])),
+    ];
+    for (body, headers) in cases {
+        publish_with(
+            &ch,
+            &exchange,
+            "",
+            body.as_bytes(),
+            BasicProperties::default().with_headers(headers),
+        )
+        .await;
+    }
+    let mut got = Vec::new();
+    for q in &queues {
+        got.push(drain(&ch, q).await);
+    }
+    assert_eq!(
+        got,
+        vec![
+            vec!["kind-only", "both"],
+            vec!["kind-only", "both"],
+            vec!["both"],
+            vec!["kind-only", "tenant-only", "both"],
+        ]
+    );
+    delete_exchange(&ch, &exchange).await;
+    close(conn).await;
+}
+
+/// basic.qos with global=true limits all consumers of the channel together.
+#[tokio::test]
+async fn global_qos_is_shared_by_the_channel() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let (q1, q2) = (unique("gq1"), unique("gq2"));
+    exclusive_queue(&ch, &q1).await;
+    exclusive_queue(&ch, &q2).await;
+    for i in 0..4 {
+        publish(&ch, "", &q1, format!("a{i}").as_bytes()).await;
+        publish(&ch, "", &q2, format!("b{i}").as_bytes()).await;
+    }
+    within(
+        "basic.qos global",
+        ch.basic_qos(3, BasicQosOptions { global: true }),
+    )
+    .await
+    .expect("qos");
+    let mut c1 = consume(&ch, &q1, false).await;
+    let mut c2 = consume(&ch, &q2, false).await;
+    // c1 subscribes first and takes the whole shared window of 3.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(next_delivery(&mut c1).await);
+    }
+    assert_no_delivery(&mut c2).await;
+    assert_no_delivery(&mut c1).await;
+    within("ack one", held[0].ack(BasicAckOptions::default()))
+        .await
+        .expect("ack");
+    // Exactly one more delivery, to either consumer.
+    let extra = tokio::select! {
+        d = c1.next() => d,
+        d = c2.next() => d,
+        _ = tokio::time::sleep(common::STEP) => None,
+    };
+    assert!(extra.is_some(), "one slot was freed");
+    assert_no_delivery(&mut c1).await;
+    assert_no_delivery(&mut c2).await;
+    close(conn).await;
+}
+
+#[tokio::test]
+async fn nack_multiple_requeues_all_up_to_tag() {
+    let broker = Broker::start();
+    let conn = connect(&broker).await;
+    let ch = channel(&conn).await;
+    let queue = unique("nack-multi");
+    exclusive_queue(&ch, &queue).await;
+    for body in ["a", "b", "c"] {
+        publish(&ch, "", &queue, body.as_bytes()).await;
+    }
+    let _a = get(&ch, &queue, false).await.expect("a");
+    let b = get(&ch, &queue, false).await.expect("b");
+    nack(&ch, b.delivery.delivery_tag, true, true).await;
+    let mut seen = Vec::new();
+    while let Some(m) = get(&ch, &queue, true).await {
+        seen.push((
+            String::from_utf8_lossy(&m.delivery.data).into_owned(),
+            m.delivery.redelivered,
+        ));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("a".to_string(), true),
+            ("b".to_string(), true),
+            ("c".to_string(), false)
+        ]
+    );
     close(conn).await;
 }
