@@ -12,9 +12,9 @@ use rill_codec::amq_protocol::protocol::{
     exchange as amqp_exchange, queue as amqp_queue, tx as amqp_tx,
 };
 use rill_codec::{
-    decode_content_header, encode_basic_ack, encode_deliver, encode_get_ok, encode_method,
-    encode_return, short_string_truncated, AMQPClass, AmqpError, ContentHeader, Method,
-    PropertiesView, Publish, ReplyCode,
+    decode_content_header, encode_basic_ack, encode_basic_nack, encode_deliver, encode_get_ok,
+    encode_method, encode_return, short_string_truncated, AMQPClass, AmqpError, ContentHeader,
+    Method, PropertiesView, Publish, ReplyCode,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -63,6 +63,12 @@ enum Content {
         publish: Publish,
         header: ContentHeader,
         body: BodyBuf,
+    },
+    /// An over-size message: its body is read and dropped, then the channel fails, which is
+    /// when RabbitMQ reports it.
+    Discard {
+        remaining: u64,
+        error: AmqpError,
     },
 }
 
@@ -147,7 +153,12 @@ pub(crate) struct Channel {
     tx: Option<Tx>,
     route_buf: Vec<Arc<Queue>>,
     seq_buf: Vec<u64>,
+    /// The direct reply-to pseudo-queue this channel consumes from, if any.
+    reply_queue: Option<String>,
 }
+
+/// The pseudo-queue name for RabbitMQ's direct reply-to.
+const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 fn reply(out: &mut BytesMut, channel: u16, method: AMQPClass) {
     encode_method(out, channel, &method);
@@ -169,6 +180,7 @@ impl Channel {
             tx: None,
             route_buf: Vec::new(),
             seq_buf: Vec::new(),
+            reply_queue: None,
         }
     }
 
@@ -182,11 +194,22 @@ impl Channel {
         method: Method,
         out: &mut BytesMut,
     ) -> Result<(), AmqpError> {
-        if !matches!(self.content, Content::Idle) {
-            return Err(AmqpError::new(
-                ReplyCode::UnexpectedFrame,
-                "expected content header for class 60, got non content header frame instead",
-            ));
+        match self.content {
+            Content::Idle => {}
+            Content::AwaitHeader(_) => {
+                return Err(AmqpError::new(
+                    ReplyCode::UnexpectedFrame,
+                    "expected content header for class 60, got non content header frame instead",
+                )
+                .with_method(60, 40))
+            }
+            Content::AwaitBody { .. } | Content::Discard { .. } => {
+                return Err(AmqpError::new(
+                    ReplyCode::UnexpectedFrame,
+                    "expected content body, got non content body frame instead",
+                )
+                .with_method(60, 40))
+            }
         }
         match method {
             Method::Publish(p) => {
@@ -209,6 +232,29 @@ impl Channel {
                 delivery_tag,
                 requeue,
             } => self.settle(ctx, delivery_tag, false, requeue_or_discard(requeue)),
+            Method::Qos {
+                prefetch_size,
+                prefetch_count,
+                global,
+            } => {
+                if prefetch_size != 0 {
+                    return Err(AmqpError::new(
+                        ReplyCode::NotImplemented,
+                        format!("prefetch_size!=0 ({prefetch_size})"),
+                    ));
+                }
+                if global {
+                    self.credit.set_prefetch(u32::from(prefetch_count));
+                } else {
+                    self.consumer_prefetch = u32::from(prefetch_count);
+                }
+                reply(
+                    out,
+                    self.id,
+                    AMQPClass::Basic(amqp_basic::AMQPMethod::QosOk(amqp_basic::QosOk {})),
+                );
+                Ok(())
+            }
             Method::Other(AMQPClass::Basic(m)) => self.basic(ctx, m, out),
             Method::Other(AMQPClass::Exchange(m)) => self.exchange(ctx, m, out),
             Method::Other(AMQPClass::Queue(m)) => self.queue(ctx, m, out),
@@ -234,7 +280,10 @@ impl Channel {
             Method::Other(AMQPClass::Tx(m)) => self.tx(ctx, m, out),
             Method::Other(AMQPClass::Channel(m)) => match m {
                 amqp_channel::AMQPMethod::Flow(f) => {
-                    self.credit.set_paused(!f.active);
+                    // RabbitMQ 3.x no longer lets clients pause deliveries this way.
+                    if !f.active {
+                        return Err(AmqpError::new(ReplyCode::NotImplemented, "active=false"));
+                    }
                     reply(
                         out,
                         self.id,
@@ -276,22 +325,23 @@ impl Channel {
         else {
             return Err(AmqpError::new(
                 ReplyCode::UnexpectedFrame,
-                format!(
-                    "expected method frame, got non method frame (content header) on channel {}",
-                    self.id
-                ),
+                "expected method frame, got non method frame instead",
             ));
         };
         let header = decode_content_header(payload)?;
         if header.body_size > ctx.max_message_size {
-            return Err(AmqpError::new(
-                ReplyCode::PreconditionFailed,
-                format!(
-                    "message size {} is larger than configured max size {}",
-                    header.body_size, ctx.max_message_size
-                ),
-            )
-            .with_method(60, 40));
+            self.content = Content::Discard {
+                remaining: header.body_size,
+                error: AmqpError::new(
+                    ReplyCode::PreconditionFailed,
+                    format!(
+                        "message size {} is larger than configured max size {}",
+                        header.body_size, ctx.max_message_size
+                    ),
+                )
+                .with_method(60, 40),
+            };
+            return Ok(());
         }
         if header.body_size == 0 {
             return self.publish_complete(ctx, publish, header, Bytes::new(), out);
@@ -310,13 +360,21 @@ impl Channel {
         payload: Bytes,
         out: &mut BytesMut,
     ) -> Result<(), AmqpError> {
+        if let Content::Discard { remaining, .. } = &mut self.content {
+            *remaining = remaining.saturating_sub(payload.len() as u64);
+            if *remaining > 0 {
+                return Ok(());
+            }
+            if let Content::Discard { error, .. } =
+                std::mem::replace(&mut self.content, Content::Idle)
+            {
+                return Err(error);
+            }
+        }
         let Content::AwaitBody { header, body, .. } = &mut self.content else {
             return Err(AmqpError::new(
                 ReplyCode::UnexpectedFrame,
-                format!(
-                    "expected method frame, got non method frame (content body) on channel {}",
-                    self.id
-                ),
+                "expected method frame, got non method frame instead",
             ));
         };
         let expected = usize::try_from(header.body_size).unwrap_or(usize::MAX);
@@ -384,10 +442,13 @@ impl Channel {
             )));
         }
         publish.routing_key_str().map_err(at_publish)?;
+        let properties = self
+            .rewrite_reply_to(header.properties)
+            .map_err(at_publish)?;
         let msg = Arc::new(Message {
             exchange: exchange.config.name.clone(),
             routing_key: publish.routing_key.clone(),
-            properties: header.properties,
+            properties,
             body,
         });
         if let Some(tx) = &mut self.tx {
@@ -398,11 +459,38 @@ impl Channel {
             });
             return Ok(());
         }
-        self.route(ctx, vhost, &exchange, msg, publish.mandatory, out);
+        let accepted = self.route(ctx, vhost, &exchange, msg, publish.mandatory, out);
         if let Some(c) = &mut self.confirms {
             c.published += 1;
+            if !accepted {
+                // Acks before it go first so the client sees outcomes in order.
+                let seq = c.published;
+                if seq - 1 > c.acked {
+                    encode_basic_ack(out, self.id, seq - 1, seq - 1 - c.acked > 1);
+                }
+                encode_basic_nack(out, self.id, seq, false, false);
+                c.acked = seq;
+            }
         }
         Ok(())
+    }
+
+    /// Direct reply-to: `reply_to = amq.rabbitmq.reply-to` becomes the name of this channel's
+    /// reply pseudo-queue, so the responder's publish reaches our consumer directly.
+    fn rewrite_reply_to(&self, properties: Bytes) -> Result<Bytes, AmqpError> {
+        let view = PropertiesView::new(&properties)?;
+        if view.reply_to() != Some(REPLY_TO) {
+            return Ok(properties);
+        }
+        let Some(reply_queue) = &self.reply_queue else {
+            return Err(AmqpError::new(
+                ReplyCode::PreconditionFailed,
+                "fast reply consumer does not exist",
+            ));
+        };
+        let props = rill_codec::decode_properties(&properties)?
+            .with_reply_to(short_string_truncated(reply_queue));
+        Ok(rill_codec::encode_properties(&props))
     }
 
     fn route(
@@ -413,7 +501,7 @@ impl Channel {
         msg: Arc<Message>,
         mandatory: bool,
         out: &mut BytesMut,
-    ) {
+    ) -> bool {
         self.route_buf.clear();
         let props = msg.properties.clone();
         let headers = move || PropertiesView::new(&props).ok()?.headers().ok()?;
@@ -437,16 +525,13 @@ impl Channel {
                     ctx.frame_max,
                 );
             }
-            return;
+            return true;
         }
-        let last = self.route_buf.len() - 1;
-        for (i, q) in self.route_buf.drain(..).enumerate() {
-            if i == last {
-                q.publish(msg);
-                break;
-            }
-            q.publish(msg.clone());
+        let mut accepted = true;
+        for q in self.route_buf.drain(..) {
+            accepted &= q.publish(msg.clone());
         }
+        accepted
     }
 
     /// Sends the publisher confirms accumulated during the last input batch.
@@ -645,7 +730,25 @@ impl Channel {
             }
             B::Consume(c) => {
                 let qname = self.queue_name(c.queue.as_str())?;
-                let q = vhost.queue_for(ctx.connection, &qname)?;
+                let q = if qname == REPLY_TO {
+                    if !c.no_ack {
+                        return Err(AmqpError::new(
+                            ReplyCode::PreconditionFailed,
+                            "reply consumer cannot acknowledge",
+                        ));
+                    }
+                    if self.reply_queue.is_some() {
+                        return Err(AmqpError::new(
+                            ReplyCode::PreconditionFailed,
+                            "reply consumer already set",
+                        ));
+                    }
+                    let q = vhost.declare_reply_queue(ctx.connection);
+                    self.reply_queue = Some(q.name().to_owned());
+                    q
+                } else {
+                    vhost.queue_for(ctx.connection, &qname)?
+                };
                 let tag = if c.consumer_tag.as_str().is_empty() {
                     generate_name("amq.ctag-")
                 } else {
@@ -695,6 +798,9 @@ impl Channel {
             }
             B::Cancel(c) => {
                 if let Some((consumer, q)) = self.consumers.remove(c.consumer_tag.as_str()) {
+                    if self.reply_queue.as_deref() == Some(q.name()) {
+                        self.reply_queue = None;
+                    }
                     consumer.cancel();
                     if q.remove_consumer(&consumer) {
                         vhost.remove_queue(&q);
@@ -747,6 +853,10 @@ impl Channel {
                     ),
                 }
                 Ok(())
+            }
+            B::Recover(amqp_basic::Recover { requeue: false })
+            | B::RecoverAsync(amqp_basic::RecoverAsync { requeue: false }) => {
+                Err(AmqpError::new(ReplyCode::NotImplemented, "requeue=false"))
             }
             B::Recover(_) | B::RecoverAsync(_) => {
                 let items: Vec<(Unacked, Settle)> = self
@@ -943,7 +1053,7 @@ impl Channel {
                 let tx = std::mem::take(self.tx.as_mut().ok_or_else(not_tx)?);
                 let vhost = ctx.vhost()?.clone();
                 for p in tx.publishes {
-                    self.route(ctx, &vhost, &p.exchange, p.msg, p.mandatory, out);
+                    let _ = self.route(ctx, &vhost, &p.exchange, p.msg, p.mandatory, out);
                 }
                 self.apply_settles(tx.settles);
                 reply(

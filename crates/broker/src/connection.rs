@@ -310,7 +310,7 @@ impl Connection {
                     return Err((
                         0,
                         AmqpError::new(
-                            ReplyCode::FrameError,
+                            ReplyCode::UnexpectedFrame,
                             "heartbeat frame on non-zero channel",
                         ),
                     ));
@@ -327,10 +327,10 @@ impl Connection {
             }
             FRAME_HEADER | FRAME_BODY => {
                 if self.state != State::Open {
-                    return Err((0, unexpected_frame(frame.kind, channel)));
+                    return Err((0, unexpected_frame()));
                 }
                 if channel == 0 {
-                    return Err((0, unexpected_frame(frame.kind, channel)));
+                    return Err((0, unexpected_frame()));
                 }
                 let ctx = &self.ctx;
                 let Some(ch) = self.channels.get_mut(&channel) else {
@@ -637,15 +637,10 @@ impl HardClose for AmqpError {
     }
 }
 
-fn unexpected_frame(kind: u8, channel: u16) -> AmqpError {
-    let what = if kind == FRAME_HEADER {
-        "content header"
-    } else {
-        "content body"
-    };
+fn unexpected_frame() -> AmqpError {
     AmqpError::new(
         ReplyCode::UnexpectedFrame,
-        format!("expected method frame, got non method frame ({what}) on channel {channel}"),
+        "expected method frame, got non method frame instead",
     )
 }
 
@@ -673,11 +668,8 @@ fn parse_plain(response: &[u8]) -> Option<(String, String)> {
 
 /// AMQPLAIN: a field table without its length prefix, holding LOGIN and PASSWORD.
 fn parse_amqplain(response: &[u8]) -> Option<(String, String)> {
-    let mut framed = Vec::with_capacity(response.len() + 4);
-    framed.extend_from_slice(&u32::try_from(response.len()).ok()?.to_be_bytes());
-    framed.extend_from_slice(response);
-    let (_, table) =
-        rill_codec::amq_protocol::types::parsing::parse_field_table(framed.as_slice()).ok()?;
+    // The codec's decoder bounds nesting depth; this runs before login, on anyone's input.
+    let table = rill_codec::decode_field_table_body(response).ok()?;
     let get = |k: &str| {
         rill_codec::value_as_bytes(table.inner().get(k)?)
             .map(|b| String::from_utf8_lossy(b).into_owned())

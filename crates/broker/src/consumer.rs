@@ -100,6 +100,8 @@ pub struct Consumer {
     pub no_ack: bool,
     pub exclusive: bool,
     pub arguments: FieldTable,
+    /// `x-priority`: queues offer messages to higher priorities first.
+    pub priority: i64,
     /// Per-consumer prefetch (`basic.qos global=false` in force when it subscribed); 0 = none.
     prefetch: u32,
     in_flight: AtomicU32,
@@ -127,6 +129,7 @@ impl Consumer {
             connection_id,
             no_ack,
             exclusive,
+            priority: rill_codec::table_get_i64(&arguments, "x-priority").unwrap_or(0),
             arguments,
             prefetch,
             in_flight: AtomicU32::new(0),

@@ -29,8 +29,45 @@ pub struct QueueConfig {
 #[derive(Debug)]
 pub struct Queue {
     pub config: QueueConfig,
+    limits: Limits,
     state: Mutex<QueueState>,
     stats: QueueCounters,
+}
+
+/// What a full queue does with a new message (`x-overflow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    DropHead,
+    RejectPublish,
+    RejectPublishDlx,
+}
+
+/// Length limits from `x-max-length`, `x-max-length-bytes` and `x-overflow`. Only ready
+/// messages count, as in RabbitMQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Limits {
+    max_length: Option<u64>,
+    max_bytes: Option<u64>,
+    overflow: Overflow,
+}
+
+impl Limits {
+    fn from_args(args: &FieldTable) -> Limits {
+        let num = |k: &str| rill_codec::table_get_i64(args, k).and_then(|n| u64::try_from(n).ok());
+        Limits {
+            max_length: num("x-max-length"),
+            max_bytes: num("x-max-length-bytes"),
+            overflow: match rill_codec::table_get_str(args, "x-overflow") {
+                Some("reject-publish") => Overflow::RejectPublish,
+                Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+                _ => Overflow::DropHead,
+            },
+        }
+    }
+
+    fn exceeded(&self, len: usize, bytes: u64) -> bool {
+        self.max_length.is_some_and(|m| len as u64 > m) || self.max_bytes.is_some_and(|m| bytes > m)
+    }
 }
 
 /// Monotonic counters readable without taking the queue lock (management API, metrics).
@@ -48,6 +85,8 @@ pub struct QueueCounters {
 struct QueueState {
     /// Ordered by `seq`.
     ready: VecDeque<QueuedMessage>,
+    /// Body bytes of `ready`, for `x-max-length-bytes`.
+    ready_bytes: u64,
     unacked: HashMap<u64, QueuedMessage>,
     next_seq: u64,
     consumers: Vec<Arc<Consumer>>,
@@ -69,6 +108,7 @@ pub enum ConsumeError {
 impl Queue {
     pub fn new(config: QueueConfig) -> Arc<Queue> {
         Arc::new(Queue {
+            limits: Limits::from_args(&config.arguments),
             config,
             state: Mutex::new(QueueState::default()),
             stats: QueueCounters::default(),
@@ -91,15 +131,24 @@ impl Queue {
         u32::try_from(self.state.lock().consumers.len()).unwrap_or(u32::MAX)
     }
 
-    /// Appends a message and hands it to a consumer if one has credit.
-    pub fn publish(self: &Arc<Self>, msg: Arc<Message>) {
+    /// Appends a message and hands it to a consumer if one has credit. Returns false when the
+    /// queue refused it (full, with `x-overflow=reject-publish`): the publisher gets a nack.
+    pub fn publish(self: &Arc<Self>, msg: Arc<Message>) -> bool {
         let mut st = self.state.lock();
         if st.deleted {
-            return;
+            return true;
+        }
+        let size = msg.size() as u64;
+        if self.limits.overflow != Overflow::DropHead
+            && self
+                .limits
+                .exceeded(st.ready.len() + 1, st.ready_bytes + size)
+        {
+            return false;
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        st.ready.push_back(QueuedMessage {
+        st.push_ready(QueuedMessage {
             seq,
             msg,
             redelivered: false,
@@ -108,7 +157,13 @@ impl Queue {
         if !st.consumers.is_empty() {
             self.dispatch_locked(&mut st);
         }
+        while self.limits.exceeded(st.ready.len(), st.ready_bytes) {
+            if st.pop_ready().is_none() {
+                break;
+            }
+        }
         self.sync_gauges(&st);
+        true
     }
 
     /// Lets consumers with fresh credit take waiting messages.
@@ -122,15 +177,11 @@ impl Queue {
 
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState) {
         while !st.ready.is_empty() {
-            let n = st.consumers.len();
-            let Some(idx) = (0..n)
-                .map(|i| (st.next_consumer + i) % n)
-                .find(|&i| st.consumers[i].try_take())
-            else {
+            let Some(idx) = st.pick_consumer() else {
                 break;
             };
-            st.next_consumer = (idx + 1) % n;
-            let Some(item) = st.ready.pop_front() else {
+            st.next_consumer = st.next_consumer.wrapping_add(1);
+            let Some(item) = st.pop_ready() else {
                 break;
             };
             let consumer = Arc::clone(&st.consumers[idx]);
@@ -151,7 +202,7 @@ impl Queue {
     /// Returns the message and the number of messages left ready.
     pub fn get(&self, ack: bool) -> Option<(QueuedMessage, u32)> {
         let mut st = self.state.lock();
-        let item = st.ready.pop_front()?;
+        let item = st.pop_ready()?;
         if ack {
             st.unacked.insert(item.seq, item.clone());
         }
@@ -184,7 +235,7 @@ impl Queue {
         for seq in seqs {
             if let Some(mut item) = st.unacked.remove(&seq) {
                 item.redelivered = true;
-                insert_in_order(&mut st.ready, item);
+                st.insert_ready(item);
             }
         }
         if !st.consumers.is_empty() {
@@ -201,7 +252,7 @@ impl Queue {
             return;
         }
         st.unacked.remove(&item.seq);
-        insert_in_order(&mut st.ready, item);
+        st.insert_ready(item);
         if !st.consumers.is_empty() {
             self.dispatch_locked(&mut st);
         }
@@ -218,7 +269,11 @@ impl Queue {
         {
             return Err(ConsumeError::ExclusiveConflict);
         }
-        st.consumers.push(consumer);
+        // Kept sorted by priority, highest first; equal priorities in arrival order.
+        let pos = st
+            .consumers
+            .partition_point(|c| c.priority >= consumer.priority);
+        st.consumers.insert(pos, consumer);
         st.had_consumer = true;
         self.dispatch_locked(&mut st);
         self.sync_gauges(&st);
@@ -233,9 +288,6 @@ impl Queue {
         st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
         if st.consumers.len() == before {
             return false;
-        }
-        if st.next_consumer >= st.consumers.len() {
-            st.next_consumer = 0;
         }
         // Credit freed up elsewhere may let the remaining consumers take more.
         if !st.consumers.is_empty() {
@@ -254,6 +306,7 @@ impl Queue {
         let mut st = self.state.lock();
         let n = st.ready.len();
         st.ready.clear();
+        st.ready_bytes = 0;
         self.sync_gauges(&st);
         u32::try_from(n).unwrap_or(u32::MAX)
     }
@@ -290,9 +343,47 @@ impl Queue {
     }
 }
 
-fn insert_in_order(ready: &mut VecDeque<QueuedMessage>, item: QueuedMessage) {
-    let pos = ready.partition_point(|m| m.seq < item.seq);
-    ready.insert(pos, item);
+impl QueueState {
+    /// The consumer to get the next message: the highest priority group with credit, round
+    /// robin within the group. Takes the credit.
+    fn pick_consumer(&self) -> Option<usize> {
+        let mut start = 0;
+        while start < self.consumers.len() {
+            let prio = self.consumers[start].priority;
+            let end = start
+                + self.consumers[start..]
+                    .iter()
+                    .take_while(|c| c.priority == prio)
+                    .count();
+            let n = end - start;
+            if let Some(i) = (0..n)
+                .map(|i| start + (self.next_consumer + i) % n)
+                .find(|&i| self.consumers[i].try_take())
+            {
+                return Some(i);
+            }
+            start = end;
+        }
+        None
+    }
+
+    fn push_ready(&mut self, item: QueuedMessage) {
+        self.ready_bytes += item.msg.size() as u64;
+        self.ready.push_back(item);
+    }
+
+    fn pop_ready(&mut self) -> Option<QueuedMessage> {
+        let item = self.ready.pop_front()?;
+        self.ready_bytes -= item.msg.size() as u64;
+        Some(item)
+    }
+
+    /// Back at its original position (ready is ordered by seq).
+    fn insert_ready(&mut self, item: QueuedMessage) {
+        self.ready_bytes += item.msg.size() as u64;
+        let pos = self.ready.partition_point(|m| m.seq < item.seq);
+        self.ready.insert(pos, item);
+    }
 }
 
 #[cfg(test)]

@@ -150,15 +150,6 @@ impl VHost {
                 format!("unknown exchange type '{}'", d.kind),
             ));
         };
-        if d.name.starts_with("amq.") {
-            return Err(AmqpError::new(
-                ReplyCode::AccessRefused,
-                format!(
-                    "exchange name '{}' contains reserved prefix 'amq.*'",
-                    d.name
-                ),
-            ));
-        }
         let mut map = self.exchanges.write();
         if let Some(x) = map.get(d.name) {
             let c = &x.config;
@@ -203,6 +194,16 @@ impl VHost {
             )?;
             return Ok(x.clone());
         }
+        // Reserved names may be redeclared equivalently (above) but not created.
+        if d.name.starts_with("amq.") {
+            return Err(AmqpError::new(
+                ReplyCode::AccessRefused,
+                format!(
+                    "exchange name '{}' contains reserved prefix 'amq.*'",
+                    d.name
+                ),
+            ));
+        }
         let name: Arc<str> = d.name.into();
         let x = Exchange::new(ExchangeConfig {
             name: name.clone(),
@@ -223,7 +224,10 @@ impl VHost {
                 if name.is_empty() {
                     "operation not permitted on the default exchange".to_owned()
                 } else {
-                    format!("exchange name '{name}' contains reserved prefix 'amq.*'")
+                    format!(
+                        "deletion of system exchange '{name}' in vhost '{}' not allowed",
+                        self.name
+                    )
                 },
             ));
         }
@@ -236,7 +240,7 @@ impl VHost {
             if if_unused && x.has_bindings() {
                 return Err(AmqpError::new(
                     ReplyCode::PreconditionFailed,
-                    format!("exchange '{name}' in use"),
+                    format!("exchange '{name}' in vhost '{}' in use", self.name),
                 ));
             }
             map.remove(name)
@@ -449,6 +453,20 @@ impl VHost {
         Ok(q)
     }
 
+    /// A direct reply-to pseudo-queue: exclusive to the connection, gone with its consumer.
+    pub fn declare_reply_queue(&self, connection: u64) -> Arc<Queue> {
+        let name = generate_name("amq.rabbitmq.reply-to.");
+        let q = Queue::new(QueueConfig {
+            name: name.clone(),
+            durable: false,
+            auto_delete: true,
+            exclusive_owner: Some(connection),
+            arguments: FieldTable::default(),
+        });
+        self.queues.write().insert(name, q.clone());
+        q
+    }
+
     /// Deletes a queue, cancelling its consumers; returns the number of ready messages it held.
     pub fn delete_queue(
         &self,
@@ -466,13 +484,13 @@ impl VHost {
         if if_unused && q.has_consumers() {
             return Err(AmqpError::new(
                 ReplyCode::PreconditionFailed,
-                format!("queue '{name}' in use"),
+                format!("queue '{name}' in vhost '{}' in use", self.name),
             ));
         }
         if if_empty && q.message_count() > 0 {
             return Err(AmqpError::new(
                 ReplyCode::PreconditionFailed,
-                format!("queue '{name}' not empty"),
+                format!("queue '{name}' in vhost '{}' not empty", self.name),
             ));
         }
         Ok(self.remove_queue(&q))
@@ -579,12 +597,17 @@ fn compare_args(
             Some(v) => format!("the value '{}' of type '{}'", value_text(v), type_name(v)),
         };
         let text = match (g, c) {
-            (Some(_), Some(_)) | (Some(_), None) | (None, Some(_)) => format!(
+            // Same type: RabbitMQ shows just the values.
+            (Some(a), Some(b)) if type_name(a) == type_name(b) => format!(
+                "inequivalent arg '{key}' for {what}: received '{}' but current is '{}'",
+                value_text(a),
+                value_text(b)
+            ),
+            _ => format!(
                 "inequivalent arg '{key}' for {what}: received {} but current is {}",
                 describe(g),
                 describe(c)
             ),
-            (None, None) => continue,
         };
         return Err(AmqpError::new(ReplyCode::PreconditionFailed, text));
     }

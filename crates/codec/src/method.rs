@@ -25,6 +25,8 @@ pub const METHOD_BASIC_ACK: u16 = 80;
 pub const METHOD_BASIC_REJECT: u16 = 90;
 /// Method id of `basic.nack`.
 pub const METHOD_BASIC_NACK: u16 = 120;
+/// Method id of `basic.qos`.
+pub const METHOD_BASIC_QOS: u16 = 10;
 
 /// A decoded method frame payload. Hot methods are decoded by hand; the rest by amq-protocol.
 #[derive(Debug, Clone)]
@@ -54,6 +56,16 @@ pub enum Method {
         /// Whether the message goes back to the queue.
         requeue: bool,
     },
+    /// `basic.qos`, decoded here because amq-protocol drops `prefetch_size`, which a broker
+    /// must refuse when non-zero.
+    Qos {
+        /// Prefetch window in bytes (0 = none).
+        prefetch_size: u32,
+        /// Prefetch window in messages (0 = none).
+        prefetch_count: u16,
+        /// Whether the limit is shared by the whole channel.
+        global: bool,
+    },
     /// Any other method, decoded by amq-protocol.
     Other(AMQPClass),
 }
@@ -66,6 +78,7 @@ impl Method {
             Method::Ack { .. } => (CLASS_BASIC, METHOD_BASIC_ACK),
             Method::Nack { .. } => (CLASS_BASIC, METHOD_BASIC_NACK),
             Method::Reject { .. } => (CLASS_BASIC, METHOD_BASIC_REJECT),
+            Method::Qos { .. } => (CLASS_BASIC, METHOD_BASIC_QOS),
             Method::Other(c) => (c.get_amqp_class_id(), c.get_amqp_method_id()),
         }
     }
@@ -229,6 +242,16 @@ pub fn decode_method(payload: &Bytes) -> Result<Method, AmqpError> {
             Some(Method::Reject {
                 delivery_tag,
                 requeue: bits & 1 != 0,
+            })
+        })(),
+        (CLASS_BASIC, METHOD_BASIC_QOS) => (|| {
+            let prefetch_size = r.u32()?;
+            let prefetch_count = r.u16()?;
+            let bits = r.u8()?;
+            Some(Method::Qos {
+                prefetch_size,
+                prefetch_count,
+                global: bits & 1 != 0,
             })
         })(),
         _ => return decode_other(payload, class_id, method_id),

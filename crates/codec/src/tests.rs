@@ -404,10 +404,35 @@ fn control_methods_round_trip_through_amq_protocol() {
         let theirs = amq_gen(&AMQPFrame::Method(7, method.clone()));
         assert_eq!(&out[..], &theirs[..], "{method:?}");
         // and decodes it back
-        match decode_one(&theirs) {
-            Method::Other(m) => assert_eq!(m, method),
-            other => panic!("{other:?}"),
+        match (decode_one(&theirs), &method) {
+            (Method::Other(m), _) => assert_eq!(m, method),
+            (
+                Method::Qos {
+                    prefetch_size,
+                    prefetch_count,
+                    global,
+                },
+                AMQPClass::Basic(basic::AMQPMethod::Qos(q)),
+            ) => assert_eq!(
+                (prefetch_size, prefetch_count, global),
+                (0, q.prefetch_count, q.global)
+            ),
+            (other, _) => panic!("{other:?}"),
         }
+    }
+}
+
+#[test]
+fn qos_keeps_prefetch_size() {
+    // class 60, method 10, prefetch_size 10, prefetch_count 3, global
+    let payload = Bytes::from_static(&[0, 60, 0, 10, 0, 0, 0, 10, 0, 3, 1]);
+    match decode_method(&payload).unwrap() {
+        Method::Qos {
+            prefetch_size,
+            prefetch_count,
+            global,
+        } => assert_eq!((prefetch_size, prefetch_count, global), (10, 3, true)),
+        other => panic!("{other:?}"),
     }
 }
 
