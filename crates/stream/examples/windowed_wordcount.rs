@@ -10,12 +10,18 @@
 
 use std::time::Duration;
 
-use rill_stream::{OutputTag, StreamExecutionEnvironment, TimeWindow, TumblingWindows, WatermarkStrategy};
+use rill_stream::{
+    OutputTag, StreamExecutionEnvironment, TimeWindow, TumblingWindows, WatermarkStrategy,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut env = StreamExecutionEnvironment::new();
     let args: Vec<String> = std::env::args().collect();
-    if let Some(p) = args.iter().position(|a| a == "--parallelism").and_then(|i| args.get(i + 1)) {
+    if let Some(p) = args
+        .iter()
+        .position(|a| a == "--parallelism")
+        .and_then(|i| args.get(i + 1))
+    {
         env.set_parallelism(p.parse()?);
     }
     // (event time ms, word): time advances 700 ms per event, with a deterministic jitter of
@@ -33,7 +39,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let counts = env
             .from_parallel_iter(
                 // One copy of the input, on worker 0 (like a single Kafka partition).
-                |index, _| if index == 0 { events.clone() } else { Vec::new() },
+                |index, _| {
+                    if index == 0 {
+                        events.clone()
+                    } else {
+                        Vec::new()
+                    }
+                },
                 WatermarkStrategy::for_bounded_out_of_orderness(Duration::from_secs(2))
                     .with_timestamp_assigner(|e: &(u64, String), _| e.0),
             )
@@ -42,10 +54,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .window(TumblingWindows::event_time(Duration::from_secs(5)))
             .allowed_lateness(Duration::from_secs(1))
             .side_output_late_data(&late)
-            .process(|word: &String, w: TimeWindow, rs: &[(String, u64)], out: &mut Vec<(String, String, u64)>| {
-                out.push((format!("[{}s,{}s)", w.start / 1000, w.end / 1000), word.clone(), rs.len() as u64));
-            });
-        counts.get_side_output(&late).map(|(word, _)| ("late".to_string(), word)).print();
+            .process(
+                |word: &String,
+                 w: TimeWindow,
+                 rs: &[(String, u64)],
+                 out: &mut Vec<(String, String, u64)>| {
+                    out.push((
+                        format!("[{}s,{}s)", w.start / 1000, w.end / 1000),
+                        word.clone(),
+                        rs.len() as u64,
+                    ));
+                },
+            );
+        counts
+            .get_side_output(&late)
+            .map(|(word, _)| ("late".to_string(), word))
+            .print();
         counts.print();
     })?;
     Ok(())

@@ -59,6 +59,12 @@ impl ShortStr {
         *self = Self::default();
     }
 
+    /// The held bytes (UTF-8).
+    #[inline]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len as usize]
+    }
+
     /// The held string.
     pub fn as_str(&self) -> &str {
         // Only ever filled from `&str`s, so this is valid UTF-8.
