@@ -321,6 +321,13 @@ impl Channel {
         payload: Bytes,
         out: &mut BytesMut,
     ) -> Result<(), AmqpError> {
+        if !matches!(self.content, Content::Idle | Content::AwaitHeader(_)) {
+            return Err(AmqpError::new(
+                ReplyCode::UnexpectedFrame,
+                "expected content body, got non content body frame instead",
+            )
+            .with_method(60, 40));
+        }
         let Content::AwaitHeader(publish) = std::mem::replace(&mut self.content, Content::Idle)
         else {
             return Err(AmqpError::new(
@@ -370,6 +377,13 @@ impl Channel {
             {
                 return Err(error);
             }
+        }
+        if matches!(self.content, Content::AwaitHeader(_)) {
+            return Err(AmqpError::new(
+                ReplyCode::UnexpectedFrame,
+                "expected content header for class 60, got non content header frame instead",
+            )
+            .with_method(60, 40));
         }
         let Content::AwaitBody { header, body, .. } = &mut self.content else {
             return Err(AmqpError::new(

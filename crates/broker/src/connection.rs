@@ -371,7 +371,8 @@ impl Connection {
         let with = |e: AmqpError| e.with_method(class_id, method_id);
         match (self.state, m) {
             (State::AwaitStartOk, amqp_conn::AMQPMethod::StartOk(ok)) => {
-                self.start_ok(ok).map_err(with)?;
+                // RabbitMQ reports login failures without a class/method.
+                self.start_ok(ok)?;
                 let c = self.broker.config();
                 let tune = amqp_conn::Tune {
                     channel_max: c.channel_max,

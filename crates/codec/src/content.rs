@@ -34,7 +34,7 @@ impl ContentHeader {
 pub fn decode_content_header(payload: Bytes) -> Result<ContentHeader, AmqpError> {
     let mut r = Reader::new(&payload);
     let (Some(class_id), Some(_weight), Some(body_size)) = (r.u16(), r.u16(), r.u64()) else {
-        return Err(AmqpError::syntax("content header frame too short"));
+        return Err(AmqpError::undecodable("content header frame too short"));
     };
     let start = r.pos();
     let properties = payload.slice(start..);

@@ -210,8 +210,13 @@ impl AmqpError {
         }
     }
 
-    pub(crate) fn syntax(detail: impl std::fmt::Display) -> Self {
-        AmqpError::new(ReplyCode::SyntaxError, detail)
+    /// Arguments that cannot be decoded. RabbitMQ reports these as 501 FRAME_ERROR
+    /// ("cannot decode ..."), so we do too.
+    pub(crate) fn undecodable(detail: impl std::fmt::Display) -> Self {
+        AmqpError::new(
+            ReplyCode::FrameError,
+            format_args!("cannot decode: {detail}"),
+        )
     }
 
     pub(crate) fn frame(detail: impl std::fmt::Display) -> Self {

@@ -112,7 +112,7 @@ impl Publish {
 
 fn publish_str<'a>(b: &'a Bytes, what: &str) -> Result<&'a str, AmqpError> {
     std::str::from_utf8(b).map_err(|_| {
-        AmqpError::syntax(format_args!("{what} is not valid UTF-8"))
+        AmqpError::undecodable(format_args!("{what} is not valid UTF-8"))
             .with_method(CLASS_BASIC, METHOD_BASIC_PUBLISH)
     })
 }
@@ -173,7 +173,7 @@ fn table_signature(class_id: u16, method_id: u16) -> Option<&'static [Arg]> {
 
 fn validate_signature(args: &[u8], sig: &[Arg]) -> Result<(), AmqpError> {
     let mut r = Reader::new(args);
-    let truncated = || AmqpError::syntax("truncated method arguments");
+    let truncated = || AmqpError::undecodable("truncated method arguments");
     for arg in sig {
         match arg {
             Arg::U8 | Arg::Bits => {
@@ -213,7 +213,7 @@ fn validate_signature(args: &[u8], sig: &[Arg]) -> Result<(), AmqpError> {
 pub fn decode_method(payload: &Bytes) -> Result<Method, AmqpError> {
     let mut r = Reader::new(payload);
     let (Some(class_id), Some(method_id)) = (r.u16(), r.u16()) else {
-        return Err(AmqpError::syntax(
+        return Err(AmqpError::undecodable(
             "method frame too short for class and method ids",
         ));
     };
@@ -258,10 +258,13 @@ pub fn decode_method(payload: &Bytes) -> Result<Method, AmqpError> {
     };
     match hot {
         Some(m) if r.is_empty() => Ok(m),
-        Some(_) => Err(AmqpError::syntax("unexpected bytes after method arguments")
-            .with_method(class_id, method_id)),
+        Some(_) => Err(
+            AmqpError::undecodable("unexpected bytes after method arguments")
+                .with_method(class_id, method_id),
+        ),
         None => {
-            Err(AmqpError::syntax("truncated method arguments").with_method(class_id, method_id))
+            Err(AmqpError::undecodable("truncated method arguments")
+                .with_method(class_id, method_id))
         }
     }
 }
@@ -297,10 +300,13 @@ fn decode_other(payload: &[u8], class_id: u16, method_id: u16) -> Result<Method,
     }
     match parse_class(payload) {
         Ok(([], class)) => Ok(Method::Other(class)),
-        Ok(_) => Err(AmqpError::syntax("unexpected bytes after method arguments")
-            .with_method(class_id, method_id)),
+        Ok(_) => Err(
+            AmqpError::undecodable("unexpected bytes after method arguments")
+                .with_method(class_id, method_id),
+        ),
         Err(_) => {
-            Err(AmqpError::syntax("malformed method arguments").with_method(class_id, method_id))
+            Err(AmqpError::undecodable("malformed method arguments")
+                .with_method(class_id, method_id))
         }
     }
 }

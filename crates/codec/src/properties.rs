@@ -86,10 +86,10 @@ impl<'a> PropertiesView<'a> {
     /// Validates `raw` and records where each property starts. Malformed → 502.
     pub fn new(raw: &'a [u8]) -> Result<Self, AmqpError> {
         let mut r = Reader::new(raw);
-        let truncated = || AmqpError::syntax("truncated content header properties");
+        let truncated = || AmqpError::undecodable("truncated content header properties");
         let flags = r.u16().ok_or_else(truncated)?;
         if flags & 0b11 != 0 {
-            return Err(AmqpError::syntax(
+            return Err(AmqpError::undecodable(
                 "content header property flags set reserved or continuation bits",
             ));
         }
@@ -103,7 +103,7 @@ impl<'a> PropertiesView<'a> {
                 Shape::Short => {
                     let s = r.short_str().ok_or_else(truncated)?;
                     if std::str::from_utf8(s).is_err() {
-                        return Err(AmqpError::syntax("property short string is not UTF-8"));
+                        return Err(AmqpError::undecodable("property short string is not UTF-8"));
                     }
                 }
                 Shape::Table => skip_table(&mut r)?,
@@ -116,7 +116,7 @@ impl<'a> PropertiesView<'a> {
             }
         }
         if !r.is_empty() {
-            return Err(AmqpError::syntax(
+            return Err(AmqpError::undecodable(
                 "unexpected bytes after content header properties",
             ));
         }
@@ -189,7 +189,7 @@ impl<'a> PropertiesView<'a> {
         };
         parse_field_table(rest)
             .map(|(_, t)| Some(t))
-            .map_err(|_| AmqpError::syntax("malformed headers table"))
+            .map_err(|_| AmqpError::undecodable("malformed headers table"))
     }
 
     /// `content-type`.
@@ -234,7 +234,9 @@ pub fn decode_properties(raw: &[u8]) -> Result<BasicProperties, AmqpError> {
     PropertiesView::new(raw)?;
     match parse_properties(raw) {
         Ok(([], props)) => Ok(props),
-        _ => Err(AmqpError::syntax("malformed content header properties")),
+        _ => Err(AmqpError::undecodable(
+            "malformed content header properties",
+        )),
     }
 }
 

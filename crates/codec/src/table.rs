@@ -20,15 +20,15 @@ pub const MAX_TABLE_DEPTH: usize = 64;
 /// fit, and nesting stays within [`MAX_TABLE_DEPTH`].
 pub(crate) fn validate_table_body(body: &[u8], depth: usize) -> Result<(), AmqpError> {
     if depth > MAX_TABLE_DEPTH {
-        return Err(AmqpError::syntax("field table nesting too deep"));
+        return Err(AmqpError::undecodable("field table nesting too deep"));
     }
     let mut r = Reader::new(body);
     while !r.is_empty() {
         let key = r
             .short_str()
-            .ok_or_else(|| AmqpError::syntax("truncated field table key"))?;
+            .ok_or_else(|| AmqpError::undecodable("truncated field table key"))?;
         if std::str::from_utf8(key).is_err() {
-            return Err(AmqpError::syntax("field table key is not UTF-8"));
+            return Err(AmqpError::undecodable("field table key is not UTF-8"));
         }
         validate_value(&mut r, depth)?;
     }
@@ -37,7 +37,7 @@ pub(crate) fn validate_table_body(body: &[u8], depth: usize) -> Result<(), AmqpE
 
 fn validate_array_body(body: &[u8], depth: usize) -> Result<(), AmqpError> {
     if depth > MAX_TABLE_DEPTH {
-        return Err(AmqpError::syntax("field array nesting too deep"));
+        return Err(AmqpError::undecodable("field array nesting too deep"));
     }
     let mut r = Reader::new(body);
     while !r.is_empty() {
@@ -47,7 +47,7 @@ fn validate_array_body(body: &[u8], depth: usize) -> Result<(), AmqpError> {
 }
 
 fn validate_value(r: &mut Reader<'_>, depth: usize) -> Result<(), AmqpError> {
-    let truncated = || AmqpError::syntax("truncated field value");
+    let truncated = || AmqpError::undecodable("truncated field value");
     let kind = r.u8().ok_or_else(truncated)?;
     let fixed = match kind {
         b'V' => 0,
@@ -63,7 +63,7 @@ fn validate_value(r: &mut Reader<'_>, depth: usize) -> Result<(), AmqpError> {
         b'F' => return validate_table_body(r.long_str().ok_or_else(truncated)?, depth + 1),
         b'A' => return validate_array_body(r.long_str().ok_or_else(truncated)?, depth + 1),
         other => {
-            return Err(AmqpError::syntax(format_args!(
+            return Err(AmqpError::undecodable(format_args!(
                 "unknown field value type {:?}",
                 char::from(other)
             )))
@@ -77,7 +77,7 @@ fn validate_value(r: &mut Reader<'_>, depth: usize) -> Result<(), AmqpError> {
 pub(crate) fn skip_table(r: &mut Reader<'_>) -> Result<(), AmqpError> {
     let body = r
         .long_str()
-        .ok_or_else(|| AmqpError::syntax("truncated field table"))?;
+        .ok_or_else(|| AmqpError::undecodable("truncated field table"))?;
     validate_table_body(body, 1)
 }
 
@@ -92,13 +92,14 @@ pub(crate) fn skip_table(r: &mut Reader<'_>) -> Result<(), AmqpError> {
 /// ```
 pub fn decode_field_table_body(body: &[u8]) -> Result<FieldTable, AmqpError> {
     validate_table_body(body, 1)?;
-    let len = u32::try_from(body.len()).map_err(|_| AmqpError::syntax("field table over 4 GiB"))?;
+    let len =
+        u32::try_from(body.len()).map_err(|_| AmqpError::undecodable("field table over 4 GiB"))?;
     let mut framed = Vec::with_capacity(body.len() + 4);
     framed.extend_from_slice(&len.to_be_bytes());
     framed.extend_from_slice(body);
     match parse_field_table(framed.as_slice()) {
         Ok(([], t)) => Ok(t),
-        _ => Err(AmqpError::syntax("malformed field table")),
+        _ => Err(AmqpError::undecodable("malformed field table")),
     }
 }
 
@@ -107,9 +108,9 @@ pub fn decode_field_table(raw: &[u8]) -> Result<FieldTable, AmqpError> {
     let mut r = Reader::new(raw);
     let body = r
         .long_str()
-        .ok_or_else(|| AmqpError::syntax("truncated field table"))?;
+        .ok_or_else(|| AmqpError::undecodable("truncated field table"))?;
     if !r.is_empty() {
-        return Err(AmqpError::syntax("unexpected bytes after field table"));
+        return Err(AmqpError::undecodable("unexpected bytes after field table"));
     }
     decode_field_table_body(body)
 }
@@ -250,7 +251,7 @@ mod tests {
             body = outer;
         }
         let err = validate_table_body(&body, 1).unwrap_err();
-        assert_eq!(err.code, crate::ReplyCode::SyntaxError);
+        assert_eq!(err.code, crate::ReplyCode::FrameError);
         // amq-protocol alone aborts the process on this input (stack overflow)
         assert!(decode_field_table_body(&body).is_err());
     }

@@ -196,7 +196,7 @@ fn publish_with_invalid_utf8_name_is_a_syntax_error() {
         panic!()
     };
     let err = p.exchange_str().unwrap_err();
-    assert_eq!(err.code, ReplyCode::SyntaxError);
+    assert_eq!(err.code, ReplyCode::FrameError);
     assert_eq!((err.class_id, err.method_id), (60, 40));
     assert_eq!(p.routing_key_str().unwrap(), "k");
 }
@@ -456,7 +456,7 @@ fn truncated_methods_fail_with_syntax_error_at_every_length() {
         assert!(decode_method(&payload).is_ok());
         for len in 0..payload.len() {
             let err = decode_method(&payload.slice(..len)).expect_err("truncated must fail");
-            assert_eq!(err.code, ReplyCode::SyntaxError, "{method:?} at {len}");
+            assert_eq!(err.code, ReplyCode::FrameError, "{method:?} at {len}");
             if len >= 4 {
                 assert_eq!(
                     (err.class_id, err.method_id),
@@ -468,7 +468,7 @@ fn truncated_methods_fail_with_syntax_error_at_every_length() {
         let mut long = payload.to_vec();
         long.push(0);
         let err = decode_method(&Bytes::from(long)).expect_err("trailing byte must fail");
-        assert_eq!(err.code, ReplyCode::SyntaxError, "{method:?}");
+        assert_eq!(err.code, ReplyCode::FrameError, "{method:?}");
     }
 }
 
@@ -512,7 +512,7 @@ fn deeply_nested_arguments_are_rejected_without_overflowing_the_stack() {
     let mut p = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
     p.extend(nested_tables(20_000));
     let err = decode_method(&Bytes::from(p)).unwrap_err();
-    assert_eq!(err.code, ReplyCode::SyntaxError);
+    assert_eq!(err.code, ReplyCode::FrameError);
     assert_eq!((err.class_id, err.method_id), (50, 10));
     // within the bound it decodes
     let mut p = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
@@ -523,7 +523,7 @@ fn deeply_nested_arguments_are_rejected_without_overflowing_the_stack() {
     props.extend(nested_tables(20_000));
     assert_eq!(
         decode_properties(&props).unwrap_err().code,
-        ReplyCode::SyntaxError
+        ReplyCode::FrameError
     );
     let mut header = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     header.extend(props);
@@ -874,7 +874,7 @@ fn bad_content_headers_are_syntax_errors() {
     assert!(decode_content_header(Bytes::copy_from_slice(&ok)).is_ok());
     for len in 0..ok.len() {
         let err = decode_content_header(Bytes::copy_from_slice(&ok[..len])).unwrap_err();
-        assert_eq!(err.code, ReplyCode::SyntaxError);
+        assert_eq!(err.code, ReplyCode::FrameError);
     }
     // trailing garbage, continuation bit, truncated property, non-UTF-8 short string
     for bad in [
@@ -887,7 +887,7 @@ fn bad_content_headers_are_syntax_errors() {
             decode_content_header(Bytes::copy_from_slice(bad))
                 .unwrap_err()
                 .code,
-            ReplyCode::SyntaxError
+            ReplyCode::FrameError
         );
     }
 }
@@ -949,7 +949,7 @@ proptest! {
     #[test]
     fn decode_method_never_panics_on_known_ids(bytes in known_prefix()) {
         if let Err(e) = decode_method(&Bytes::from(bytes)) {
-            prop_assert_eq!(e.code, ReplyCode::SyntaxError);
+            prop_assert_eq!(e.code, ReplyCode::FrameError);
         }
     }
 
