@@ -83,7 +83,8 @@ impl Default for StreamExecutionEnvironment {
 pub struct JobExecutionResult {
     /// The name given to `execute`.
     pub job_name: String,
-    /// Wall time from starting the workers until all of them finished.
+    /// Wall time from starting the workers (processes already connected) until all of them
+    /// finished.
     pub net_runtime: Duration,
 }
 
@@ -170,26 +171,33 @@ impl StreamExecutionEnvironment {
         let errors: Arc<Mutex<Option<StreamError>>> = Arc::default();
         let worker_errors = errors.clone();
         let name = job_name.to_string();
+        // Connecting the processes is start-up, not job time (Flink's net runtime also
+        // excludes deployment).
+        let (allocators, others) = config
+            .communication
+            .try_build()
+            .map_err(StreamError::Startup)?;
         let start = Instant::now();
-        let guards = timely::execute(config, move |worker| {
-            let index = worker.index();
-            let peers = worker.peers();
-            let errors = worker_errors.clone();
-            let name = name.clone();
-            worker.dataflow::<u64, _, _>(|scope| {
-                let env = JobEnv {
-                    scope,
-                    shared: Rc::new(Shared {
-                        index,
-                        peers,
-                        errors,
-                        job_name: name,
-                    }),
-                };
-                job(&env);
-            });
-        })
-        .map_err(StreamError::Startup)?;
+        let guards =
+            timely::execute::execute_from(allocators, others, config.worker, move |worker| {
+                let index = worker.index();
+                let peers = worker.peers();
+                let errors = worker_errors.clone();
+                let name = name.clone();
+                worker.dataflow::<u64, _, _>(|scope| {
+                    let env = JobEnv {
+                        scope,
+                        shared: Rc::new(Shared {
+                            index,
+                            peers,
+                            errors,
+                            job_name: name,
+                        }),
+                    };
+                    job(&env);
+                });
+            })
+            .map_err(StreamError::Startup)?;
         for result in guards.join() {
             result.map_err(StreamError::Worker)?;
         }
