@@ -6,7 +6,8 @@
 # fmt/clippy/cargo tests, then drives the real binary with pika, aio-pika and
 # kombu (tests/interop). Works as root on a fresh Debian box with Rust and
 # python3 installed; never reads stdin. Any failing step fails the script, and
-# a pytest run that collects no tests counts as a failure.
+# a pytest run that collects no tests counts as a failure. After the build, every
+# check runs even if an earlier one failed, so one run reports all broken stages.
 #
 # Environment:
 #   AMQP_TEST_URL   run the interop suite against that broker instead of
@@ -41,23 +42,39 @@ step "cargo build -p rill"
 cargo build -p rill
 export RILL_BIN="${RILL_BIN:-$root/target/debug/rill}"
 
-step "cargo fmt --check"
-cargo fmt --all -- --check
+# The checks below all run even when one fails, so a single CI run reports every
+# broken stage; the script still exits non-zero if any of them failed.
+failed=()
+check() {
+    local name=$1
+    shift
+    step "$name"
+    local rc=0
+    "$@" </dev/null || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "FAILED: $name (exit $rc)" >&2
+        failed+=("$name")
+    fi
+    return 0
+}
 
-step "cargo clippy"
-cargo clippy --workspace --all-targets -- -D warnings
+pytest_interop() {
+    local rc=0
+    # shellcheck disable=SC2086
+    .venv/bin/python -m pytest tests/interop ${PYTEST_ARGS:-} || rc=$?
+    if [ "$rc" -eq 5 ]; then
+        echo "pytest collected no tests: treating as failure" >&2
+    fi
+    return "$rc"
+}
 
-step "cargo test"
-cargo test --workspace
+check "cargo fmt --check" cargo fmt --all -- --check
+check "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+check "cargo test" cargo test --workspace
+check "pytest tests/interop" pytest_interop
 
-step "pytest tests/interop"
-set +e
-# shellcheck disable=SC2086
-.venv/bin/python -m pytest tests/interop ${PYTEST_ARGS:-} </dev/null
-rc=$?
-set -e
-if [ "$rc" -eq 5 ]; then
-    echo "pytest collected no tests: treating as failure" >&2
+if [ "${#failed[@]}" -ne 0 ]; then
+    printf '\n==> FAILED: %s\n' "${failed[@]}" >&2
     exit 1
 fi
-exit "$rc"
+printf '\n==> all checks passed\n'
