@@ -3,14 +3,12 @@
 //! In-memory sources run inside the worker and hand timely a batch of up to
 //! [`SOURCE_BATCH`] records per activation, so they never starve the operators downstream.
 //! A [`SourceFunction`] may block (sleep, read a socket); it therefore runs on a thread of its
-//! own and reaches the worker through a bounded channel — the bound is the source's
+//! own and reaches the worker through a bounded queue — the bound is the source's
 //! backpressure — waking the worker with timely's `SyncActivator`.
 
 use std::io::BufRead;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::generic::operator::source;
@@ -24,8 +22,6 @@ use crate::watermark::{WatermarkGen, WatermarkStrategy};
 
 /// Records an in-worker source emits per activation.
 pub const SOURCE_BATCH: usize = 4096;
-/// Batches a [`SourceFunction`] may have in flight before `collect` blocks.
-const CHANNEL_BATCHES: usize = 64;
 
 type Builder<T> = CapacityContainerBuilder<Vec<(u64, T)>>;
 
@@ -186,53 +182,53 @@ impl<'s> JobEnv<'s> {
                 }
             }
             let mut cap = running.is_some().then_some(cap);
+            let mut drained: Vec<SourceMsg<T>> = Vec::new();
             move |output| {
                 let (Some(c), Some(r)) = (cap.as_mut(), running.as_mut()) else {
                     return;
                 };
-                loop {
-                    match r.rx.try_recv() {
-                        Ok(SourceMsg::Batch(items)) => {
-                            r.in_flight.fetch_sub(1, Ordering::AcqRel);
-                            let mut batch = Vec::with_capacity(items.len());
-                            for (attached, item) in items {
-                                let ts = gen.stamp(&item, attached.unwrap_or(0));
-                                batch.push((ts, item));
-                                let f = gen.frontier();
-                                if f > *c.time() {
-                                    output.session(&*c).give_container(&mut batch);
-                                    batch.clear();
-                                    c.downgrade(&f);
-                                }
-                            }
-                            if !batch.is_empty() {
-                                output.session(&*c).give_container(&mut batch);
-                            }
-                        }
-                        Ok(SourceMsg::Watermark(w)) => {
-                            r.in_flight.fetch_sub(1, Ordering::AcqRel);
-                            gen.explicit_watermark(w);
+                let done = r.shared.drain_into(&mut drained);
+                let mut batch = Vec::with_capacity(drained.len());
+                for msg in drained.drain(..) {
+                    match msg {
+                        SourceMsg::Record(attached, item) => {
+                            let ts = gen.stamp(&item, attached.unwrap_or(0));
+                            batch.push((ts, item));
                             let f = gen.frontier();
                             if f > *c.time() {
+                                output.session(&*c).give_container(&mut batch);
+                                batch.clear();
                                 c.downgrade(&f);
                             }
                         }
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => {
-                            if let Some(handle) = r.thread.take() {
-                                match handle.join() {
-                                    Ok(Ok(())) => {}
-                                    Ok(Err(e)) => env.report(e),
-                                    Err(_) => env.report(StreamError::Source(
-                                        "source thread panicked".into(),
-                                    )),
+                        SourceMsg::Watermark(w) => {
+                            gen.explicit_watermark(w);
+                            let f = gen.frontier();
+                            if f > *c.time() {
+                                if !batch.is_empty() {
+                                    output.session(&*c).give_container(&mut batch);
+                                    batch.clear();
                                 }
+                                c.downgrade(&f);
                             }
-                            cap = None;
-                            running = None;
-                            return;
                         }
                     }
+                }
+                if !batch.is_empty() {
+                    output.session(&*c).give_container(&mut batch);
+                }
+                if done {
+                    if let Some(handle) = r.thread.take() {
+                        match handle.join() {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => env.report(e),
+                            Err(_) => {
+                                env.report(StreamError::Source("source thread panicked".into()))
+                            }
+                        }
+                    }
+                    cap = None;
+                    running = None;
                 }
             }
         });
@@ -273,98 +269,150 @@ pub trait SourceFunction<T>: Send + 'static {
 }
 
 enum SourceMsg<T> {
-    Batch(Vec<(Option<u64>, T)>),
+    Record(Option<u64>, T),
     Watermark(u64),
+}
+
+/// Records queued by a source thread for its worker.
+struct Queue<T> {
+    msgs: Vec<SourceMsg<T>>,
+    finished: bool,
+    cancelled: bool,
+}
+
+/// The hand-off between a source thread and its worker: a queue behind a mutex (held only
+/// to push one record or to swap the whole queue out, never while running user code or
+/// dataflow operators) and a condvar on which a source waits while the queue is full.
+struct Shared<T> {
+    queue: Mutex<Queue<T>>,
+    not_full: Condvar,
+}
+
+impl<T> Shared<T> {
+    fn lock(&self) -> MutexGuard<'_, Queue<T>> {
+        match self.queue.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Moves all queued messages into `out`; true once the source has finished and
+    /// everything has been drained.
+    fn drain_into(&self, out: &mut Vec<SourceMsg<T>>) -> bool {
+        let mut q = self.lock();
+        std::mem::swap(&mut q.msgs, out);
+        let done = q.finished;
+        drop(q);
+        self.not_full.notify_all();
+        done
+    }
+
+    fn cancel(&self) {
+        self.lock().cancelled = true;
+        self.not_full.notify_all();
+    }
 }
 
 /// A [`SourceFunction`]'s way to emit records and watermarks.
 ///
-/// Records are batched, but a batch is sent at once whenever the worker has nothing queued,
-/// so a slow source (one record a second) is not delayed while a fast one is batched.
+/// Each record is queued for the worker at once (the worker is woken when the queue goes
+/// from empty to non-empty and takes everything queued in one go), so a slow source is not
+/// delayed and a fast one is batched. When [`SOURCE_QUEUE`] records are waiting, `collect`
+/// blocks: that is the source's backpressure.
 pub struct SourceContext<T> {
-    buf: Vec<(Option<u64>, T)>,
-    tx: SyncSender<SourceMsg<T>>,
+    shared: Arc<Shared<T>>,
     activator: SyncActivator,
-    in_flight: Arc<AtomicUsize>,
-    cancelled: Arc<AtomicBool>,
+    cancelled: bool,
 }
+
+/// Records a [`SourceFunction`] may queue before `collect` blocks.
+pub const SOURCE_QUEUE: usize = 64 * 1024;
 
 impl<T> SourceContext<T> {
     /// Emits a record; its timestamp comes from the strategy's assigner (or is 0).
     pub fn collect(&mut self, item: T) {
-        self.push(None, item);
+        self.push(SourceMsg::Record(None, item));
     }
 
     /// Emits a record with an event timestamp (ms).
     pub fn collect_with_timestamp(&mut self, item: T, timestamp: u64) {
-        self.push(Some(timestamp), item);
+        self.push(SourceMsg::Record(Some(timestamp), item));
     }
 
     /// Declares that no more records with timestamps `<= watermark` will follow.
     pub fn emit_watermark(&mut self, watermark: u64) {
-        self.flush();
-        self.send(SourceMsg::Watermark(watermark));
+        self.push(SourceMsg::Watermark(watermark));
     }
 
     /// True once the job no longer wants records (it failed); `run` should return.
     pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed)
+        self.cancelled
     }
 
-    fn push(&mut self, ts: Option<u64>, item: T) {
-        self.buf.push((ts, item));
-        if self.buf.len() >= SOURCE_BATCH || self.in_flight.load(Ordering::Acquire) == 0 {
-            self.flush();
-        }
-    }
-
-    /// Sends buffered records now.
-    pub fn flush(&mut self) {
-        if !self.buf.is_empty() {
-            let batch = std::mem::replace(&mut self.buf, Vec::with_capacity(SOURCE_BATCH));
-            self.send(SourceMsg::Batch(batch));
-        }
-    }
-
-    fn send(&mut self, msg: SourceMsg<T>) {
-        if self.is_cancelled() {
+    fn push(&mut self, msg: SourceMsg<T>) {
+        if self.cancelled {
             return;
         }
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send(msg).is_err() || self.activator.activate().is_err() {
-            self.cancelled.store(true, Ordering::Relaxed);
+        let mut q = self.shared.lock();
+        while q.msgs.len() >= SOURCE_QUEUE && !q.cancelled {
+            q = match self.shared.not_full.wait(q) {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
         }
+        if q.cancelled {
+            self.cancelled = true;
+            return;
+        }
+        let wake = q.msgs.is_empty();
+        q.msgs.push(msg);
+        drop(q);
+        if wake && self.activator.activate().is_err() {
+            self.cancelled = true;
+        }
+    }
+
+    fn finish(&mut self) {
+        self.shared.lock().finished = true;
+        let _ = self.activator.activate();
     }
 }
 
 struct RunningSource<T> {
-    rx: Receiver<SourceMsg<T>>,
-    in_flight: Arc<AtomicUsize>,
+    shared: Arc<Shared<T>>,
     thread: Option<std::thread::JoinHandle<Result<(), StreamError>>>,
+}
+
+impl<T> Drop for RunningSource<T> {
+    /// The worker is done with the source (finished, or the job is being torn down):
+    /// release a source blocked on a full queue.
+    fn drop(&mut self) {
+        self.shared.cancel();
+    }
 }
 
 fn spawn_source<T: Data, S: SourceFunction<T>>(
     mut source_fn: S,
     activator: SyncActivator,
 ) -> Result<RunningSource<T>, StreamError> {
-    let (tx, rx) = sync_channel(CHANNEL_BATCHES);
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(Queue {
+            msgs: Vec::new(),
+            finished: false,
+            cancelled: false,
+        }),
+        not_full: Condvar::new(),
+    });
     let mut ctx = SourceContext {
-        buf: Vec::new(),
-        tx,
+        shared: shared.clone(),
         activator,
-        in_flight: in_flight.clone(),
-        cancelled: Arc::new(AtomicBool::new(false)),
+        cancelled: false,
     };
     let thread = std::thread::Builder::new()
         .name("rill-source".into())
         .spawn(move || {
             let result = source_fn.run(&mut ctx);
-            ctx.flush();
-            // Dropping the context closes the channel; wake the worker so it sees that.
-            let activator = ctx.activator.clone();
-            drop(ctx);
-            let _ = activator.activate();
+            ctx.finish();
             result
         })
         .map_err(|source| StreamError::Io {
@@ -372,8 +420,7 @@ fn spawn_source<T: Data, S: SourceFunction<T>>(
             source,
         })?;
     Ok(RunningSource {
-        rx,
-        in_flight,
+        shared,
         thread: Some(thread),
     })
 }
