@@ -6,7 +6,7 @@
 //! (AMQP sources and sinks live in `connect`).
 //!
 //! # Layout
-//! - [`env`]: [`StreamExecutionEnvironment`] (parallelism, cluster settings, `execute`) and the
+//! - [`env`](mod@env): [`StreamExecutionEnvironment`] (parallelism, cluster settings, `execute`) and the
 //!   per-worker [`JobEnv`] handed to the job closure.
 //! - [`source`]: collections, parallel sequences, [`SourceFunction`] (run on its own thread,
 //!   bridged into the worker through a bounded channel) and text files.
@@ -18,6 +18,7 @@
 //!   count windows, allowed lateness and late-data side outputs.
 //! - [`state`]: [`ValueState`], [`ListState`], [`MapState`] and the [`StateBackend`] trait.
 //! - [`sink`]: print (Flink's `N> ` format), collect into a `Vec`, text and JSON-lines files.
+//! - [`bench`](mod@bench): the jobs behind `rill bench wordcount` (shared with the `bench_wordcount` example).
 //!
 //! # Time model
 //! Every record carries its event timestamp (milliseconds, `u64`). The timely timestamp of a
