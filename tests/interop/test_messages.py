@@ -212,3 +212,15 @@ def test_body_over_128_mib_is_406(conn):
     ):
         ch.queue_declare("", exclusive=True)
     assert conn.is_open
+
+
+@pytest.mark.parametrize("expiration", ["abc", "-1", "1.5", ""])
+def test_invalid_expiration_is_406(conn, expiration):
+    ch = conn.channel()
+    q = ch.queue_declare("", exclusive=True).method.queue
+    ch.basic_publish("", q, b"x", pika.BasicProperties(expiration=expiration))
+    with channel_closed(406) as exc:
+        ch.queue_declare("", exclusive=True)
+    # RabbitMQ appends an Erlang reason (no_integer, {value_negative,-1}, ...).
+    assert exc.value.reply_text.startswith(f"PRECONDITION_FAILED - invalid expiration '{expiration}'")
+    assert conn.is_open

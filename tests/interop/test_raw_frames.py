@@ -309,3 +309,57 @@ def test_publish_frames_interleaved_across_channels(raw):
         c.read_frame()
         got.add(c.read_frame().fragment)
     assert got == {b"11", b"22"}
+
+
+def short_str(s: bytes) -> bytes:
+    return bytes([len(s)]) + s
+
+
+def exotic_headers_table() -> bytes:
+    """A field table with every AMQP 0-9-1 / RabbitMQ field type, keys deliberately unsorted."""
+    fields = [
+        (b"z-bool", b"t\x01"),
+        (b"b-int8", b"b\xfe"),
+        (b"B-uint8", b"B\xfe"),
+        (b"s-int16", b"s\xff\xfe"),
+        (b"u-uint16", b"u\xff\xfe"),
+        (b"I-int32", b"I" + struct.pack(">i", -123456)),
+        (b"i-uint32", b"i" + struct.pack(">I", 4000000000)),
+        (b"l-int64", b"l" + struct.pack(">q", -(2**60))),
+        (b"f-float", b"f" + struct.pack(">f", 1.5)),
+        (b"d-double", b"d" + struct.pack(">d", -2.25)),
+        (b"D-decimal", b"D\x02" + struct.pack(">I", 314)),
+        (b"S-longstr", b"S" + struct.pack(">I", 5) + b"hello"),
+        (b"x-bytes", b"x" + struct.pack(">I", 3) + b"\x00\x01\x02"),
+        (b"T-timestamp", b"T" + struct.pack(">Q", 1700000000)),
+        (b"V-void", b"V"),
+        (b"A-array", b"A" + struct.pack(">I", 8) + b"I\x00\x00\x00\x01" + b"V" + b"t\x00"),
+        (b"F-table", b"F" + struct.pack(">I", 7) + short_str(b"k") + b"t\x01" + short_str(b"v") + b"V"),
+        (b"a-last", b"S" + struct.pack(">I", 0)),
+    ]
+    payload = b"".join(short_str(k) + v for k, v in fields)
+    return struct.pack(">I", len(payload)) + payload
+
+
+def test_content_header_passes_through_byte_exact(raw):
+    c = opened(raw)
+    q = declare_temp(c)
+    # Property flags: content-type(15) | headers(13) | delivery-mode(12) | message-id(7) | app-id(3)
+    flags = (1 << 15) | (1 << 13) | (1 << 12) | (1 << 7) | (1 << 3)
+    props = (struct.pack(">H", flags) + short_str(b"application/x-rill") + exotic_headers_table()
+             + b"\x02" + short_str(b"id-1") + short_str(b"raw-test"))
+    content_header = struct.pack(">HHQ", 60, 0, 5) + props
+    c.send(method(1, S.Basic.Publish(exchange="", routing_key=q)) + frame(2, 1, content_header) + body(1, b"bytes"))
+    c.send(method(1, S.Basic.Get(queue=q, no_ack=True)))
+    c.expect(S.Basic.GetOk)
+    # Read the raw header frame ourselves to compare bytes.
+    while len(c.buf) < 7:
+        c.buf += c.sock.recv(65536)
+    kind, channel, size = struct.unpack(">BHI", c.buf[:7])
+    while len(c.buf) < 8 + size:
+        c.buf += c.sock.recv(65536)
+    payload = c.buf[7:7 + size]
+    c.buf = c.buf[8 + size:]
+    assert (kind, channel) == (2, 1)
+    assert payload == content_header
+    assert c.read_frame().fragment == b"bytes"
