@@ -616,3 +616,19 @@ def test_direct_reply_to(connect):
     server.basic_publish("", props.reply_to, b"response")
     assert wait_until(lambda: replies.got, conn=client_conn)
     assert replies.bodies == ["response"]
+
+
+def test_qos_change_does_not_affect_existing_consumer(conn):
+    # Per-consumer prefetch is fixed when the consumer starts (RabbitMQ's per_consumer_qos).
+    ch = conn.channel()
+    q = temp_queue(ch)
+    publish_n(ch, q, 6)
+    ch.basic_qos(prefetch_count=1)
+    c = Collector()
+    ch.basic_consume(q, c)
+    assert wait_until(lambda: len(c.got) >= 1, conn=conn)
+    ch.basic_qos(prefetch_count=4)
+    ch.basic_ack(c.got[0][0].delivery_tag)
+    assert wait_until(lambda: len(c.got) >= 2, conn=conn)
+    settle(conn)
+    assert len(c.got) == 2
