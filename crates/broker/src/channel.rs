@@ -155,6 +155,9 @@ pub(crate) struct Channel {
     seq_buf: Vec<u64>,
     /// The direct reply-to pseudo-queue this channel consumes from, if any.
     reply_queue: Option<String>,
+    /// Queues that asked this channel's publisher to slow down (see
+    /// [`Queue::wants_publishers_paused`]).
+    flow_paused_by: Vec<Arc<Queue>>,
 }
 
 /// The pseudo-queue name for RabbitMQ's direct reply-to.
@@ -181,6 +184,7 @@ impl Channel {
             route_buf: Vec::new(),
             seq_buf: Vec::new(),
             reply_queue: None,
+            flow_paused_by: Vec::new(),
         }
     }
 
@@ -442,6 +446,12 @@ impl Channel {
                 )));
             }
         }
+        if let Some(exp) = PropertiesView::new(&header.properties)
+            .map_err(at_publish)?
+            .expiration()
+        {
+            check_expiration(exp).map_err(at_publish)?;
+        }
         let exchange = vhost
             .exchange(publish.exchange_str().map_err(at_publish)?)
             .map_err(at_publish)?;
@@ -544,8 +554,22 @@ impl Channel {
         let mut accepted = true;
         for q in self.route_buf.drain(..) {
             accepted &= q.publish(msg.clone());
+            if q.wants_publishers_paused()
+                && !self.flow_paused_by.iter().any(|p| Arc::ptr_eq(p, &q))
+            {
+                self.flow_paused_by.push(q);
+            }
         }
         accepted
+    }
+
+    /// Whether a queue this channel published to still wants publishers paused.
+    pub fn publish_paused(&mut self) -> bool {
+        if self.flow_paused_by.is_empty() {
+            return false;
+        }
+        self.flow_paused_by.retain(|q| !q.lets_publishers_resume());
+        !self.flow_paused_by.is_empty()
     }
 
     /// Sends the publisher confirms accumulated during the last input batch.
@@ -1108,6 +1132,19 @@ fn requeue_or_discard(requeue: bool) -> Settle {
     } else {
         Settle::Discard
     }
+}
+
+/// Per-message TTL must be a non-negative integer (milliseconds), as RabbitMQ checks it.
+fn check_expiration(exp: &str) -> Result<u64, AmqpError> {
+    let reason = match exp.parse::<i64>() {
+        Ok(n) if n >= 0 => return Ok(n as u64),
+        Ok(n) => format!("{{value_negative,{n}}}"),
+        Err(_) => "no_integer".to_owned(),
+    };
+    Err(AmqpError::new(
+        ReplyCode::PreconditionFailed,
+        format!("invalid expiration '{exp}': {reason}"),
+    ))
 }
 
 fn command_invalid() -> AmqpError {

@@ -202,6 +202,12 @@ impl Connection {
         self.fail(0, err, out);
     }
 
+    /// Whether the server should stop reading this connection's socket for now because queues
+    /// it publishes to are backed up (flow control). Re-check periodically while true.
+    pub fn reading_paused(&mut self) -> bool {
+        self.channels.values_mut().any(|ch| ch.publish_paused())
+    }
+
     /// Whether the handshake finished (connection.open-ok sent).
     pub fn is_open(&self) -> bool {
         self.state == State::Open

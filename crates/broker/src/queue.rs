@@ -15,6 +15,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// Ready messages above which a consumed queue asks its publishers to pause.
+const FLOW_HIGH: u64 = 20_000;
+/// ... and below which they resume.
+const FLOW_LOW: u64 = 10_000;
+
 /// Declared properties of a queue, compared on redeclaration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueConfig {
@@ -121,6 +126,21 @@ impl Queue {
 
     pub fn counters(&self) -> &QueueCounters {
         &self.stats
+    }
+
+    /// Publisher flow control, like RabbitMQ's credit flow: while consumers are attached and
+    /// cannot keep up, publishers into this queue should pause reading their sockets. A queue
+    /// without consumers is buffering by design and never holds publishers back.
+    pub fn wants_publishers_paused(&self) -> bool {
+        self.stats.consumers.load(Ordering::Relaxed) > 0
+            && self.stats.ready.load(Ordering::Relaxed) > FLOW_HIGH
+    }
+
+    /// Publishers paused by this queue may resume.
+    pub fn lets_publishers_resume(&self) -> bool {
+        self.stats.consumers.load(Ordering::Relaxed) == 0
+            || self.stats.ready.load(Ordering::Relaxed) < FLOW_LOW
+            || self.is_deleted()
     }
 
     pub fn message_count(&self) -> u32 {

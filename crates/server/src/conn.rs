@@ -25,6 +25,9 @@ const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
 /// Stop reading while this much unparsed input is buffered (a body frame can be up to frame_max).
 const READ_BUF: usize = 256 * 1024;
 
+/// How often a flow-paused connection checks whether it may read again.
+const FLOW_RECHECK: Duration = Duration::from_millis(1);
+
 #[derive(Debug)]
 struct TaskOutlet(mpsc::UnboundedSender<ConnEvent>);
 
@@ -91,7 +94,8 @@ pub(crate) async fn run(
         if status == Status::Closing && closing_since.is_none() {
             closing_since = Some(Instant::now());
         }
-        let can_read = rbuf.len() < READ_BUF;
+        let flow_paused = status == Status::Running && conn.reading_paused();
+        let can_read = rbuf.len() < READ_BUF && !flow_paused;
         let can_take_events = wbuf.len() < WRITE_HIGH_WATER && status == Status::Running;
         tokio::select! {
             r = rd.read_buf(&mut rbuf), if can_read => {
@@ -150,6 +154,8 @@ pub(crate) async fn run(
                     }
                 }
             }
+            // Flow control: look again soon whether the queues we publish to have drained.
+            _ = tokio::time::sleep(FLOW_RECHECK), if flow_paused => {}
             _ = stop.recv() => {
                 conn.force_close(
                     ReplyCode::ConnectionForced,
