@@ -30,11 +30,21 @@ pub const SHORT_STR_CAP: usize = 23;
 /// assert_eq!(w.as_str(), "w42");
 /// assert!(ShortStr::new("a string that is far too long to fit").is_none());
 /// ```
-#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Default, PartialOrd, Ord)]
 pub struct ShortStr {
-    len: u8,
-    buf: [u8; SHORT_STR_CAP],
+    // The string, zero-padded, then its length in the last byte: 24 bytes that compare as
+    // three words (keys are compared on every hash-table probe).
+    buf: [u8; SHORT_STR_CAP + 1],
 }
+
+impl PartialEq for ShortStr {
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        self.words() == other.words()
+    }
+}
+
+impl Eq for ShortStr {}
 
 impl ShortStr {
     /// `None` if `s` is longer than [`SHORT_STR_CAP`] bytes.
@@ -43,14 +53,28 @@ impl ShortStr {
         out.push_str(s).then_some(out)
     }
 
+    #[inline]
+    fn len(&self) -> usize {
+        usize::from(self.buf[SHORT_STR_CAP])
+    }
+
+    #[inline]
+    fn words(&self) -> (u128, u64) {
+        let (mut a, mut b) = ([0u8; 16], [0u8; 8]);
+        a.copy_from_slice(&self.buf[..16]);
+        b.copy_from_slice(&self.buf[16..]);
+        (u128::from_ne_bytes(a), u64::from_ne_bytes(b))
+    }
+
     /// Appends `s`; returns false (and leaves `self` unchanged) if it does not fit.
+    #[inline]
     pub fn push_str(&mut self, s: &str) -> bool {
-        let len = self.len as usize;
-        let Some(dst) = self.buf.get_mut(len..len + s.len()) else {
+        let len = self.len();
+        if len + s.len() > SHORT_STR_CAP {
             return false;
-        };
-        dst.copy_from_slice(s.as_bytes());
-        self.len += s.len() as u8;
+        }
+        self.buf[len..len + s.len()].copy_from_slice(s.as_bytes());
+        self.buf[SHORT_STR_CAP] = (len + s.len()) as u8;
         true
     }
 
@@ -62,13 +86,13 @@ impl ShortStr {
     /// The held bytes (UTF-8).
     #[inline]
     pub fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len as usize]
+        &self.buf[..self.len()]
     }
 
     /// The held string.
     pub fn as_str(&self) -> &str {
         // Only ever filled from `&str`s, so this is valid UTF-8.
-        std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or_default()
+        std::str::from_utf8(&self.buf[..self.len()]).unwrap_or_default()
     }
 }
 
@@ -84,7 +108,7 @@ impl fmt::Write for ShortStr {
 
 impl Hash for ShortStr {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write(&self.buf[..self.len as usize]);
+        state.write(&self.buf[..self.len()]);
     }
 }
 
