@@ -136,3 +136,26 @@ impl<'de> Deserialize<'de> for ShortStr {
         ShortStr::new(&s).ok_or_else(|| serde::de::Error::custom("string longer than 23 bytes"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ShortStr;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn short_str_behaves_like_str(a in "\\PC{0,8}", b in "\\PC{0,8}") {
+            if let (Some(x), Some(y)) = (ShortStr::new(&a), ShortStr::new(&b)) {
+                prop_assert_eq!(x.as_str(), a.as_str());
+                prop_assert_eq!(x == y, a == b);
+                prop_assert_eq!(x.cmp(&y), a.cmp(&b));
+                if a == b {
+                    prop_assert_eq!(crate::hash::route(&x), crate::hash::route(&y));
+                }
+                let json = serde_json::to_string(&x).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let back: ShortStr = serde_json::from_str(&json).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(back, x);
+            }
+        }
+    }
+}
