@@ -1,8 +1,9 @@
 //! The broker handle: virtual hosts, users and limits. Cheap to clone; every connection and
 //! (later) embedded stream job holds one.
 
+use crate::consumer::{ConnEvent, Outlet};
 use crate::vhost::VHost;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +53,10 @@ struct Inner {
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
     users: RwLock<HashMap<String, User>>,
     next_connection_id: AtomicU64,
+    /// Open connections, to broadcast alarms and (later) for management.
+    connections: Mutex<HashMap<u64, Arc<dyn Outlet>>>,
+    /// Resource alarms in force (e.g. "memory", "disk"); publishers are blocked while any is.
+    alarms: Mutex<Vec<String>>,
 }
 
 /// Why a login was refused (the wire reply is the same for all: 403).
@@ -72,6 +77,8 @@ impl Broker {
                 vhosts: RwLock::new(HashMap::new()),
                 users: RwLock::new(HashMap::new()),
                 next_connection_id: AtomicU64::new(1),
+                connections: Mutex::new(HashMap::new()),
+                alarms: Mutex::new(Vec::new()),
             }),
         };
         b.add_vhost("/");
@@ -128,6 +135,59 @@ impl Broker {
             return Err(LoginError::LoopbackOnly);
         }
         Ok(u.clone())
+    }
+
+    /// Registers an open connection; it is told at once if an alarm is in force.
+    pub(crate) fn register_connection(&self, id: u64, outlet: Arc<dyn Outlet>) {
+        if let Some(reason) = self.alarm_reason() {
+            outlet.push(ConnEvent::Blocked(Some(reason)));
+        }
+        self.inner.connections.lock().insert(id, outlet);
+    }
+
+    pub(crate) fn deregister_connection(&self, id: u64) {
+        self.inner.connections.lock().remove(&id);
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.inner.connections.lock().len()
+    }
+
+    /// Raises or clears a resource alarm (`resource` is e.g. "memory" or "disk"). While any alarm
+    /// is in force, publishing connections are blocked (connection.blocked), as in RabbitMQ.
+    pub fn set_alarm(&self, resource: &str, on: bool) {
+        let before = self.alarm_reason();
+        {
+            let mut alarms = self.inner.alarms.lock();
+            let present = alarms.iter().any(|a| a == resource);
+            if on && !present {
+                alarms.push(resource.to_owned());
+            } else if !on && present {
+                alarms.retain(|a| a != resource);
+            }
+        }
+        let after = self.alarm_reason();
+        if before.is_some() != after.is_some() {
+            if let Some(r) = &after {
+                tracing::warn!(alarm = %r, "resource alarm raised: blocking publishers");
+            } else {
+                tracing::info!("resource alarms cleared: unblocking publishers");
+            }
+            for outlet in self.inner.connections.lock().values() {
+                outlet.push(ConnEvent::Blocked(after.clone()));
+            }
+        }
+    }
+
+    /// The connection.blocked reason while an alarm is in force, RabbitMQ's wording.
+    pub fn alarm_reason(&self) -> Option<String> {
+        let alarms = self.inner.alarms.lock();
+        match alarms.first() {
+            None => None,
+            Some(a) if a == "memory" => Some("low on memory".to_owned()),
+            Some(a) if a == "disk" => Some("low on disk".to_owned()),
+            Some(a) => Some(format!("low on {a}")),
+        }
     }
 
     pub(crate) fn next_connection_id(&self) -> u64 {

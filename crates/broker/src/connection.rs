@@ -64,6 +64,15 @@ pub struct Connection {
     client_properties: FieldTable,
     /// Client announced `consumer_cancel_notify`: send basic.cancel when a queue goes away.
     cancel_notify: bool,
+    /// Client announced `connection.blocked`: tell it when alarms block publishing.
+    blocked_notify: bool,
+    /// The resource alarm in force, if any: once this connection publishes, reading stops
+    /// (RabbitMQ blocks only connections that publish).
+    alarm: Option<String>,
+    /// We sent connection.blocked and owe an unblocked.
+    told_blocked: bool,
+    /// Whether it published since the alarm was raised.
+    has_published: bool,
     channels: HashMap<u16, Channel>,
 }
 
@@ -126,6 +135,10 @@ impl Connection {
             },
             client_properties: FieldTable::default(),
             cancel_notify: false,
+            blocked_notify: false,
+            alarm: None,
+            told_blocked: false,
+            has_published: false,
             channels: HashMap::new(),
         }
     }
@@ -205,6 +218,9 @@ impl Connection {
     /// Whether the server should stop reading this connection's socket for now because queues
     /// it publishes to are backed up (flow control). Re-check periodically while true.
     pub fn reading_paused(&mut self) -> bool {
+        if self.alarm.is_some() && self.has_published {
+            return true;
+        }
         self.channels.values_mut().any(|ch| ch.publish_paused())
     }
 
@@ -245,16 +261,19 @@ impl Connection {
                 self.force_close(code, &text, out);
             }
             ConnEvent::Blocked(reason) => {
-                if self.state != State::Open {
-                    return;
+                self.alarm = reason;
+                self.has_published = false;
+                if self.alarm.is_none() && self.told_blocked {
+                    // Alarm over: reading resumes; tell the client if we told it before.
+                    self.told_blocked = false;
+                    encode_method(
+                        out,
+                        0,
+                        &AMQPClass::Connection(amqp_conn::AMQPMethod::Unblocked(
+                            amqp_conn::Unblocked {},
+                        )),
+                    );
                 }
-                let m = match reason {
-                    Some(r) => amqp_conn::AMQPMethod::Blocked(amqp_conn::Blocked {
-                        reason: short_string_truncated(&r),
-                    }),
-                    None => amqp_conn::AMQPMethod::Unblocked(amqp_conn::Unblocked {}),
-                };
-                encode_method(out, 0, &AMQPClass::Connection(m));
             }
         }
     }
@@ -348,6 +367,23 @@ impl Connection {
                 if ch.is_closing() {
                     return Ok(());
                 }
+                if frame.kind == FRAME_HEADER {
+                    self.has_published = true;
+                    if let Some(reason) = &self.alarm {
+                        if self.blocked_notify && !self.told_blocked {
+                            self.told_blocked = true;
+                            encode_method(
+                                out,
+                                0,
+                                &AMQPClass::Connection(amqp_conn::AMQPMethod::Blocked(
+                                    amqp_conn::Blocked {
+                                        reason: short_string_truncated(reason),
+                                    },
+                                )),
+                            );
+                        }
+                    }
+                }
                 let r = if frame.kind == FRAME_HEADER {
                     ch.content_header(ctx, frame.payload, out)
                 } else {
@@ -434,6 +470,8 @@ impl Connection {
                 self.ctx.vhost = Some(vh);
                 self.ctx.frame_max = self.tuning.frame_max;
                 self.state = State::Open;
+                self.broker
+                    .register_connection(self.ctx.connection, self.ctx.outlet.clone());
                 encode_method(
                     out,
                     0,
@@ -511,6 +549,10 @@ impl Connection {
         }
         if let Some(AMQPValue::FieldTable(caps)) = ok.client_properties.inner().get("capabilities")
         {
+            self.blocked_notify = matches!(
+                caps.inner().get("connection.blocked"),
+                Some(AMQPValue::Boolean(true))
+            );
             self.cancel_notify = matches!(
                 caps.inner().get("consumer_cancel_notify"),
                 Some(AMQPValue::Boolean(true))
@@ -613,6 +655,7 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        self.broker.deregister_connection(self.ctx.connection);
         self.close_channels();
         if let Some(vh) = &self.ctx.vhost {
             vh.connection_closed(self.ctx.connection);

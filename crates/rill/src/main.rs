@@ -40,6 +40,12 @@ struct ServerArgs {
     /// Most concurrent client connections; more wait in the accept backlog.
     #[arg(long, default_value_t = 65_536)]
     max_connections: usize,
+    /// Block publishers when the broker uses more than this fraction of RAM.
+    #[arg(long, default_value_t = 0.4)]
+    memory_high_watermark: f64,
+    /// Block publishers when the data directory has fewer free bytes than this.
+    #[arg(long, default_value_t = 50_000_000)]
+    disk_free_limit: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +63,8 @@ fn main() -> anyhow::Result<()> {
             port: args.port,
             data_dir: args.data_dir,
             max_connections: args.max_connections,
+            memory_high_watermark: args.memory_high_watermark,
+            disk_free_limit: args.disk_free_limit,
         })?),
         Command::Bench(cmd) => bench::run(cmd),
     }

@@ -96,6 +96,11 @@ pub(crate) async fn run(
         }
         let flow_paused = status == Status::Running && conn.reading_paused();
         let can_read = rbuf.len() < READ_BUF && !flow_paused;
+        if flow_paused {
+            // Not reading is our choice, not the peer's silence: don't count it as missed
+            // heartbeats (RabbitMQ pauses its heartbeat monitor the same way).
+            last_read = Instant::now();
+        }
         let can_take_events = wbuf.len() < WRITE_HIGH_WATER && status == Status::Running;
         tokio::select! {
             r = rd.read_buf(&mut rbuf), if can_read => {

@@ -2,12 +2,15 @@
 //!
 //! # Layout
 //! - [`server`]: the listener, the connection cap, signal handling and orderly shutdown.
+//! - [`alarms`]: memory and free-disk sampling that raises the broker's resource alarms.
 //! - [`conn`]: one connection task: socket bytes ↔ frames ↔ the broker core's state machine,
 //!   heartbeats, batched writes.
 //!
 //! All AMQP semantics live in `rill-broker`; this crate only moves bytes and keeps time.
 
+pub mod alarms;
 mod conn;
 pub mod server;
 
+pub use alarms::AlarmConfig;
 pub use server::{run_blocking, serve, ServerConfig, ServerError};

@@ -17,6 +17,10 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Connections beyond this wait in the accept backlog.
     pub max_connections: usize,
+    /// Fraction of RAM at which publishers are blocked.
+    pub memory_high_watermark: f64,
+    /// Free bytes below which publishers are blocked.
+    pub disk_free_limit: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +63,14 @@ pub fn run_blocking(config: ServerConfig) -> Result<(), ServerError> {
             .map_err(|source| ServerError::Bind { addr, source })?;
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "rill broker listening");
         let broker = Broker::new(BrokerConfig::default());
+        tokio::spawn(crate::alarms::watch(
+            broker.clone(),
+            crate::alarms::AlarmConfig {
+                memory_high_watermark: config.memory_high_watermark,
+                disk_free_limit: config.disk_free_limit,
+                data_dir: config.data_dir.clone(),
+            },
+        ));
         serve(listener, broker, config.max_connections, shutdown_signal()).await
     })
 }
