@@ -105,7 +105,10 @@ pub trait KeyedProcessFunction<K, I, O>: 'static {
     }
 }
 
-/// Registered timers of one operator, per key.
+/// Registered timers of one operator, per key. Serialisable, to be snapshotted with the
+/// operator's state.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(bound(serialize = "K: Key", deserialize = "K: Key"))]
 pub(crate) struct Timers<K> {
     by_time: BTreeMap<u64, Vec<K>>,
     live: FxHashSet<(u64, K)>,

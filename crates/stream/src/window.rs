@@ -28,8 +28,8 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::{Operator, OutputBuilder};
 use timely::dataflow::operators::Capability;
 
-use crate::hash::FxHashMap;
 use crate::keyed::{now_ms, AggregateFunction, KeyedStream, Timers};
+use crate::state::MemoryStateBackend;
 use crate::stream::{key_route, Builder, DataStream, OutputTag};
 use crate::types::{Data, Key};
 use crate::watermark::duration_ms;
@@ -216,7 +216,7 @@ impl<K, T, R, F: FnMut(&K, TimeWindow, &[T], &mut Vec<R>) + 'static> ProcessWind
 
 /// How window contents are kept and turned into results.
 trait WinFn<K, T>: 'static {
-    type Acc: Clone + 'static;
+    type Acc: Data;
     type Out: Data;
     fn create(&mut self) -> Self::Acc;
     fn add(&mut self, acc: &mut Self::Acc, value: T);
@@ -251,7 +251,7 @@ impl<K, T: Data, F: FnMut(T, T) -> T + 'static> WinFn<K, T> for ReduceFn<F> {
 }
 
 struct AggFn<A, ACC, OUT>(A, std::marker::PhantomData<(ACC, OUT)>);
-impl<K, T, ACC: Clone + 'static, OUT: Data, A: AggregateFunction<T, ACC, OUT>> WinFn<K, T>
+impl<K, T, ACC: Data, OUT: Data, A: AggregateFunction<T, ACC, OUT>> WinFn<K, T>
     for AggFn<A, ACC, OUT>
 {
     type Acc = ACC;
@@ -407,7 +407,9 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> WindowedStream<'s, 
             let mut caps = caps.into_iter();
             let mut cap: Option<Capability<u64>> = caps.next();
             let mut late_cap: Option<Capability<u64>> = caps.next();
-            let mut state: FxHashMap<K, Vec<(TimeWindow, W::Acc)>> = FxHashMap::default();
+            // Window contents per key, behind the state backend (snapshot/restore); the hot
+            // path uses the map directly.
+            let mut backend = MemoryStateBackend::<K, Vec<(TimeWindow, W::Acc)>>::default();
             let mut fire: Timers<(K, TimeWindow)> = Timers::default();
             let mut cleanup: Timers<(K, TimeWindow)> = Timers::default();
             let mut stash: BTreeMap<u64, Vec<(u64, T)>> = BTreeMap::new();
@@ -415,6 +417,7 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> WindowedStream<'s, 
             let mut fired: Vec<(u64, W::Out)> = Vec::new();
             let mut late_batch: Vec<(u64, T)> = Vec::new();
             move |frontiers| {
+                let state = backend.map_mut();
                 let bound = frontiers[0].frontier().iter().min().copied();
                 let mut main = main_out.activate();
                 let mut late = late_out.activate();
@@ -656,15 +659,17 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> CountWindowedStream
                 .stream
                 .inner
                 .unary::<Builder<W::Out>, _, _, _>(pact, name, move |_, _| {
-                    let mut state: FxHashMap<K, (std::collections::VecDeque<(u64, T)>, usize)> =
-                        FxHashMap::default();
+                    let mut backend = MemoryStateBackend::<
+                        K,
+                        (std::collections::VecDeque<(u64, T)>, usize),
+                    >::default();
                     let mut results = Vec::new();
                     move |input, output| {
                         input.for_each(|cap, data| {
                             let mut out = Vec::new();
                             for (ts, d) in data.drain(..) {
                                 let k = kf(&d);
-                                let (buf, since) = state.entry(k.clone()).or_default();
+                                let (buf, since) = backend.map_mut().entry(k.clone()).or_default();
                                 buf.push_back((ts, d));
                                 if buf.len() > size {
                                     buf.pop_front();
