@@ -9,7 +9,7 @@
 //! - [`env`](mod@env): [`StreamExecutionEnvironment`] (parallelism, cluster settings, `execute`) and the
 //!   per-worker [`JobEnv`] handed to the job closure.
 //! - [`source`]: collections, parallel sequences, [`SourceFunction`] (run on its own thread,
-//!   bridged into the worker through a bounded channel) and text files.
+//!   bridged into the worker through a bounded queue) and text files.
 //! - [`watermark`]: [`WatermarkStrategy`]; watermarks *are* timely frontiers (see below).
 //! - [`stream`]: [`DataStream`] — `map`, `flat_map`, `filter`, `union`, `key_by`, sinks.
 //! - [`keyed`]: [`KeyedStream`] — running `reduce`/`sum`/`min`/`max`/`aggregate`, and
@@ -29,6 +29,18 @@
 //! so event-time windows fire when the input frontier reaches their end. Because lateness is
 //! judged against the watermark a record was emitted under (not against whatever a downstream
 //! worker happens to have seen), results do not depend on scheduling or parallelism.
+//! Stateful operators with timers (`process`, windows) handle their input in frontier order
+//! and fire the timers that became due in between, as Flink interleaves records and
+//! watermarks. Records without a timestamp carry 0; when a bounded input ends, the final
+//! watermark is "infinity": every pending event-time window and timer fires (pending
+//! processing-time windows and timers fire too).
+//!
+//! # Jobs are closures
+//! Timely builds the dataflow once per worker, so a job is a closure
+//! `Fn(&JobEnv) + Send + Sync` passed to [`StreamExecutionEnvironment::execute`] — where
+//! Flink builds a graph on the environment and then calls `execute(name)`. Values captured by
+//! the closure are shared by all workers (collect sinks, configuration); non-parallel sources
+//! (`from_collection`, `add_source`, `read_text_file`) run on worker 0 only.
 //!
 //! # Example
 //! ```
