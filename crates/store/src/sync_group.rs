@@ -1,0 +1,219 @@
+//! [`SyncGroup`]: group commit shared by many stores.
+//!
+//! Publishers append under each queue's own lock, then call [`SyncGroup::mark_dirty`], which
+//! puts the store in the round being collected and returns that round's epoch. One background
+//! thread repeatedly takes the collected stores, writes their buffers (briefly locking each
+//! store), runs the fdatasyncs with no store lock held (so appends continue meanwhile), publishes
+//! the epoch, wakes [`SyncGroup::wait`]ers and calls subscribers. Everything appended before
+//! `mark_dirty` returned `e` is durable once `synced_epoch() >= e`, unless the store reports a
+//! [`QueueStore::failure`](crate::QueueStore::failure).
+
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::{SharedStore, SyncPolicy};
+
+type Subscriber = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Group commit for many stores. Cloning shares the group; the sync thread finishes the
+/// pending round and stops when the last handle is dropped.
+///
+/// ```
+/// use std::sync::Arc;
+/// use rill_store::{QueueStore, StoreOptions, StoredMessage, SyncGroup, SyncPolicy};
+/// let dir = tempfile::tempdir()?;
+/// let (store, _) = QueueStore::open(dir.path(), StoreOptions::default())?;
+/// let store = Arc::new(parking_lot::Mutex::new(store));
+/// let group = SyncGroup::new(SyncPolicy::Always);
+/// let msg = StoredMessage { exchange: String::new(), routing_key: "q".into(),
+///     properties: Default::default(), body: "hi".into(), timestamp_ms: 0, flags: 0 };
+/// store.lock().append(&msg)?;
+/// let epoch = group.mark_dirty(&store);
+/// group.wait(epoch); // durable now (check store.lock().failure() before confirming)
+/// assert!(group.synced_epoch() >= epoch);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct SyncGroup {
+    handle: Arc<Handle>,
+}
+
+impl std::fmt::Debug for SyncGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncGroup")
+            .field("policy", &self.handle.shared.policy)
+            .field("synced_epoch", &self.synced_epoch())
+            .finish()
+    }
+}
+
+/// Owned by the user-facing handles only; dropping it stops the thread.
+struct Handle {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    policy: SyncPolicy,
+    /// Guards the round being collected; held only to push or take stores, never during I/O.
+    state: Mutex<State>,
+    /// Signals the sync thread: stores became dirty, or shutdown.
+    work: Condvar,
+    /// Signals waiters: an epoch was reached.
+    done: Condvar,
+    synced: AtomicU64,
+    /// Separate from `state` so callbacks never run under the lock publishers take.
+    subscribers: Mutex<Vec<Subscriber>>,
+}
+
+struct State {
+    /// Epoch of the round being collected.
+    collecting: u64,
+    dirty: Vec<SharedStore>,
+    seen: HashSet<usize>,
+    shutdown: bool,
+}
+
+impl SyncGroup {
+    /// Starts the sync thread.
+    pub fn new(policy: SyncPolicy) -> SyncGroup {
+        let shared = Arc::new(Shared {
+            policy,
+            state: Mutex::new(State {
+                collecting: 1,
+                dirty: Vec::new(),
+                seen: HashSet::new(),
+                shutdown: false,
+            }),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            synced: AtomicU64::new(0),
+            subscribers: Mutex::new(Vec::new()),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("rill-store-sync".into())
+            .spawn(move || run(&s))
+            .map_err(|e| tracing::error!(error = %e, "cannot spawn the store sync thread"))
+            .ok();
+        SyncGroup {
+            handle: Arc::new(Handle { shared, thread }),
+        }
+    }
+
+    /// Puts `store` in the round being collected and returns the epoch that round will reach:
+    /// everything appended to `store` before this call is durable once that epoch is synced.
+    /// May be called with the store's lock held (it does not lock the store).
+    pub fn mark_dirty(&self, store: &SharedStore) -> u64 {
+        let sh = &self.handle.shared;
+        let mut st = sh.state.lock();
+        let key = Arc::as_ptr(store) as usize;
+        if st.seen.insert(key) {
+            st.dirty.push(store.clone());
+            if st.dirty.len() == 1 {
+                sh.work.notify_one();
+            }
+        }
+        st.collecting
+    }
+
+    /// The last completed round.
+    pub fn synced_epoch(&self) -> u64 {
+        self.handle.shared.synced.load(Ordering::Acquire)
+    }
+
+    /// Calls `f` on the sync thread after each round with the new synced epoch. `f` must be
+    /// quick and must not call [`SyncGroup::wait`]; a panic in it is caught and logged.
+    pub fn subscribe(&self, f: Box<dyn Fn(u64) + Send + Sync>) {
+        self.handle.shared.subscribers.lock().push(Arc::from(f));
+    }
+
+    /// Blocks until `epoch` is synced. `epoch` must come from [`SyncGroup::mark_dirty`].
+    pub fn wait(&self, epoch: u64) {
+        let sh = &self.handle.shared;
+        if sh.synced.load(Ordering::Acquire) >= epoch {
+            return;
+        }
+        let mut st = sh.state.lock();
+        while sh.synced.load(Ordering::Acquire) < epoch {
+            if self.handle.thread.is_none() {
+                // No sync thread could be started; never block forever.
+                return;
+            }
+            sh.done.wait(&mut st);
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.state.lock().shutdown = true;
+        self.shared.work.notify_all();
+        if let Some(t) = self.thread.take() {
+            // A subscriber dropping the last handle runs on the sync thread itself.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn run(sh: &Shared) {
+    let mut last_round: Option<Instant> = None;
+    loop {
+        let (epoch, stores) = {
+            let mut st = sh.state.lock();
+            while st.dirty.is_empty() && !st.shutdown {
+                sh.work.wait(&mut st);
+            }
+            if st.dirty.is_empty() {
+                return; // shutdown with nothing pending
+            }
+            if let (SyncPolicy::Interval(d), Some(last)) = (sh.policy, last_round) {
+                let due = last + d;
+                while !st.shutdown && Instant::now() < due {
+                    sh.work.wait_until(&mut st, due);
+                }
+            }
+            let epoch = st.collecting;
+            st.collecting += 1;
+            st.seen.clear();
+            (epoch, std::mem::take(&mut st.dirty))
+        };
+        last_round = Some(Instant::now());
+        let fsync = sh.policy != SyncPolicy::Never;
+        // Phase 1: write buffers under each store's lock (short).
+        let mut batches = Vec::with_capacity(stores.len());
+        for store in &stores {
+            match store.lock().prepare_sync_inner(fsync) {
+                Ok(b) => batches.push(b),
+                Err(e) => tracing::error!(error = %e, "store flush failed"),
+            }
+        }
+        drop(stores);
+        // Phase 2: fdatasync without any store lock.
+        for b in batches {
+            if let Err(e) = b.run() {
+                tracing::error!(error = %e, "store fdatasync failed; the store refuses further writes");
+            }
+        }
+        {
+            // Publish under the lock so a waiter cannot miss the notification.
+            let _st = sh.state.lock();
+            sh.synced.store(epoch, Ordering::Release);
+            sh.done.notify_all();
+        }
+        let subs: Vec<Subscriber> = sh.subscribers.lock().clone();
+        for f in subs {
+            if std::panic::catch_unwind(AssertUnwindSafe(|| f(epoch))).is_err() {
+                tracing::error!(epoch, "a sync subscriber panicked");
+            }
+        }
+    }
+}
