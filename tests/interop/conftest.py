@@ -67,6 +67,8 @@ class RillProcess:
     log_path: pathlib.Path
     proc: subprocess.Popen | None = None
     _log: object = field(default=None, repr=False)
+    # More `rill server` flags, e.g. ["--memory-high-watermark", "0.5"].
+    extra_args: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -82,7 +84,8 @@ class RillProcess:
             )
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(binary), "server", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            [str(binary), "server", "--port", str(self.port), "--data-dir", str(self.data_dir),
+             *self.extra_args],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
@@ -167,6 +170,28 @@ def fresh_broker(tmp_path) -> RillProcess:
     broker = start_rill(tmp_path)
     yield broker
     broker.kill()
+
+
+@pytest.fixture
+def make_broker(tmp_path):
+    """Factory for brokers a test kills (SIGKILL), stops and restarts on the same port and
+    data dir: ``make_broker(extra_args=[...], start=True)``. Rill by default; a private
+    RabbitMQ node per call if ``RABBITMQ_SH`` names rabbitmq.sh (see brokerproc.py).
+    Every broker is killed at teardown."""
+    import brokerproc
+
+    if REFERENCE_URL and not brokerproc.RABBITMQ_SH:
+        pytest.skip("restarts the broker itself: Rill mode, or RabbitMQ via RABBITMQ_SH")
+    made = []
+
+    def _make(extra_args: list[str] | None = None, start: bool = True):
+        broker = brokerproc.new_broker(tmp_path / f"broker{len(made)}", extra_args)
+        made.append(broker)
+        return broker.start() if start else broker
+
+    yield _make
+    for broker in made:
+        broker.close()
 
 
 @pytest.fixture
