@@ -355,7 +355,9 @@ fn start_ok(login: &Login) -> AMQPClass {
 /// One connection of an in-process client.
 #[derive(Debug)]
 pub struct Client {
-    pub conn: Connection,
+    /// Always Some until drop; an Option so `Drop` can end the connection before it bounces
+    /// the events left in the outlet, in the server's order.
+    conn: Option<Connection>,
     outlet: Arc<VecOutlet>,
     out: BytesMut,
 }
@@ -365,11 +367,13 @@ impl Client {
     pub fn start(broker: &Broker) -> (Client, Vec<Reply>) {
         let outlet = Arc::new(VecOutlet::default());
         let mut c = Client {
-            conn: Connection::new(broker.clone(), outlet.clone(), None),
+            conn: Some(Connection::new(broker.clone(), outlet.clone(), None)),
             outlet,
             out: BytesMut::new(),
         };
-        assert!(c.conn.accept_header(&PROTOCOL_HEADER, &mut c.out));
+        let mut out = std::mem::take(&mut c.out);
+        assert!(c.conn().accept_header(&PROTOCOL_HEADER, &mut out));
+        c.out = out;
         let replies = c.pump();
         (c, replies)
     }
@@ -413,8 +417,8 @@ impl Client {
     }
 
     pub fn connect_as(broker: &Broker, login: &Login) -> Client {
-        let (c, replies) = Client::handshake(broker, login);
-        assert!(c.conn.is_open(), "handshake failed: {replies:?}");
+        let (mut c, replies) = Client::handshake(broker, login);
+        assert!(c.conn().is_open(), "handshake failed: {replies:?}");
         c
     }
 
@@ -425,13 +429,19 @@ impl Client {
         c
     }
 
+    /// The connection under test.
+    pub fn conn(&mut self) -> &mut Connection {
+        self.conn.as_mut().expect("connection dropped")
+    }
+
     /// Feeds `bytes` as one input batch, flushes, pumps queue events; returns what was written.
     pub fn send(&mut self, mut bytes: BytesMut) -> Vec<Reply> {
         while let Some(f) = split_frame(&mut bytes, FRAME_MAX).expect("client frame") {
-            self.conn.handle_frame(f, &mut self.out);
+            let out = &mut self.out;
+            self.conn.as_mut().expect("open").handle_frame(f, out);
         }
         assert!(bytes.is_empty());
-        self.conn.flush(&mut self.out);
+        self.conn.as_mut().expect("open").flush(&mut self.out);
         self.pump()
     }
 
@@ -444,7 +454,10 @@ impl Client {
                 break;
             }
             for ev in events {
-                self.conn.handle_event(ev, &mut self.out);
+                self.conn
+                    .as_mut()
+                    .expect("open")
+                    .handle_event(ev, &mut self.out);
             }
         }
         decode_all(&mut self.out)
@@ -701,6 +714,19 @@ impl Client {
 
     pub fn tx_rollback(&mut self, ch: u16) -> Vec<Reply> {
         self.call(ch, AMQPClass::Tx(tx::AMQPMethod::Rollback(tx::Rollback {})))
+    }
+}
+
+impl Drop for Client {
+    /// What the server does when a connection ends: drop the `Connection` (its channels
+    /// requeue, its exclusive queues go), then bounce deliveries it never took from the outlet.
+    fn drop(&mut self) {
+        drop(self.conn.take());
+        for ev in self.outlet.take() {
+            if let ConnEvent::Deliver(d) = ev {
+                d.bounce();
+            }
+        }
     }
 }
 
