@@ -1,0 +1,233 @@
+//! Injected I/O failures surface as errors (never panics), and group commit shares fdatasyncs.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use rill_store::backend::{FaultyBackend, MemBackend, StorageBackend};
+use rill_store::{QueueStore, SharedStore, StoreError, SyncGroup, SyncPolicy};
+
+#[test]
+fn write_error_surfaces_as_store_error_and_fails_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let fb = FaultyBackend::new(file_backend());
+    let (mut s, _) =
+        QueueStore::open_with(dir.path(), opts(1 << 20), Arc::new(fb.clone())).unwrap();
+    let good = s.append(&msg(1, 10)).unwrap();
+    s.sync().unwrap();
+    fb.fail_writes(true);
+    // Buffered: the append itself succeeds; the write happens at sync and fails there.
+    s.append(&msg(2, 10)).unwrap();
+    let err = s.sync().unwrap_err();
+    assert!(matches!(err, StoreError::Io { .. }), "{err}");
+    assert!(s.failure().is_some());
+    // From now on writes are refused, reads still work.
+    assert!(matches!(
+        s.append(&msg(3, 10)),
+        Err(StoreError::Failed { .. })
+    ));
+    assert!(matches!(s.ack(good), Err(StoreError::Failed { .. })));
+    assert!(matches!(s.sync(), Err(StoreError::Failed { .. })));
+    assert_eq!(s.read(good).unwrap(), msg(1, 10));
+    fb.fail_writes(false);
+    drop(s);
+    // Reopening recovers what was synced.
+    let (_, rec) = QueueStore::open(dir.path(), opts(1 << 20)).unwrap();
+    assert_eq!(rec, vec![(good, msg(1, 10))]);
+}
+
+#[test]
+fn large_append_write_error_is_returned_by_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let fb = FaultyBackend::new(file_backend());
+    let (mut s, _) =
+        QueueStore::open_with(dir.path(), opts(1 << 20), Arc::new(fb.clone())).unwrap();
+    fb.fail_writes(true);
+    // Bigger than the write buffer: written at once.
+    assert!(matches!(
+        s.append(&msg(1, 300_000)),
+        Err(StoreError::Io { .. })
+    ));
+}
+
+#[test]
+fn fsync_error_fails_the_store_and_the_group_round_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fb = FaultyBackend::new(file_backend());
+    let (s, _) = QueueStore::open_with(dir.path(), opts(1 << 20), Arc::new(fb.clone())).unwrap();
+    let store: SharedStore = Arc::new(parking_lot::Mutex::new(s));
+    let group = SyncGroup::new(SyncPolicy::Always);
+    fb.fail_syncs(true);
+    store.lock().append(&msg(1, 1)).unwrap();
+    let e = group.mark_dirty(&store);
+    group.wait(e);
+    // The broker's check before confirming:
+    assert!(store.lock().failure().is_some());
+    assert!(matches!(
+        store.lock().append(&msg(2, 1)),
+        Err(StoreError::Failed { .. })
+    ));
+}
+
+#[test]
+fn open_error_surfaces_as_store_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let fb = FaultyBackend::new(file_backend());
+    let (mut s, _) =
+        QueueStore::open_with(dir.path(), opts(1 << 20), Arc::new(fb.clone())).unwrap();
+    fb.fail_opens(true);
+    assert!(matches!(s.append(&msg(1, 1)), Err(StoreError::Io { .. })));
+    drop(s);
+    // An empty directory has nothing to open.
+    assert!(QueueStore::open_with(dir.path(), opts(1 << 20), Arc::new(fb.clone())).is_ok());
+    fb.fail_opens(false);
+    let (mut s, _) =
+        QueueStore::open_with(dir.path(), opts(1 << 20), Arc::new(fb.clone())).unwrap();
+    s.append(&msg(1, 1)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    fb.fail_opens(true);
+    assert!(matches!(
+        QueueStore::open_with(dir.path(), opts(1 << 20), Arc::new(fb.clone())),
+        Err(StoreError::Io { .. })
+    ));
+}
+
+#[test]
+fn sync_with_nothing_dirty_does_no_io() {
+    let fb = FaultyBackend::new(Arc::new(MemBackend::new()));
+    let (mut s, _) =
+        QueueStore::open_with("/q".as_ref(), opts(1 << 20), Arc::new(fb.clone())).unwrap();
+    s.append(&msg(1, 1)).unwrap();
+    s.sync().unwrap();
+    let before = fb.counters();
+    s.sync().unwrap();
+    s.sync().unwrap();
+    assert_eq!(fb.counters(), before);
+}
+
+#[test]
+fn group_commit_shares_fdatasyncs_between_concurrent_publishers() {
+    const THREADS: u64 = 8;
+    const STORES: usize = 2;
+    const BURSTS: u64 = 100;
+    const PER_BURST: u64 = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let fb = FaultyBackend::new(file_backend());
+    let backend: Arc<dyn StorageBackend> = Arc::new(fb.clone());
+    let stores: Vec<SharedStore> = (0..STORES)
+        .map(|i| {
+            let (s, _) = QueueStore::open_with(
+                &dir.path().join(format!("q{i}")),
+                opts(1 << 20),
+                backend.clone(),
+            )
+            .unwrap();
+            Arc::new(parking_lot::Mutex::new(s))
+        })
+        .collect();
+    let group = SyncGroup::new(SyncPolicy::Always);
+    let notified = Arc::new(AtomicU64::new(0));
+    let n = notified.clone();
+    group.subscribe(Box::new(move |e| {
+        n.fetch_max(e, Ordering::SeqCst);
+    }));
+    let base = fb.counters();
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let store = stores[t as usize % STORES].clone();
+            let group = group.clone();
+            scope.spawn(move || {
+                for b in 0..BURSTS {
+                    // A publisher with pipelined confirms: a burst, then wait for its epoch.
+                    for k in 0..PER_BURST {
+                        store
+                            .lock()
+                            .append(&msg(t * 1_000_000 + b * 100 + k, 64))
+                            .unwrap();
+                    }
+                    let e = group.mark_dirty(&store);
+                    group.wait(e);
+                    assert!(group.synced_epoch() >= e);
+                }
+            });
+        }
+    });
+    let appends = THREADS * BURSTS * PER_BURST;
+    let syncs = fb.counters().file_syncs - base.file_syncs;
+    eprintln!(
+        "{appends} appends, {syncs} fdatasyncs, {} rounds",
+        group.synced_epoch()
+    );
+    assert!(syncs > 0);
+    assert!(
+        syncs * 10 < appends,
+        "{syncs} fdatasyncs for {appends} appends"
+    );
+    // Subscribers saw the last round.
+    assert_eq!(notified.load(Ordering::SeqCst), group.synced_epoch());
+    // Everything is there after reopening.
+    drop(group);
+    let mut total = 0;
+    for i in 0..STORES {
+        let (_, rec) = QueueStore::open(&dir.path().join(format!("q{i}")), opts(1 << 20)).unwrap();
+        total += rec.len() as u64;
+    }
+    assert_eq!(total, appends);
+}
+
+#[test]
+fn interval_policy_batches_rounds() {
+    let fb = FaultyBackend::new(Arc::new(MemBackend::new()));
+    let (s, _) = QueueStore::open_with("/q".as_ref(), opts(1 << 20), Arc::new(fb.clone())).unwrap();
+    let store: SharedStore = Arc::new(parking_lot::Mutex::new(s));
+    let group = SyncGroup::new(SyncPolicy::Interval(std::time::Duration::from_millis(20)));
+    let start = std::time::Instant::now();
+    let mut last = 0;
+    for i in 0..5 {
+        store.lock().append(&msg(i, 1)).unwrap();
+        last = group.mark_dirty(&store);
+        group.wait(last);
+    }
+    assert_eq!(group.synced_epoch(), last);
+    // First round is immediate, the next four wait for the interval.
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(80),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn never_policy_group_flushes_without_fdatasync() {
+    let fb = FaultyBackend::new(Arc::new(MemBackend::new()));
+    let (s, _) = QueueStore::open_with("/q".as_ref(), opts(1 << 20), Arc::new(fb.clone())).unwrap();
+    let store: SharedStore = Arc::new(parking_lot::Mutex::new(s));
+    let group = SyncGroup::new(SyncPolicy::Never);
+    store.lock().append(&msg(1, 1)).unwrap();
+    let e = group.mark_dirty(&store);
+    group.wait(e);
+    let c = fb.counters();
+    assert_eq!(c.file_syncs, 0);
+    assert!(c.writes > 0, "buffer was written to the OS");
+}
+
+#[test]
+fn dropping_the_group_finishes_the_pending_round() {
+    let fb = FaultyBackend::new(Arc::new(MemBackend::new()));
+    let (s, _) = QueueStore::open_with("/q".as_ref(), opts(1 << 20), Arc::new(fb.clone())).unwrap();
+    let store: SharedStore = Arc::new(parking_lot::Mutex::new(s));
+    let group = SyncGroup::new(SyncPolicy::Interval(std::time::Duration::from_secs(3600)));
+    store.lock().append(&msg(1, 1)).unwrap();
+    let e1 = group.mark_dirty(&store);
+    group.wait(e1); // first round is immediate
+    store.lock().append(&msg(2, 1)).unwrap();
+    group.mark_dirty(&store);
+    let syncs = fb.counters().file_syncs;
+    let t = std::time::Instant::now();
+    drop(group);
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    assert!(fb.counters().file_syncs > syncs);
+}
