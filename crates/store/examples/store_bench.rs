@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use rill_store::backend::{FaultyBackend, FileBackend};
-use rill_store::{QueueStore, SharedStore, StoreError, StoreOptions, StoredMessage, SyncGroup, SyncPolicy};
+use rill_store::{
+    QueueStore, SharedStore, StoreError, StoreOptions, StoredMessage, SyncGroup, SyncPolicy,
+};
 
 fn message(body: &Bytes) -> StoredMessage {
     StoredMessage {
@@ -26,15 +28,24 @@ fn message(body: &Bytes) -> StoredMessage {
 
 fn main() -> Result<(), StoreError> {
     let mut args = std::env::args().skip(1);
-    let base: PathBuf = args.next().map_or_else(|| std::env::temp_dir().join("rill-store-bench"), PathBuf::from);
-    let n: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let base: PathBuf = args.next().map_or_else(
+        || std::env::temp_dir().join("rill-store-bench"),
+        PathBuf::from,
+    );
+    let n: u64 = args
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
     let body = Bytes::from(vec![0xab; 1024]);
     let msg = message(&body);
     let _ = std::fs::remove_dir_all(&base);
 
     // 1. Appends, no fsync.
     let dir = base.join("never");
-    let opts = StoreOptions { sync: SyncPolicy::Never, ..StoreOptions::default() };
+    let opts = StoreOptions {
+        sync: SyncPolicy::Never,
+        ..StoreOptions::default()
+    };
     let (mut store, _) = QueueStore::open(&dir, opts)?;
     let t = Instant::now();
     for _ in 0..n {
@@ -78,7 +89,11 @@ fn group_commit(base: &Path, n: u64, msg: &StoredMessage) -> Result<(), StoreErr
     let group = SyncGroup::new(SyncPolicy::Always);
     let mut stores: Vec<SharedStore> = Vec::new();
     for i in 0..THREADS {
-        let (s, _) = QueueStore::open_with(&base.join(format!("q{i}")), StoreOptions::default(), Arc::new(fb.clone()))?;
+        let (s, _) = QueueStore::open_with(
+            &base.join(format!("q{i}")),
+            StoreOptions::default(),
+            Arc::new(fb.clone()),
+        )?;
         stores.push(Arc::new(parking_lot::Mutex::new(s)));
     }
     let per_thread = n / THREADS;
@@ -107,7 +122,10 @@ fn group_commit(base: &Path, n: u64, msg: &StoredMessage) -> Result<(), StoreErr
             })
             .collect();
         for h in handles {
-            h.join().map_err(|_| StoreError::Corrupt { path: base.into(), detail: "bench thread panicked".into() })??;
+            h.join().map_err(|_| StoreError::Corrupt {
+                path: base.into(),
+                detail: "bench thread panicked".into(),
+            })??;
         }
         Ok(())
     })?;

@@ -177,6 +177,14 @@ pub(crate) fn validate_payload(p: &[u8]) -> Result<(), &'static str> {
     layout(p).map(|_| ())
 }
 
+/// The fixed fields (timestamp, flags) of a valid payload.
+pub(crate) fn payload_header(p: &[u8]) -> Result<(u64, u8), &'static str> {
+    if p.len() < MIN_PAYLOAD as usize {
+        return Err("payload shorter than its fields");
+    }
+    Ok((le_u64(p), p[8]))
+}
+
 /// Decodes a payload; `properties` and `body` share `p`'s allocation.
 pub(crate) fn decode_payload(p: Bytes) -> Result<StoredMessage, &'static str> {
     let l = layout(&p)?;

@@ -34,7 +34,8 @@ pub use error::StoreError;
 pub use format::{HEADER_LEN, MAX_PAYLOAD, RECORD_HEADER_LEN, VERSION};
 pub use layout::{ensure_queue_dir, queue_dir};
 pub use queue::{
-    Position, QueueStore, StoreOptions, StoreStats, StoredMessage, SyncBatch, SyncPolicy,
+    Position, QueueStore, RecoveredRecord, StoreOptions, StoreStats, StoredMessage, SyncBatch,
+    SyncPolicy,
 };
 pub use sync_group::SyncGroup;
 

@@ -88,6 +88,22 @@ impl Default for StoreOptions {
     }
 }
 
+/// One entry of [`QueueStore::open_index`]: an unacked record without its contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveredRecord {
+    /// Where it is.
+    pub position: Position,
+    /// Its size in the segment file (header + payload).
+    pub encoded_len: u32,
+    /// [`StoredMessage::timestamp_ms`].
+    pub timestamp_ms: u64,
+    /// [`StoredMessage::flags`].
+    pub flags: u8,
+}
+
+/// Receives each unacked record's payload during recovery.
+type Visit<'a> = &'a mut dyn FnMut(Position, &[u8]) -> Result<(), &'static str>;
+
 /// Cheap counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -213,6 +229,52 @@ impl QueueStore {
         opts: StoreOptions,
         backend: Arc<dyn StorageBackend>,
     ) -> Result<(QueueStore, Vec<(Position, StoredMessage)>), StoreError> {
+        let mut recovered = Vec::new();
+        let store = QueueStore::open_inner(dir, opts, backend, &mut |pos, payload| {
+            let msg = format::decode_payload(Bytes::copy_from_slice(payload))?;
+            recovered.push((pos, msg));
+            Ok(())
+        })?;
+        Ok((store, recovered))
+    }
+
+    /// Like [`QueueStore::open_with`], but returns only an index of the unacked records (no
+    /// bodies), for backlogs larger than memory: the broker reads bodies back with
+    /// [`QueueStore::read`] when it delivers them.
+    pub fn open_index_with(
+        dir: &Path,
+        opts: StoreOptions,
+        backend: Arc<dyn StorageBackend>,
+    ) -> Result<(QueueStore, Vec<RecoveredRecord>), StoreError> {
+        let mut index = Vec::new();
+        let store = QueueStore::open_inner(dir, opts, backend, &mut |position, payload| {
+            let (timestamp_ms, flags) = format::payload_header(payload)?;
+            let encoded_len = payload.len() as u32 + RECORD_HEADER_LEN;
+            index.push(RecoveredRecord {
+                position,
+                encoded_len,
+                timestamp_ms,
+                flags,
+            });
+            Ok(())
+        })?;
+        Ok((store, index))
+    }
+
+    /// [`QueueStore::open_index_with`] on the file system.
+    pub fn open_index(
+        dir: &Path,
+        opts: StoreOptions,
+    ) -> Result<(QueueStore, Vec<RecoveredRecord>), StoreError> {
+        QueueStore::open_index_with(dir, opts, Arc::new(FileBackend))
+    }
+
+    fn open_inner(
+        dir: &Path,
+        opts: StoreOptions,
+        backend: Arc<dyn StorageBackend>,
+        visit: Visit<'_>,
+    ) -> Result<QueueStore, StoreError> {
         backend.create_dir_all(dir).ctx(dir)?;
         let mut segs = BTreeSet::new();
         let mut acks = BTreeSet::new();
@@ -250,18 +312,17 @@ impl QueueStore {
             tracing::debug!(file = %path.display(), "removing orphaned ack file");
             store.remove(&path)?;
         }
-        let mut recovered = Vec::new();
         for &id in &segs {
-            store.recover_segment(id, acks.contains(&id), &mut recovered)?;
+            store.recover_segment(id, acks.contains(&id), visit)?;
         }
-        Ok((store, recovered))
+        Ok(store)
     }
 
     fn recover_segment(
         &mut self,
         id: u32,
         has_ack: bool,
-        out: &mut Vec<(Position, StoredMessage)>,
+        visit: Visit<'_>,
     ) -> Result<(), StoreError> {
         let dir = self.dir.clone();
         let path = dir.join(crate::segment::seg_name(id));
@@ -323,16 +384,12 @@ impl QueueStore {
             if seg.is_acked(i) {
                 continue;
             }
-            let bytes = Bytes::copy_from_slice(&data[payload]);
-            // Validated by parse_record; decode cannot fail here, but never panic on content.
-            let msg = format::decode_payload(bytes).map_err(|e| StoreError::corrupt(&path, e))?;
-            out.push((
-                Position {
-                    segment: id,
-                    offset: seg.offset(i),
-                },
-                msg,
-            ));
+            let pos = Position {
+                segment: id,
+                offset: seg.offset(i),
+            };
+            // Validated by parse_record; decoding cannot fail here, but never panic on content.
+            visit(pos, &data[payload]).map_err(|e| StoreError::corrupt(&path, e))?;
         }
         self.live += u64::from(seg.live);
         self.segments.insert(id, seg);

@@ -128,7 +128,8 @@ impl SyncGroup {
         self.handle.shared.synced.load(Ordering::Acquire)
     }
 
-    /// Calls `f` on the sync thread after each round with the new synced epoch. `f` must be
+    /// Calls `f` on the sync thread after each round with the new synced epoch (after
+    /// [`SyncGroup::wait`]ers of that round are woken). `f` must be
     /// quick and must not call [`SyncGroup::wait`]; a panic in it is caught and logged.
     pub fn subscribe(&self, f: Box<dyn Fn(u64) + Send + Sync>) {
         self.handle.shared.subscribers.lock().push(Arc::from(f));

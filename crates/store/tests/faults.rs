@@ -166,10 +166,12 @@ fn group_commit_shares_fdatasyncs_between_concurrent_publishers() {
         syncs * 10 < appends,
         "{syncs} fdatasyncs for {appends} appends"
     );
-    // Subscribers saw the last round.
-    assert_eq!(notified.load(Ordering::SeqCst), group.synced_epoch());
-    // Everything is there after reopening.
+    // Subscribers saw the last round (they run after waiters are woken, so look once the
+    // thread has stopped).
+    let last = group.synced_epoch();
     drop(group);
+    assert_eq!(notified.load(Ordering::SeqCst), last);
+    // Everything is there after reopening.
     let mut total = 0;
     for i in 0..STORES {
         let (_, rec) = QueueStore::open(&dir.path().join(format!("q{i}")), opts(1 << 20)).unwrap();
