@@ -77,6 +77,8 @@ class StreamReader:
         self.tag = self.ch.basic_consume(queue, self._on, arguments=args)
 
     def _on(self, ch, method, props, body):
+        assert props.headers and "x-stream-offset" in props.headers, \
+            f"stream delivery without x-stream-offset: {props.headers!r}"
         offset = props.headers["x-stream-offset"]
         assert isinstance(offset, pika.compat.long)  # field type 'l'
         self.got.append((method, body.decode(), offset))
