@@ -2,10 +2,13 @@
 //! (later) embedded stream job holds one.
 
 use crate::consumer::{ConnEvent, Outlet};
+use crate::durable::Persistence;
 use crate::vhost::VHost;
 use parking_lot::{Mutex, RwLock};
+use rill_store::{Definitions, StoreError, SyncPolicy, VhostDef};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -57,6 +60,8 @@ struct Inner {
     connections: Mutex<HashMap<u64, Arc<dyn Outlet>>>,
     /// Resource alarms in force (e.g. "memory", "disk"); publishers are blocked while any is.
     alarms: Mutex<Vec<String>>,
+    /// The data directory, when the broker keeps durable state.
+    persistence: Option<Arc<Persistence>>,
 }
 
 /// Why a login was refused (the wire reply is the same for all: 403).
@@ -71,8 +76,73 @@ impl Broker {
     /// A broker with RabbitMQ's out-of-the-box state: vhost `/` and user guest/guest,
     /// loopback only.
     pub fn new(config: BrokerConfig) -> Broker {
+        Self::with_persistence(config, None)
+    }
+
+    /// A broker that keeps durable definitions and persistent messages under `data_dir` and
+    /// restores what is there: durable vhosts, exchanges, queues with their messages, bindings.
+    pub fn open(
+        config: BrokerConfig,
+        data_dir: &Path,
+        sync: SyncPolicy,
+    ) -> Result<Broker, StoreError> {
+        let (persistence, saved) = Persistence::open(data_dir, sync)?;
+        let b = Self::with_persistence(config, Some(persistence));
+        if let Some(defs) = saved {
+            b.restore(&defs)?;
+        }
+        b.save_definitions();
+        Ok(b)
+    }
+
+    fn restore(&self, defs: &Definitions) -> Result<(), StoreError> {
+        for v in &defs.vhosts {
+            self.add_vhost(&v.name);
+        }
+        for vh in self.vhosts() {
+            vh.restore(defs)?;
+        }
+        Ok(())
+    }
+
+    /// Writes durable definitions if they changed (no-op for an in-memory broker).
+    pub fn save_definitions(&self) {
+        let Some(p) = &self.inner.persistence else {
+            return;
+        };
+        let mut defs = Definitions::default();
+        let mut vhosts = self.vhosts();
+        vhosts.sort_by(|a, b| a.name.cmp(&b.name));
+        for vh in vhosts {
+            defs.vhosts.push(VhostDef {
+                name: vh.name.clone(),
+            });
+            vh.snapshot(&mut defs);
+        }
+        p.save_definitions(defs);
+    }
+
+    /// Saves definitions if a durable entity changed since the last save. Called after each
+    /// method that may change them; cheap when nothing did.
+    pub fn save_definitions_if_dirty(&self) {
+        if self
+            .inner
+            .persistence
+            .as_ref()
+            .is_some_and(|p| p.take_definitions_dirty())
+        {
+            self.save_definitions();
+        }
+    }
+
+    pub fn persistence(&self) -> Option<&Arc<Persistence>> {
+        self.inner.persistence.as_ref()
+    }
+
+    fn with_persistence(config: BrokerConfig, persistence: Option<Arc<Persistence>>) -> Broker {
         let b = Broker {
             inner: Arc::new(Inner {
+                persistence,
                 config,
                 vhosts: RwLock::new(HashMap::new()),
                 users: RwLock::new(HashMap::new()),
@@ -95,7 +165,7 @@ impl Broker {
             .vhosts
             .write()
             .entry(name.to_owned())
-            .or_insert_with(|| VHost::new(name))
+            .or_insert_with(|| VHost::new(name, self.inner.persistence.clone()))
             .clone()
     }
 

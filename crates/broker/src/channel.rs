@@ -4,7 +4,7 @@
 
 use crate::consumer::{ChannelCredit, Consumer, Delivery, Outlet};
 use crate::message::Message;
-use crate::queue::{ConsumeError, Queue};
+use crate::queue::{ConsumeError, PublishOutcome, Queue};
 use crate::vhost::{generate_name, ExchangeDeclare, QueueDeclare, VHost};
 use bytes::{Bytes, BytesMut};
 use rill_codec::amq_protocol::protocol::{
@@ -119,8 +119,19 @@ impl BodyBuf {
 struct Confirms {
     /// Sequence number of the last publish.
     published: u64,
-    /// Highest sequence number acked to the client.
-    acked: u64,
+    /// Highest sequence number confirmed (acked or nacked) to the client.
+    confirmed: u64,
+    /// Publishes whose confirm must wait (for a sync round, or to keep a nack in order), in
+    /// sequence order. Publishes not listed here are confirmable at once.
+    waiting: VecDeque<Wait>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    seq: u64,
+    /// Sync epoch that makes it durable (0: none needed).
+    epoch: u64,
+    nack: bool,
 }
 
 #[derive(Debug)]
@@ -128,6 +139,7 @@ struct PendingPublish {
     exchange: Arc<crate::exchange::Exchange>,
     msg: Arc<Message>,
     mandatory: bool,
+    persistent: bool,
 }
 
 #[derive(Debug, Default)]
@@ -158,6 +170,8 @@ pub(crate) struct Channel {
     /// Queues that asked this channel's publisher to slow down (see
     /// [`Queue::wants_publishers_paused`]).
     flow_paused_by: Vec<Arc<Queue>>,
+    /// tx.commit-ok owed once this sync epoch is reached.
+    pending_commit: Option<u64>,
 }
 
 /// The pseudo-queue name for RabbitMQ's direct reply-to.
@@ -185,6 +199,7 @@ impl Channel {
             seq_buf: Vec::new(),
             reply_queue: None,
             flow_paused_by: Vec::new(),
+            pending_commit: None,
         }
     }
 
@@ -446,12 +461,11 @@ impl Channel {
                 )));
             }
         }
-        if let Some(exp) = PropertiesView::new(&header.properties)
-            .map_err(at_publish)?
-            .expiration()
-        {
+        let view = PropertiesView::new(&header.properties).map_err(at_publish)?;
+        if let Some(exp) = view.expiration() {
             check_expiration(exp).map_err(at_publish)?;
         }
+        let persistent = view.delivery_mode() == Some(2);
         let exchange = vhost
             .exchange(publish.exchange_str().map_err(at_publish)?)
             .map_err(at_publish)?;
@@ -480,20 +494,19 @@ impl Channel {
                 exchange,
                 msg,
                 mandatory: publish.mandatory,
+                persistent,
             });
             return Ok(());
         }
-        let accepted = self.route(ctx, vhost, &exchange, msg, publish.mandatory, out);
+        let routed = self.route(ctx, &exchange, msg, publish.mandatory, persistent, out);
         if let Some(c) = &mut self.confirms {
             c.published += 1;
-            if !accepted {
-                // Acks before it go first so the client sees outcomes in order.
-                let seq = c.published;
-                if seq - 1 > c.acked {
-                    encode_basic_ack(out, self.id, seq - 1, seq - 1 - c.acked > 1);
-                }
-                encode_basic_nack(out, self.id, seq, false, false);
-                c.acked = seq;
+            if !routed.accepted || routed.durable_at.is_some() {
+                c.waiting.push_back(Wait {
+                    seq: c.published,
+                    epoch: routed.durable_at.unwrap_or(0),
+                    nack: !routed.accepted,
+                });
             }
         }
         Ok(())
@@ -520,13 +533,20 @@ impl Channel {
     fn route(
         &mut self,
         ctx: &Ctx,
-        vhost: &VHost,
         exchange: &Arc<crate::exchange::Exchange>,
         msg: Arc<Message>,
         mandatory: bool,
+        persistent: bool,
         out: &mut BytesMut,
-    ) -> bool {
+    ) -> PublishOutcome {
+        let mut outcome = PublishOutcome {
+            accepted: true,
+            durable_at: None,
+        };
         self.route_buf.clear();
+        let Ok(vhost) = ctx.vhost() else {
+            return outcome;
+        };
         let props = msg.properties.clone();
         let headers = move || PropertiesView::new(&props).ok()?.headers().ok()?;
         vhost.route(
@@ -549,18 +569,19 @@ impl Channel {
                     ctx.frame_max,
                 );
             }
-            return true;
+            return outcome;
         }
-        let mut accepted = true;
         for q in self.route_buf.drain(..) {
-            accepted &= q.publish(msg.clone());
+            let o = q.publish(msg.clone(), persistent);
+            outcome.accepted &= o.accepted;
+            outcome.durable_at = outcome.durable_at.max(o.durable_at);
             if q.wants_publishers_paused()
                 && !self.flow_paused_by.iter().any(|p| Arc::ptr_eq(p, &q))
             {
                 self.flow_paused_by.push(q);
             }
         }
-        accepted
+        outcome
     }
 
     /// Whether a queue this channel published to still wants publishers paused.
@@ -573,14 +594,43 @@ impl Channel {
     }
 
     /// Sends the publisher confirms accumulated during the last input batch.
-    pub fn flush_confirms(&mut self, out: &mut BytesMut) {
+    /// `synced` is the group-commit epoch reached so far. Returns true while confirms still
+    /// wait for a later sync round.
+    pub fn flush_confirms(&mut self, synced: u64, out: &mut BytesMut) -> bool {
+        let id = self.id;
+        let mut waiting = false;
         if let Some(c) = &mut self.confirms {
-            if c.published > c.acked {
-                let multiple = c.published - c.acked > 1;
-                encode_basic_ack(out, self.id, c.published, multiple);
-                c.acked = c.published;
+            let mut ack_upto = c.published;
+            while let Some(w) = c.waiting.front().copied() {
+                if w.epoch > synced {
+                    ack_upto = w.seq - 1;
+                    waiting = true;
+                    break;
+                }
+                c.waiting.pop_front();
+                if w.nack {
+                    // Acks before it go first, then the nack, so each tag is confirmed once.
+                    ack_range(out, id, c.confirmed, w.seq - 1);
+                    encode_basic_nack(out, id, w.seq, false, false);
+                    c.confirmed = w.seq;
+                }
+            }
+            ack_range(out, id, c.confirmed, ack_upto);
+            c.confirmed = c.confirmed.max(ack_upto);
+        }
+        if let Some(epoch) = self.pending_commit {
+            if epoch <= synced {
+                self.pending_commit = None;
+                reply(
+                    out,
+                    id,
+                    AMQPClass::Tx(amqp_tx::AMQPMethod::CommitOk(amqp_tx::CommitOk {})),
+                );
+            } else {
+                waiting = true;
             }
         }
+        waiting
     }
 
     // ---- deliveries and acknowledgements ----
@@ -722,6 +772,9 @@ impl Channel {
         }
         self.closing = true;
         self.content = Content::Idle;
+        // Nothing may follow channel.close on this channel, not even confirms.
+        self.confirms = None;
+        self.pending_commit = None;
         for (_, (c, q)) in self.consumers.drain() {
             c.cancel();
             if q.remove_consumer(&c) {
@@ -1089,16 +1142,21 @@ impl Channel {
             }
             T::Commit(_) => {
                 let tx = std::mem::take(self.tx.as_mut().ok_or_else(not_tx)?);
-                let vhost = ctx.vhost()?.clone();
+                let mut durable_at = None;
                 for p in tx.publishes {
-                    let _ = self.route(ctx, &vhost, &p.exchange, p.msg, p.mandatory, out);
+                    let o = self.route(ctx, &p.exchange, p.msg, p.mandatory, p.persistent, out);
+                    durable_at = durable_at.max(o.durable_at);
                 }
                 self.apply_settles(tx.settles);
-                reply(
-                    out,
-                    self.id,
-                    AMQPClass::Tx(T::CommitOk(amqp_tx::CommitOk {})),
-                );
+                match durable_at {
+                    // commit-ok once the persistent messages are on disk (see flush_confirms).
+                    Some(epoch) => self.pending_commit = Some(epoch),
+                    None => reply(
+                        out,
+                        self.id,
+                        AMQPClass::Tx(T::CommitOk(amqp_tx::CommitOk {})),
+                    ),
+                }
             }
             T::Rollback(_) => {
                 let tx = std::mem::take(self.tx.as_mut().ok_or_else(not_tx)?);
@@ -1116,6 +1174,13 @@ impl Channel {
             _ => return Err(command_invalid()),
         }
         Ok(())
+    }
+}
+
+/// Acks (confirmed, upto] with one frame.
+fn ack_range(out: &mut BytesMut, channel: u16, confirmed: u64, upto: u64) {
+    if upto > confirmed {
+        encode_basic_ack(out, channel, upto, upto - confirmed > 1);
     }
 }
 

@@ -260,6 +260,7 @@ impl Connection {
                 let code = ReplyCode::from_code(code).unwrap_or(ReplyCode::ConnectionForced);
                 self.force_close(code, &text, out);
             }
+            ConnEvent::Synced(_) => self.flush(out),
             ConnEvent::Blocked(reason) => {
                 self.alarm = reason;
                 self.has_published = false;
@@ -281,8 +282,23 @@ impl Connection {
     /// Sends what was held back to coalesce (publisher confirms). Call after each batch of
     /// input frames.
     pub fn flush(&mut self, out: &mut BytesMut) {
+        self.broker.save_definitions_if_dirty();
+        let Some(p) = self.broker.persistence().cloned() else {
+            for ch in self.channels.values_mut() {
+                ch.flush_confirms(u64::MAX, out);
+            }
+            return;
+        };
+        let mut waiting = false;
         for ch in self.channels.values_mut() {
-            ch.flush_confirms(out);
+            waiting |= ch.flush_confirms(p.synced_epoch(), out);
+        }
+        if waiting {
+            // Register, then look again: a round that ended in between must not be missed.
+            p.notify_when_synced(&self.ctx.outlet);
+            for ch in self.channels.values_mut() {
+                ch.flush_confirms(p.synced_epoch(), out);
+            }
         }
     }
 
@@ -660,6 +676,7 @@ impl Drop for Connection {
         if let Some(vh) = &self.ctx.vhost {
             vh.connection_closed(self.ctx.connection);
         }
+        self.broker.save_definitions_if_dirty();
     }
 }
 

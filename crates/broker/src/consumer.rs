@@ -23,6 +23,8 @@ pub enum ConnEvent {
     ForceClose { code: u16, text: String },
     /// Resource alarm state changed (connection.blocked / unblocked).
     Blocked(Option<String>),
+    /// A group-commit round finished: confirms waiting for this epoch can go out.
+    Synced(u64),
 }
 
 #[derive(Debug)]

@@ -7,9 +7,10 @@
 //! - [`queue`]: a queue's messages, unacked deliveries and consumers; dispatch with prefetch.
 //! - [`consumer`]: consumers, their credit, and the [`Outlet`] a queue delivers through.
 //! - [`message`]: the shared, immutable message.
+//! - [`durable`]: the bridge to `rill-store`: queue logs, group commit, definitions.
 //! - [`connection`] / `channel`: the AMQP state machines: frames in, frames out.
 //!
-//! This crate knows nothing of sockets, runtimes or files: the server feeds it frames and
+//! This crate knows nothing of sockets or runtimes (files only through `rill-store`): the server feeds it frames and
 //! writes the bytes it produces; queues hand deliveries to connections through an [`Outlet`].
 //! That keeps every AMQP rule (acks, requeue order, prefetch, exclusivity, auto-delete)
 //! testable in-process, and lets stream jobs embed a broker without TCP.
@@ -18,6 +19,7 @@ pub mod broker;
 mod channel;
 pub mod connection;
 pub mod consumer;
+pub mod durable;
 pub mod exchange;
 pub mod message;
 pub mod queue;

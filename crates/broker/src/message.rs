@@ -34,4 +34,6 @@ pub struct QueuedMessage {
     pub seq: u64,
     pub msg: Arc<Message>,
     pub redelivered: bool,
+    /// Where the message is in its queue's on-disk log, if it was persisted.
+    pub pos: Option<rill_store::Position>,
 }

@@ -6,8 +6,13 @@
 //! an `.await` (the core has none), so no global lock sits on the publish path: two queues never
 //! contend. Dispatch runs in whichever thread changed the queue (the publisher's connection, the
 //! acker's, or a consumer whose credit came back), which saves a hop through a queue task.
+//!
+//! A durable queue also appends persistent messages to its on-disk log ([`Durable`]). Only the
+//! first [`MEMORY_WINDOW`] bytes of ready bodies stay in memory; the rest are read back from
+//! disk when their turn comes, so a backlog of millions costs a few dozen bytes a message.
 
 use crate::consumer::{ConnEvent, Consumer, Delivery};
+use crate::durable::Durable;
 use crate::message::{Message, QueuedMessage};
 use parking_lot::Mutex;
 use rill_codec::FieldTable;
@@ -15,10 +20,16 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+pub use rill_store::Position;
+
 /// Ready messages above which a consumed queue asks its publishers to pause.
 const FLOW_HIGH: u64 = 20_000;
 /// ... and below which they resume.
 const FLOW_LOW: u64 = 10_000;
+
+/// Body bytes of ready persistent messages a durable queue keeps in memory; beyond this, bodies
+/// live only on disk until delivered.
+pub const MEMORY_WINDOW: u64 = 4 * 1024 * 1024;
 
 /// Declared properties of a queue, compared on redeclaration.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +46,9 @@ pub struct QueueConfig {
 pub struct Queue {
     pub config: QueueConfig,
     limits: Limits,
+    /// The on-disk log of a durable queue (None for transient queues or a broker without a
+    /// data directory).
+    durable: Option<Durable>,
     state: Mutex<QueueState>,
     stats: QueueCounters,
 }
@@ -84,15 +98,31 @@ pub struct QueueCounters {
     pub ready: AtomicU64,
     pub unacked: AtomicU64,
     pub consumers: AtomicU64,
+    /// Ready body bytes held in memory.
+    pub memory_bytes: AtomicU64,
+}
+
+/// A message's place in the queue.
+#[derive(Debug, Clone)]
+struct Entry {
+    seq: u64,
+    /// None while the body lives only on disk.
+    msg: Option<Arc<Message>>,
+    /// Where it is in the queue's log, if persisted.
+    pos: Option<Position>,
+    size: u64,
+    redelivered: bool,
 }
 
 #[derive(Debug, Default)]
 struct QueueState {
     /// Ordered by `seq`.
-    ready: VecDeque<QueuedMessage>,
+    ready: VecDeque<Entry>,
     /// Body bytes of `ready`, for `x-max-length-bytes`.
     ready_bytes: u64,
-    unacked: HashMap<u64, QueuedMessage>,
+    /// Body bytes of `ready` held in memory.
+    memory_bytes: u64,
+    unacked: HashMap<u64, Entry>,
     next_seq: u64,
     consumers: Vec<Arc<Consumer>>,
     /// Round-robin cursor into `consumers`.
@@ -110,11 +140,28 @@ pub enum ConsumeError {
     Deleted,
 }
 
+/// The result of offering a message to a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// False when the queue refused it (full with `x-overflow=reject-publish`, or the disk
+    /// write failed): the publisher gets a nack.
+    pub accepted: bool,
+    /// The sync epoch that makes it durable, when it was written to disk.
+    pub durable_at: Option<u64>,
+}
+
 impl Queue {
+    /// A queue whose messages live in memory only.
     pub fn new(config: QueueConfig) -> Arc<Queue> {
+        Self::with_log(config, None)
+    }
+
+    /// A queue with an on-disk log for persistent messages.
+    pub fn with_log(config: QueueConfig, durable: Option<Durable>) -> Arc<Queue> {
         Arc::new(Queue {
             limits: Limits::from_args(&config.arguments),
             config,
+            durable,
             state: Mutex::new(QueueState::default()),
             stats: QueueCounters::default(),
         })
@@ -126,6 +173,10 @@ impl Queue {
 
     pub fn counters(&self) -> &QueueCounters {
         &self.stats
+    }
+
+    pub fn is_persistent(&self) -> bool {
+        self.durable.is_some()
     }
 
     /// Publisher flow control, like RabbitMQ's credit flow: while consumers are attached and
@@ -151,12 +202,15 @@ impl Queue {
         u32::try_from(self.state.lock().consumers.len()).unwrap_or(u32::MAX)
     }
 
-    /// Appends a message and hands it to a consumer if one has credit. Returns false when the
-    /// queue refused it (full, with `x-overflow=reject-publish`): the publisher gets a nack.
-    pub fn publish(self: &Arc<Self>, msg: Arc<Message>) -> bool {
+    /// Appends a message and hands it to a consumer if one has credit. A persistent message in a
+    /// durable queue is written to the queue's log first.
+    pub fn publish(self: &Arc<Self>, msg: Arc<Message>, persistent: bool) -> PublishOutcome {
         let mut st = self.state.lock();
         if st.deleted {
-            return true;
+            return PublishOutcome {
+                accepted: true,
+                durable_at: None,
+            };
         }
         let size = msg.size() as u64;
         if self.limits.overflow != Overflow::DropHead
@@ -164,26 +218,76 @@ impl Queue {
                 .limits
                 .exceeded(st.ready.len() + 1, st.ready_bytes + size)
         {
-            return false;
+            return PublishOutcome {
+                accepted: false,
+                durable_at: None,
+            };
+        }
+        let mut pos = None;
+        let mut durable_at = None;
+        if let (true, Some(d)) = (persistent, &self.durable) {
+            match d.append(&msg) {
+                Ok((p, epoch)) => {
+                    pos = Some(p);
+                    durable_at = Some(epoch);
+                }
+                Err(e) => {
+                    tracing::error!(queue = %self.config.name, error = %e, "cannot write message; refusing it");
+                    return PublishOutcome {
+                        accepted: false,
+                        durable_at: None,
+                    };
+                }
+            }
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        st.push_ready(QueuedMessage {
+        st.push_ready(Entry {
             seq,
-            msg,
+            msg: Some(msg),
+            pos,
+            size,
             redelivered: false,
         });
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         if !st.consumers.is_empty() {
             self.dispatch_locked(&mut st);
         }
+        st.page_out_tail();
         while self.limits.exceeded(st.ready.len(), st.ready_bytes) {
-            if st.pop_ready().is_none() {
-                break;
+            match st.pop_ready() {
+                Some(dropped) => self.forget(&dropped),
+                None => break,
             }
         }
         self.sync_gauges(&st);
-        true
+        PublishOutcome {
+            accepted: true,
+            durable_at,
+        }
+    }
+
+    /// Messages recovered from the log at start-up, in log order. They may have been delivered
+    /// before the crash, so they come back marked redelivered.
+    pub fn restore(&self, messages: impl IntoIterator<Item = (Position, Message)>) -> usize {
+        let mut st = self.state.lock();
+        let mut n = 0;
+        for (pos, msg) in messages {
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            let size = msg.size() as u64;
+            st.push_ready(Entry {
+                seq,
+                msg: Some(Arc::new(msg)),
+                pos: Some(pos),
+                size,
+                redelivered: true,
+            });
+            st.page_out_tail();
+            n += 1;
+        }
+        self.sync_gauges(&st);
+        n
     }
 
     /// Lets consumers with fresh credit take waiting messages.
@@ -201,13 +305,11 @@ impl Queue {
                 break;
             };
             st.next_consumer = st.next_consumer.wrapping_add(1);
-            let Some(item) = st.pop_ready() else {
-                break;
-            };
             let consumer = Arc::clone(&st.consumers[idx]);
-            if !consumer.no_ack {
-                st.unacked.insert(item.seq, item.clone());
-            }
+            let Some(item) = self.take_head(st, !consumer.no_ack) else {
+                consumer.release(1);
+                continue;
+            };
             self.stats.delivered.fetch_add(1, Ordering::Relaxed);
             let outlet = Arc::clone(&consumer.outlet);
             outlet.push(ConnEvent::Deliver(Delivery {
@@ -218,28 +320,94 @@ impl Queue {
         }
     }
 
+    /// Pops the head for delivery, loading its body from disk if needed, and keeps it as
+    /// unacked when `ack` is set. A body that cannot be read is logged and dropped.
+    fn take_head(&self, st: &mut QueueState, ack: bool) -> Option<QueuedMessage> {
+        let mut entry = st.pop_ready()?;
+        let msg = match entry.msg.take() {
+            Some(m) => m,
+            None => match self.load(&entry) {
+                Some(m) => m,
+                None => {
+                    self.forget(&entry);
+                    return None;
+                }
+            },
+        };
+        if ack {
+            // A persisted message can be read back if it is requeued; keep only its place.
+            let keep = entry.pos.is_none().then(|| msg.clone());
+            st.unacked.insert(
+                entry.seq,
+                Entry {
+                    msg: keep,
+                    ..entry.clone()
+                },
+            );
+        } else {
+            self.forget(&entry);
+        }
+        Some(QueuedMessage {
+            seq: entry.seq,
+            msg,
+            redelivered: entry.redelivered,
+            pos: entry.pos,
+        })
+    }
+
+    fn load(&self, entry: &Entry) -> Option<Arc<Message>> {
+        let (Some(d), Some(pos)) = (&self.durable, entry.pos) else {
+            return None;
+        };
+        match d.read(pos) {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                tracing::error!(queue = %self.config.name, ?pos, error = %e, "cannot read message back; dropping it");
+                None
+            }
+        }
+    }
+
+    /// The message left the queue for good: settle it in the log.
+    fn forget(&self, entry: &Entry) {
+        if let (Some(d), Some(pos)) = (&self.durable, entry.pos) {
+            d.ack(&[pos]);
+        }
+    }
+
     /// basic.get: takes the head message. With `ack` it stays unacked until settled.
     /// Returns the message and the number of messages left ready.
     pub fn get(&self, ack: bool) -> Option<(QueuedMessage, u32)> {
         let mut st = self.state.lock();
-        let item = st.pop_ready()?;
-        if ack {
-            st.unacked.insert(item.seq, item.clone());
-        }
+        let item = loop {
+            if st.ready.is_empty() {
+                self.sync_gauges(&st);
+                return None;
+            }
+            if let Some(item) = self.take_head(&mut st, ack) {
+                break item;
+            }
+        };
         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
         let left = u32::try_from(st.ready.len()).unwrap_or(u32::MAX);
         self.sync_gauges(&st);
         Some((item, left))
     }
 
-    /// Forgets acknowledged messages, then lets consumers use the credit that freed.
+    /// Forgets acknowledged (or rejected without requeue) messages, then lets consumers use the
+    /// credit that freed.
     pub fn ack(self: &Arc<Self>, seqs: impl IntoIterator<Item = u64>) {
         let mut st = self.state.lock();
         let mut n = 0;
+        let mut positions = Vec::new();
         for seq in seqs {
-            if st.unacked.remove(&seq).is_some() {
+            if let Some(e) = st.unacked.remove(&seq) {
                 n += 1;
+                positions.extend(e.pos);
             }
+        }
+        if let (Some(d), false) = (&self.durable, positions.is_empty()) {
+            d.ack(&positions);
         }
         self.stats.acked.fetch_add(n, Ordering::Relaxed);
         if !st.consumers.is_empty() && !st.ready.is_empty() {
@@ -253,9 +421,9 @@ impl Queue {
     pub fn requeue(self: &Arc<Self>, seqs: impl IntoIterator<Item = u64>) {
         let mut st = self.state.lock();
         for seq in seqs {
-            if let Some(mut item) = st.unacked.remove(&seq) {
-                item.redelivered = true;
-                st.insert_ready(item);
+            if let Some(mut e) = st.unacked.remove(&seq) {
+                e.redelivered = true;
+                st.insert_ready(e);
             }
         }
         if !st.consumers.is_empty() {
@@ -272,7 +440,14 @@ impl Queue {
             return;
         }
         st.unacked.remove(&item.seq);
-        st.insert_ready(item);
+        let size = item.msg.size() as u64;
+        st.insert_ready(Entry {
+            seq: item.seq,
+            msg: Some(item.msg),
+            pos: item.pos,
+            size,
+            redelivered: item.redelivered,
+        });
         if !st.consumers.is_empty() {
             self.dispatch_locked(&mut st);
         }
@@ -325,19 +500,33 @@ impl Queue {
     pub fn purge(&self) -> u32 {
         let mut st = self.state.lock();
         let n = st.ready.len();
+        let positions: Vec<Position> = st.ready.iter().filter_map(|e| e.pos).collect();
+        if let (Some(d), false) = (&self.durable, positions.is_empty()) {
+            d.ack(&positions);
+        }
         st.ready.clear();
         st.ready_bytes = 0;
+        st.memory_bytes = 0;
         self.sync_gauges(&st);
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
-    /// Marks the queue deleted and returns (ready message count, consumers to notify).
+    /// Marks the queue deleted (its log is removed) and returns (ready message count,
+    /// consumers to notify).
     pub fn mark_deleted(&self) -> (u32, Vec<Arc<Consumer>>) {
         let mut st = self.state.lock();
+        if st.deleted {
+            return (0, Vec::new());
+        }
         st.deleted = true;
         let n = u32::try_from(st.ready.len()).unwrap_or(u32::MAX);
         st.ready.clear();
         st.unacked.clear();
+        st.ready_bytes = 0;
+        st.memory_bytes = 0;
+        if let Some(d) = &self.durable {
+            d.destroy();
+        }
         let consumers = std::mem::take(&mut st.consumers);
         for c in &consumers {
             c.cancel();
@@ -360,6 +549,9 @@ impl Queue {
         self.stats
             .consumers
             .store(st.consumers.len() as u64, Ordering::Relaxed);
+        self.stats
+            .memory_bytes
+            .store(st.memory_bytes, Ordering::Relaxed);
     }
 }
 
@@ -387,22 +579,45 @@ impl QueueState {
         None
     }
 
-    fn push_ready(&mut self, item: QueuedMessage) {
-        self.ready_bytes += item.msg.size() as u64;
-        self.ready.push_back(item);
+    fn push_ready(&mut self, e: Entry) {
+        self.ready_bytes += e.size;
+        if e.msg.is_some() {
+            self.memory_bytes += e.size;
+        }
+        self.ready.push_back(e);
     }
 
-    fn pop_ready(&mut self) -> Option<QueuedMessage> {
-        let item = self.ready.pop_front()?;
-        self.ready_bytes -= item.msg.size() as u64;
-        Some(item)
+    fn pop_ready(&mut self) -> Option<Entry> {
+        let e = self.ready.pop_front()?;
+        self.ready_bytes -= e.size;
+        if e.msg.is_some() {
+            self.memory_bytes -= e.size;
+        }
+        Some(e)
     }
 
     /// Back at its original position (ready is ordered by seq).
-    fn insert_ready(&mut self, item: QueuedMessage) {
-        self.ready_bytes += item.msg.size() as u64;
-        let pos = self.ready.partition_point(|m| m.seq < item.seq);
-        self.ready.insert(pos, item);
+    fn insert_ready(&mut self, e: Entry) {
+        self.ready_bytes += e.size;
+        if e.msg.is_some() {
+            self.memory_bytes += e.size;
+        }
+        let at = self.ready.partition_point(|m| m.seq < e.seq);
+        self.ready.insert(at, e);
+    }
+
+    /// Over the memory window, the newest persisted body is dropped from memory; the head of
+    /// the queue (next to go out) stays in memory.
+    fn page_out_tail(&mut self) {
+        if self.memory_bytes <= MEMORY_WINDOW {
+            return;
+        }
+        if let Some(last) = self.ready.back_mut() {
+            if last.pos.is_some() && last.msg.is_some() {
+                last.msg = None;
+                self.memory_bytes -= last.size;
+            }
+        }
     }
 }
 
@@ -472,7 +687,7 @@ mod tests {
         let c = consumer(&sink, 2, "c");
         q.add_consumer(c.clone()).unwrap();
         for _ in 0..5 {
-            q.publish(msg("x"));
+            q.publish(msg("x"), false);
         }
         assert_eq!(sink.seqs(), vec![0, 1]);
         q.ack([0]);
@@ -490,7 +705,7 @@ mod tests {
         q.add_consumer(consumer(&a, 0, "a")).unwrap();
         q.add_consumer(consumer(&b, 0, "b")).unwrap();
         for _ in 0..4 {
-            q.publish(msg("x"));
+            q.publish(msg("x"), false);
         }
         assert_eq!(a.seqs(), vec![0, 2]);
         assert_eq!(b.seqs(), vec![1, 3]);
@@ -500,7 +715,7 @@ mod tests {
     fn requeue_keeps_position_and_marks_redelivered() {
         let q = queue();
         for _ in 0..3 {
-            q.publish(msg("x"));
+            q.publish(msg("x"), false);
         }
         let (first, _) = q.get(true).unwrap();
         q.requeue([first.seq]);
@@ -533,11 +748,11 @@ mod tests {
     fn purge_and_delete_count_ready_only() {
         let q = queue();
         for _ in 0..3 {
-            q.publish(msg("x"));
+            q.publish(msg("x"), false);
         }
         let _ = q.get(true);
         assert_eq!(q.purge(), 2);
-        q.publish(msg("y"));
+        q.publish(msg("y"), false);
         assert_eq!(q.mark_deleted().0, 1);
     }
 }

@@ -1,10 +1,12 @@
 //! A virtual host: its exchanges and queues, declaration rules, and routing.
 
 use crate::consumer::ConnEvent;
+use crate::durable::Persistence;
 use crate::exchange::{Binding, Destination, Exchange, ExchangeConfig, ExchangeKind};
 use crate::queue::{Queue, QueueConfig};
 use parking_lot::RwLock;
 use rill_codec::{AMQPValue, AmqpError, FieldTable, ReplyCode};
+use rill_store::{BindingDef, Definitions, ExchangeDef, QueueDef, StoreError};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -35,6 +37,8 @@ const COMPARED_QUEUE_ARGS: &[&str] = &[
 #[derive(Debug)]
 pub struct VHost {
     pub name: String,
+    /// Where durable queues keep their logs (None: everything in memory).
+    persistence: Option<Arc<Persistence>>,
     // Both maps are read on every publish and written only by declarations, so a read-mostly
     // lock; routing clones the Arcs it needs and drops the guard at once.
     exchanges: RwLock<HashMap<Arc<str>, Arc<Exchange>>>,
@@ -74,9 +78,10 @@ fn bool_word(b: bool) -> &'static str {
 
 impl VHost {
     /// A vhost with the standard exchanges every RabbitMQ vhost has.
-    pub fn new(name: &str) -> Arc<VHost> {
+    pub fn new(name: &str, persistence: Option<Arc<Persistence>>) -> Arc<VHost> {
         let vh = VHost {
             name: name.to_owned(),
+            persistence,
             exchanges: RwLock::new(HashMap::new()),
             queues: RwLock::new(HashMap::new()),
         };
@@ -102,6 +107,13 @@ impl VHost {
             );
         }
         Arc::new(vh)
+    }
+
+    /// A durable entity changed: definitions must be written again.
+    fn durable_changed(&self) {
+        if let Some(p) = &self.persistence {
+            p.mark_definitions_dirty();
+        }
     }
 
     fn not_found_exchange(&self, name: &str) -> AmqpError {
@@ -214,6 +226,9 @@ impl VHost {
             arguments: d.arguments,
         });
         map.insert(name, x.clone());
+        if x.config.durable {
+            self.durable_changed();
+        }
         Ok(x)
     }
 
@@ -247,6 +262,7 @@ impl VHost {
         };
         if let Some(x) = removed {
             self.forget_destination(&Destination::Exchange(x.config.name.clone()));
+            self.durable_changed();
         }
         Ok(())
     }
@@ -294,6 +310,7 @@ impl VHost {
             routing_key.to_owned(),
             arguments,
         ));
+        self.durable_changed();
         Ok(())
     }
 
@@ -313,6 +330,7 @@ impl VHost {
             arguments,
         ));
         self.auto_delete_if_unbound(&x);
+        self.durable_changed();
         Ok(())
     }
 
@@ -330,6 +348,7 @@ impl VHost {
             routing_key.to_owned(),
             arguments,
         ));
+        self.durable_changed();
         Ok(())
     }
 
@@ -348,6 +367,7 @@ impl VHost {
             arguments,
         ));
         self.auto_delete_if_unbound(&src);
+        self.durable_changed();
         Ok(())
     }
 
@@ -442,15 +462,155 @@ impl VHost {
         } else {
             d.name.to_owned()
         };
-        let q = Queue::new(QueueConfig {
+        let config = QueueConfig {
             name: name.clone(),
             durable: d.durable,
             auto_delete: d.auto_delete,
             exclusive_owner: d.exclusive.then_some(connection),
             arguments: d.arguments,
-        });
+        };
+        let q = self.make_queue(config).map_err(|e| {
+            AmqpError::new(
+                ReplyCode::InternalError,
+                format!("cannot create queue '{name}' in vhost '{}': {e}", self.name),
+            )
+        })?;
         map.insert(name, q.clone());
+        if q.config.durable {
+            self.durable_changed();
+        }
         Ok(q)
+    }
+
+    /// A queue, with an on-disk log if it is durable and the broker has a data directory.
+    /// Messages left in an existing log are restored.
+    fn make_queue(&self, config: QueueConfig) -> Result<Arc<Queue>, StoreError> {
+        let Some(p) = self.persistence.as_ref().filter(|_| config.durable) else {
+            return Ok(Queue::new(config));
+        };
+        let started = std::time::Instant::now();
+        let (log, messages) = p.open_queue_log(&self.name, &config.name)?;
+        let name = config.name.clone();
+        let q = Queue::with_log(config, Some(log));
+        let n = q.restore(messages);
+        if n > 0 {
+            tracing::info!(vhost = %self.name, queue = %name, messages = n, elapsed_ms = started.elapsed().as_millis() as u64, "recovered queue");
+        }
+        Ok(q)
+    }
+
+    /// Recreates this vhost's durable exchanges, queues (with their messages) and bindings.
+    pub fn restore(&self, defs: &Definitions) -> Result<(), StoreError> {
+        for x in defs.exchanges.iter().filter(|x| x.vhost == self.name) {
+            let Some(kind) = ExchangeKind::parse(&x.kind) else {
+                tracing::warn!(exchange = %x.name, kind = %x.kind, "skipping exchange of unknown type");
+                continue;
+            };
+            let name: Arc<str> = x.name.as_str().into();
+            self.exchanges.write().insert(
+                name.clone(),
+                Exchange::new(ExchangeConfig {
+                    name,
+                    kind,
+                    durable: true,
+                    auto_delete: x.auto_delete,
+                    internal: x.internal,
+                    arguments: table_from(&x.arguments),
+                }),
+            );
+        }
+        for qd in defs.queues.iter().filter(|q| q.vhost == self.name) {
+            let q = self.make_queue(QueueConfig {
+                name: qd.name.clone(),
+                durable: true,
+                auto_delete: qd.auto_delete,
+                exclusive_owner: None,
+                arguments: table_from(&qd.arguments),
+            })?;
+            self.queues.write().insert(qd.name.clone(), q);
+        }
+        for b in defs.bindings.iter().filter(|b| b.vhost == self.name) {
+            let Ok(src) = self.exchange(&b.source) else {
+                continue;
+            };
+            let dest = if b.destination_is_queue {
+                match self.queues.read().get(&b.destination) {
+                    Some(q) => Destination::Queue(q.clone()),
+                    None => continue,
+                }
+            } else {
+                match self.exchange(&b.destination) {
+                    Ok(x) => Destination::Exchange(x.config.name.clone()),
+                    Err(_) => continue,
+                }
+            };
+            src.bind(Binding::new(
+                dest,
+                b.routing_key.clone(),
+                table_from(&b.arguments),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Adds this vhost's durable entities to `defs` (transient ones are not restored, as in
+    /// RabbitMQ; nor are exclusive queues, which die with their connection).
+    pub fn snapshot(&self, defs: &mut Definitions) {
+        let mut exchanges = self.exchanges();
+        exchanges.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        let is_builtin = |n: &str| n.is_empty() || n.starts_with("amq.");
+        let durable_queue = |q: &Queue| q.config.durable && q.config.exclusive_owner.is_none();
+        let exchange_durable = |name: &str| {
+            self.exchanges
+                .read()
+                .get(name)
+                .is_some_and(|x| x.config.durable)
+        };
+        for x in &exchanges {
+            let c = &x.config;
+            if c.durable && !is_builtin(&c.name) {
+                defs.exchanges.push(ExchangeDef {
+                    vhost: self.name.clone(),
+                    name: c.name.to_string(),
+                    kind: c.kind.as_str().to_owned(),
+                    durable: true,
+                    auto_delete: c.auto_delete,
+                    internal: c.internal,
+                    arguments: rill_codec::encode_field_table(&c.arguments),
+                });
+            }
+            if !c.durable || c.name.is_empty() {
+                continue;
+            }
+            let mut bindings = x.bindings();
+            bindings.sort_by(|a, b| a.routing_key.cmp(&b.routing_key));
+            for b in bindings {
+                let (destination, is_queue) = match &b.destination {
+                    Destination::Queue(q) if durable_queue(q) => (q.name().to_owned(), true),
+                    Destination::Exchange(n) if exchange_durable(n) => (n.to_string(), false),
+                    _ => continue,
+                };
+                defs.bindings.push(BindingDef {
+                    vhost: self.name.clone(),
+                    source: c.name.to_string(),
+                    destination,
+                    destination_is_queue: is_queue,
+                    routing_key: b.routing_key.clone(),
+                    arguments: rill_codec::encode_field_table(&b.arguments),
+                });
+            }
+        }
+        let mut queues = self.queues();
+        queues.sort_by(|a, b| a.name().cmp(b.name()));
+        for q in queues.iter().filter(|q| durable_queue(q)) {
+            defs.queues.push(QueueDef {
+                vhost: self.name.clone(),
+                name: q.name().to_owned(),
+                durable: true,
+                auto_delete: q.config.auto_delete,
+                arguments: rill_codec::encode_field_table(&q.config.arguments),
+            });
+        }
     }
 
     /// A direct reply-to pseudo-queue: exclusive to the connection, gone with its consumer.
@@ -506,6 +666,9 @@ impl VHost {
                 }
                 _ => return 0,
             }
+        }
+        if q.config.durable {
+            self.durable_changed();
         }
         let (count, consumers) = q.mark_deleted();
         for c in consumers {
@@ -655,6 +818,10 @@ fn type_name(v: &AMQPValue) -> &'static str {
         AMQPValue::ByteArray(_) => "binary",
         AMQPValue::Void => "void",
     }
+}
+
+fn table_from(encoded: &[u8]) -> FieldTable {
+    rill_codec::decode_field_table(encoded).unwrap_or_default()
 }
 
 /// Server-generated names in RabbitMQ's style: a prefix and 22 URL-safe base64 characters.

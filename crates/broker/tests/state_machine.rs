@@ -1424,7 +1424,6 @@ fn publish_to_a_missing_exchange_is_404() {
 }
 
 #[test]
-#[ignore = "bug: confirms pending in the batch are flushed as basic.ack after the server's channel.close"]
 fn nothing_follows_a_channel_close_in_confirm_mode() {
     let b = broker();
     let mut c = Client::with_channel(&b, 1);

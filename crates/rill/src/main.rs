@@ -46,6 +46,10 @@ struct ServerArgs {
     /// Block publishers when the data directory has fewer free bytes than this.
     #[arg(long, default_value_t = 50_000_000)]
     disk_free_limit: u64,
+    /// 0: fsync persistent messages before confirming them (group commit). N: fsync at most
+    /// every N ms; confirms still wait for the fsync that covers them.
+    #[arg(long, default_value_t = 0)]
+    sync_interval_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +69,10 @@ fn main() -> anyhow::Result<()> {
             max_connections: args.max_connections,
             memory_high_watermark: args.memory_high_watermark,
             disk_free_limit: args.disk_free_limit,
+            sync: match args.sync_interval_ms {
+                0 => rill_store::SyncPolicy::Always,
+                ms => rill_store::SyncPolicy::Interval(std::time::Duration::from_millis(ms)),
+            },
         })?),
         Command::Bench(cmd) => bench::run(cmd),
     }

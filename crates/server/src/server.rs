@@ -21,6 +21,8 @@ pub struct ServerConfig {
     pub memory_high_watermark: f64,
     /// Free bytes below which publishers are blocked.
     pub disk_free_limit: u64,
+    /// When persistent messages are fsynced before they are confirmed.
+    pub sync: rill_store::SyncPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,8 @@ pub enum ServerError {
     Runtime(std::io::Error),
     #[error("accept failed: {0}")]
     Accept(std::io::Error),
+    #[error("cannot open the broker's data: {0}")]
+    Store(#[from] rill_store::StoreError),
 }
 
 /// How long connections get to finish their close handshake at shutdown.
@@ -62,7 +66,12 @@ pub fn run_blocking(config: ServerConfig) -> Result<(), ServerError> {
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "rill broker listening");
-        let broker = Broker::new(BrokerConfig::default());
+        let started = std::time::Instant::now();
+        let broker = Broker::open(BrokerConfig::default(), &config.data_dir, config.sync)?;
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "data directory loaded"
+        );
         tokio::spawn(crate::alarms::watch(
             broker.clone(),
             crate::alarms::AlarmConfig {

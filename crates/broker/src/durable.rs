@@ -1,0 +1,193 @@
+//! The broker's use of `rill-store`: a durable queue's log, group commit for publisher
+//! confirms, and the definitions file.
+//!
+//! Only this module turns broker types into stored records and back, so the rest of the core
+//! sees messages and positions, never files.
+
+use crate::consumer::{ConnEvent, Outlet};
+use crate::message::Message;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rill_store::{
+    Definitions, DefinitionsFile, Position, QueueStore, SharedStore, StoreError, StoreOptions,
+    StoredMessage, SyncGroup, SyncPolicy,
+};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One durable queue's log plus the group commit it syncs through.
+#[derive(Clone)]
+pub struct Durable {
+    store: SharedStore,
+    sync: SyncGroup,
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable").finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Durable {
+    pub fn new(store: SharedStore, sync: SyncGroup) -> Durable {
+        Durable { store, sync }
+    }
+
+    /// Writes the message (page cache, no fsync) and returns its position and the sync epoch
+    /// after which it is durable.
+    pub(crate) fn append(&self, msg: &Message) -> Result<(Position, u64), StoreError> {
+        let record = StoredMessage {
+            exchange: msg.exchange.to_string(),
+            routing_key: msg.routing_key_str().to_owned(),
+            properties: msg.properties.clone(),
+            body: msg.body.clone(),
+            timestamp_ms: now_ms(),
+            flags: 0,
+        };
+        let pos = self.store.lock().append(&record)?;
+        Ok((pos, self.sync.mark_dirty(&self.store)))
+    }
+
+    /// Records settled messages; they are synced with the next round, nobody waits for it.
+    pub(crate) fn ack(&self, positions: &[Position]) {
+        {
+            let mut store = self.store.lock();
+            for &pos in positions {
+                if let Err(e) = store.ack(pos) {
+                    tracing::error!(?pos, error = %e, "cannot record ack");
+                }
+            }
+        }
+        self.sync.mark_dirty(&self.store);
+    }
+
+    pub(crate) fn read(&self, pos: Position) -> Result<Message, StoreError> {
+        let record = self.store.lock().read(pos)?;
+        Ok(message_from(record))
+    }
+
+    /// The queue was deleted: its files go.
+    pub(crate) fn destroy(&self) {
+        if let Err(e) = self.store.lock().destroy_in_place() {
+            tracing::error!(error = %e, "cannot remove a deleted queue's files");
+        }
+    }
+}
+
+pub(crate) fn message_from(record: StoredMessage) -> Message {
+    Message {
+        exchange: Arc::from(record.exchange.as_str()),
+        routing_key: Bytes::from(record.routing_key.into_bytes()),
+        properties: record.properties,
+        body: record.body,
+    }
+}
+
+/// Everything the broker keeps under `--data-dir`: queue logs, group commit, definitions.
+pub struct Persistence {
+    data_dir: PathBuf,
+    options: StoreOptions,
+    sync: SyncGroup,
+    definitions: Mutex<(DefinitionsFile, Option<Definitions>)>,
+    /// Connections waiting for a sync round to send confirms.
+    waiters: Arc<Mutex<Vec<Arc<dyn Outlet>>>>,
+    /// A durable entity changed since definitions were last written.
+    definitions_dirty: AtomicBool,
+}
+
+impl std::fmt::Debug for Persistence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Persistence")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Persistence {
+    /// Opens the data directory; returns the definitions saved there, if any.
+    pub fn open(
+        data_dir: &Path,
+        sync_policy: SyncPolicy,
+    ) -> Result<(Arc<Persistence>, Option<Definitions>), StoreError> {
+        let (file, saved) = DefinitionsFile::open(data_dir)?;
+        let sync = SyncGroup::new(sync_policy);
+        let waiters: Arc<Mutex<Vec<Arc<dyn Outlet>>>> = Arc::default();
+        let wake = waiters.clone();
+        sync.subscribe(Box::new(move |epoch| {
+            let outlets = std::mem::take(&mut *wake.lock());
+            for o in outlets {
+                o.push(ConnEvent::Synced(epoch));
+            }
+        }));
+        let p = Persistence {
+            data_dir: data_dir.to_path_buf(),
+            options: StoreOptions {
+                sync: sync_policy,
+                ..StoreOptions::default()
+            },
+            sync,
+            definitions: Mutex::new((file, saved.clone())),
+            waiters,
+            definitions_dirty: AtomicBool::new(false),
+        };
+        Ok((Arc::new(p), saved))
+    }
+
+    /// Opens (or creates) a durable queue's log and returns the messages it still holds.
+    pub fn open_queue_log(
+        &self,
+        vhost: &str,
+        queue: &str,
+    ) -> Result<(Durable, Vec<(Position, Message)>), StoreError> {
+        let dir = rill_store::queue_dir(&self.data_dir, vhost, queue);
+        let (store, recovered) = QueueStore::open(&dir, self.options)?;
+        let durable = Durable::new(Arc::new(Mutex::new(store)), self.sync.clone());
+        let messages = recovered
+            .into_iter()
+            .map(|(pos, rec)| (pos, message_from(rec)))
+            .collect();
+        Ok((durable, messages))
+    }
+
+    pub fn synced_epoch(&self) -> u64 {
+        self.sync.synced_epoch()
+    }
+
+    /// Wakes `outlet` with [`ConnEvent::Synced`] after the next sync round.
+    pub fn notify_when_synced(&self, outlet: &Arc<dyn Outlet>) {
+        let mut w = self.waiters.lock();
+        if !w.iter().any(|o| Arc::ptr_eq(o, outlet)) {
+            w.push(outlet.clone());
+        }
+    }
+
+    pub fn mark_definitions_dirty(&self) {
+        self.definitions_dirty.store(true, Ordering::Release);
+    }
+
+    /// Clears and returns the dirty flag.
+    pub fn take_definitions_dirty(&self) -> bool {
+        self.definitions_dirty.swap(false, Ordering::AcqRel)
+    }
+
+    /// Writes the definitions if they changed since the last save.
+    pub fn save_definitions(&self, defs: Definitions) {
+        let mut guard = self.definitions.lock();
+        if guard.1.as_ref() == Some(&defs) {
+            return;
+        }
+        match guard.0.save(&defs) {
+            Ok(()) => guard.1 = Some(defs),
+            Err(e) => tracing::error!(error = %e, "cannot save definitions"),
+        }
+    }
+}
