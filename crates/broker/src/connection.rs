@@ -71,7 +71,7 @@ pub struct Connection {
     alarm: Option<String>,
     /// We sent connection.blocked and owe an unblocked.
     told_blocked: bool,
-    /// Whether it published since the alarm was raised.
+    /// Whether it ever published (RabbitMQ blocks only connections that publish).
     has_published: bool,
     channels: HashMap<u16, Channel>,
 }
@@ -263,7 +263,10 @@ impl Connection {
             ConnEvent::Synced(_) => self.flush(out),
             ConnEvent::Blocked(reason) => {
                 self.alarm = reason;
-                self.has_published = false;
+                // A connection that publishes is blocked at once; others when they first do.
+                if self.has_published {
+                    self.tell_blocked(out);
+                }
                 if self.alarm.is_none() && self.told_blocked {
                     // Alarm over: reading resumes; tell the client if we told it before.
                     self.told_blocked = false;
@@ -276,6 +279,37 @@ impl Connection {
                     );
                 }
             }
+        }
+    }
+
+    fn tell_blocked(&mut self, out: &mut BytesMut) {
+        Self::tell_blocked_parts(
+            &self.alarm,
+            self.blocked_notify,
+            &mut self.told_blocked,
+            out,
+        );
+    }
+
+    /// connection.blocked, once per alarm, to clients that asked for it.
+    fn tell_blocked_parts(
+        alarm: &Option<String>,
+        notify: bool,
+        told: &mut bool,
+        out: &mut BytesMut,
+    ) {
+        let Some(reason) = alarm else {
+            return;
+        };
+        if notify && !*told {
+            *told = true;
+            encode_method(
+                out,
+                0,
+                &AMQPClass::Connection(amqp_conn::AMQPMethod::Blocked(amqp_conn::Blocked {
+                    reason: short_string_truncated(reason),
+                })),
+            );
         }
     }
 
@@ -385,20 +419,12 @@ impl Connection {
                 }
                 if frame.kind == FRAME_HEADER {
                     self.has_published = true;
-                    if let Some(reason) = &self.alarm {
-                        if self.blocked_notify && !self.told_blocked {
-                            self.told_blocked = true;
-                            encode_method(
-                                out,
-                                0,
-                                &AMQPClass::Connection(amqp_conn::AMQPMethod::Blocked(
-                                    amqp_conn::Blocked {
-                                        reason: short_string_truncated(reason),
-                                    },
-                                )),
-                            );
-                        }
-                    }
+                    Self::tell_blocked_parts(
+                        &self.alarm,
+                        self.blocked_notify,
+                        &mut self.told_blocked,
+                        out,
+                    );
                 }
                 let r = if frame.kind == FRAME_HEADER {
                     ch.content_header(ctx, frame.payload, out)

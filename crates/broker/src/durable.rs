@@ -9,8 +9,8 @@ use crate::message::Message;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use rill_store::{
-    Definitions, DefinitionsFile, Position, QueueStore, SharedStore, StoreError, StoreOptions,
-    StoredMessage, SyncGroup, SyncPolicy,
+    Definitions, DefinitionsFile, Position, QueueStore, RecoveredRecord, SharedStore, StoreError,
+    StoreOptions, StoredMessage, SyncGroup, SyncPolicy,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,6 +68,13 @@ impl Durable {
             }
         }
         self.sync.mark_dirty(&self.store);
+    }
+
+    /// Notes that a message went out to a consumer, so a crash brings it back redelivered.
+    pub(crate) fn mark_delivered(&self, pos: Position) {
+        if let Err(e) = self.store.lock().mark_delivered(pos) {
+            tracing::error!(?pos, error = %e, "cannot record delivery");
+        }
     }
 
     pub(crate) fn read(&self, pos: Position) -> Result<Message, StoreError> {
@@ -142,20 +149,17 @@ impl Persistence {
         Ok((Arc::new(p), saved))
     }
 
-    /// Opens (or creates) a durable queue's log and returns the messages it still holds.
+    /// Opens (or creates) a durable queue's log and returns an index of the messages it still
+    /// holds (no bodies: they are read back when delivered).
     pub fn open_queue_log(
         &self,
         vhost: &str,
         queue: &str,
-    ) -> Result<(Durable, Vec<(Position, Message)>), StoreError> {
-        let dir = rill_store::queue_dir(&self.data_dir, vhost, queue);
-        let (store, recovered) = QueueStore::open(&dir, self.options)?;
+    ) -> Result<(Durable, Vec<RecoveredRecord>), StoreError> {
+        let dir = rill_store::ensure_queue_dir(&self.data_dir, vhost, queue)?;
+        let (store, recovered) = QueueStore::open_index(&dir, self.options)?;
         let durable = Durable::new(Arc::new(Mutex::new(store)), self.sync.clone());
-        let messages = recovered
-            .into_iter()
-            .map(|(pos, rec)| (pos, message_from(rec)))
-            .collect();
-        Ok((durable, messages))
+        Ok((durable, recovered))
     }
 
     pub fn synced_epoch(&self) -> u64 {

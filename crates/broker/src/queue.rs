@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use rill_store::Position;
+use rill_store::RecoveredRecord;
 
 /// Ready messages above which a consumed queue asks its publishers to pause.
 const FLOW_HIGH: u64 = 20_000;
@@ -267,23 +268,22 @@ impl Queue {
         }
     }
 
-    /// Messages recovered from the log at start-up, in log order. They may have been delivered
-    /// before the crash, so they come back marked redelivered.
-    pub fn restore(&self, messages: impl IntoIterator<Item = (Position, Message)>) -> usize {
+    /// Messages recovered from the log at start-up, in log order, as an index: bodies are read
+    /// back when delivered. Those delivered before the restart come back redelivered.
+    pub fn restore(&self, records: impl IntoIterator<Item = RecoveredRecord>) -> usize {
         let mut st = self.state.lock();
         let mut n = 0;
-        for (pos, msg) in messages {
+        for r in records {
             let seq = st.next_seq;
             st.next_seq += 1;
-            let size = msg.size() as u64;
             st.push_ready(Entry {
                 seq,
-                msg: Some(Arc::new(msg)),
-                pos: Some(pos),
-                size,
-                redelivered: true,
+                msg: None,
+                pos: Some(r.position),
+                // The record's size stands in for the body's until it is read back.
+                size: u64::from(r.encoded_len),
+                redelivered: r.delivered,
             });
-            st.page_out_tail();
             n += 1;
         }
         self.sync_gauges(&st);
@@ -324,6 +324,11 @@ impl Queue {
     /// unacked when `ack` is set. A body that cannot be read is logged and dropped.
     fn take_head(&self, st: &mut QueueState, ack: bool) -> Option<QueuedMessage> {
         let mut entry = st.pop_ready()?;
+        if let (true, false, Some(d), Some(pos)) =
+            (ack, entry.redelivered, &self.durable, entry.pos)
+        {
+            d.mark_delivered(pos);
+        }
         let msg = match entry.msg.take() {
             Some(m) => m,
             None => match self.load(&entry) {

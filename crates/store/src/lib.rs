@@ -13,7 +13,7 @@
 //!
 //! This crate knows nothing of AMQP semantics, sockets or async runtimes: a message is a set of
 //! opaque fields, and the broker decides what to store, when to ack, and when to confirm.
-//! See `docs/storage.md` in this crate for the format and the exact durability guarantees.
+//! See `docs/storage.md` at the repository root for the format and the exact durability guarantees.
 
 #![forbid(unsafe_code)]
 
@@ -35,7 +35,7 @@ pub use format::{HEADER_LEN, MAX_PAYLOAD, RECORD_HEADER_LEN, VERSION};
 pub use layout::{ensure_queue_dir, queue_dir};
 pub use queue::{
     Position, QueueStore, RecoveredRecord, StoreOptions, StoreStats, StoredMessage, SyncBatch,
-    SyncPolicy,
+    SyncPolicy, FLAG_DELIVERED,
 };
 pub use sync_group::SyncGroup;
 

@@ -99,10 +99,21 @@ pub struct RecoveredRecord {
     pub timestamp_ms: u64,
     /// [`StoredMessage::flags`].
     pub flags: u8,
+    /// [`QueueStore::mark_delivered`] was recorded for it before the restart.
+    pub delivered: bool,
 }
 
-/// Receives each unacked record's payload during recovery.
-type Visit<'a> = &'a mut dyn FnMut(Position, &[u8]) -> Result<(), &'static str>;
+/// Set in [`StoredMessage::flags`] of records returned by [`QueueStore::open`] that were
+/// marked delivered ([`QueueStore::mark_delivered`]).
+pub const FLAG_DELIVERED: u8 = 0x80;
+
+/// Ack-file entries with this bit set are delivery marks, not acks (record offsets never
+/// reach 2 GiB: positions are u32 and records start within a segment).
+const DELIVERED_MARK: u32 = 0x8000_0000;
+
+/// Receives each unacked record's payload (and whether it was marked delivered) during
+/// recovery.
+type Visit<'a> = &'a mut dyn FnMut(Position, &[u8], bool) -> Result<(), &'static str>;
 
 /// Cheap counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -230,8 +241,11 @@ impl QueueStore {
         backend: Arc<dyn StorageBackend>,
     ) -> Result<(QueueStore, Vec<(Position, StoredMessage)>), StoreError> {
         let mut recovered = Vec::new();
-        let store = QueueStore::open_inner(dir, opts, backend, &mut |pos, payload| {
-            let msg = format::decode_payload(Bytes::copy_from_slice(payload))?;
+        let store = QueueStore::open_inner(dir, opts, backend, &mut |pos, payload, delivered| {
+            let mut msg = format::decode_payload(Bytes::copy_from_slice(payload))?;
+            if delivered {
+                msg.flags |= FLAG_DELIVERED;
+            }
             recovered.push((pos, msg));
             Ok(())
         })?;
@@ -247,17 +261,19 @@ impl QueueStore {
         backend: Arc<dyn StorageBackend>,
     ) -> Result<(QueueStore, Vec<RecoveredRecord>), StoreError> {
         let mut index = Vec::new();
-        let store = QueueStore::open_inner(dir, opts, backend, &mut |position, payload| {
-            let (timestamp_ms, flags) = format::payload_header(payload)?;
-            let encoded_len = payload.len() as u32 + RECORD_HEADER_LEN;
-            index.push(RecoveredRecord {
-                position,
-                encoded_len,
-                timestamp_ms,
-                flags,
-            });
-            Ok(())
-        })?;
+        let store =
+            QueueStore::open_inner(dir, opts, backend, &mut |position, payload, delivered| {
+                let (timestamp_ms, flags) = format::payload_header(payload)?;
+                let encoded_len = payload.len() as u32 + RECORD_HEADER_LEN;
+                index.push(RecoveredRecord {
+                    position,
+                    encoded_len,
+                    timestamp_ms,
+                    flags,
+                    delivered,
+                });
+                Ok(())
+            })?;
         Ok((store, index))
     }
 
@@ -389,7 +405,8 @@ impl QueueStore {
                 offset: seg.offset(i),
             };
             // Validated by parse_record; decoding cannot fail here, but never panic on content.
-            visit(pos, &data[payload]).map_err(|e| StoreError::corrupt(&path, e))?;
+            visit(pos, &data[payload], seg.is_delivered(i))
+                .map_err(|e| StoreError::corrupt(&path, e))?;
         }
         self.live += u64::from(seg.live);
         self.segments.insert(id, seg);
@@ -420,8 +437,13 @@ impl QueueStore {
             file.set_len(valid_len as u64).ctx(&path)?;
         }
         for chunk in data[HEADER_LEN as usize..valid_len].chunks_exact(4) {
+            let entry = format::le_u32(chunk);
             // Offsets that are not record starts (e.g. into a truncated tail) are ignored.
-            if let Some(i) = seg.index_of(format::le_u32(chunk)) {
+            if entry & DELIVERED_MARK != 0 {
+                if let Some(i) = seg.index_of(entry & !DELIVERED_MARK) {
+                    seg.set_delivered(i);
+                }
+            } else if let Some(i) = seg.index_of(entry) {
                 seg.set_acked(i);
             }
         }
@@ -681,6 +703,28 @@ impl QueueStore {
             self.ack_pending_segs.push(pos.segment);
         }
         seg.ack_pending.extend_from_slice(&pos.offset.to_le_bytes());
+        self.ack_pending_bytes += 4;
+        if self.ack_pending_bytes >= ACK_BUFFER {
+            self.flush_acks()?;
+        }
+        Ok(())
+    }
+
+    /// Records that the message at `pos` was handed to a consumer, so that after a crash it
+    /// comes back marked redelivered (written with the acks; no fsync).
+    pub fn mark_delivered(&mut self, pos: Position) -> Result<(), StoreError> {
+        self.check_writable()?;
+        let Some(seg) = self.segments.get_mut(&pos.segment) else {
+            return Ok(());
+        };
+        if seg.index_of(pos.offset).is_none() || pos.offset & DELIVERED_MARK != 0 {
+            return Ok(());
+        }
+        if seg.ack_pending.is_empty() {
+            self.ack_pending_segs.push(pos.segment);
+        }
+        seg.ack_pending
+            .extend_from_slice(&(pos.offset | DELIVERED_MARK).to_le_bytes());
         self.ack_pending_bytes += 4;
         if self.ack_pending_bytes >= ACK_BUFFER {
             self.flush_acks()?;

@@ -39,6 +39,8 @@ pub(crate) struct Segment {
     offsets: Vec<u32>,
     /// Bit i set = record i acked.
     acked: Vec<u64>,
+    /// Bit i set = record i was marked delivered (recovery only).
+    delivered: Vec<u64>,
     /// Records not acked.
     pub live: u32,
     pub ack_path: PathBuf,
@@ -61,6 +63,7 @@ impl Segment {
             len,
             offsets: Vec::new(),
             acked: Vec::new(),
+            delivered: Vec::new(),
             live: 0,
             ack_path: dir.join(ack_name(id)),
             ack_file: None,
@@ -106,6 +109,19 @@ impl Segment {
         *word |= bit;
         self.live -= 1;
         true
+    }
+
+    pub fn set_delivered(&mut self, i: usize) {
+        if self.delivered.len() <= i / 64 {
+            self.delivered.resize(i / 64 + 1, 0);
+        }
+        self.delivered[i / 64] |= 1 << (i % 64);
+    }
+
+    pub fn is_delivered(&self, i: usize) -> bool {
+        self.delivered
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
 
     /// Frees spare capacity once the segment stops growing.

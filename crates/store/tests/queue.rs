@@ -429,3 +429,26 @@ fn index_only_recovery_matches_full_recovery() {
         assert_eq!(&s.read(r.position).unwrap(), m);
     }
 }
+
+#[test]
+fn delivery_marks_survive_restart_and_are_not_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = QueueStore::open(dir.path(), opts(1 << 20)).unwrap();
+    let pos: Vec<Position> = (0..4).map(|i| s.append(&msg(i, 10)).unwrap()).collect();
+    s.mark_delivered(pos[1]).unwrap();
+    s.mark_delivered(pos[2]).unwrap();
+    s.ack(pos[2]).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    let (s, index) = QueueStore::open_index(dir.path(), opts(1 << 20)).unwrap();
+    let got: Vec<(Position, bool)> = index.iter().map(|r| (r.position, r.delivered)).collect();
+    assert_eq!(got, vec![(pos[0], false), (pos[1], true), (pos[3], false)]);
+    assert_eq!(s.stats().live_records, 3);
+    drop(s);
+    let (_, full) = QueueStore::open(dir.path(), opts(1 << 20)).unwrap();
+    let flags: Vec<bool> = full
+        .iter()
+        .map(|(_, m)| m.flags & rill_store::FLAG_DELIVERED != 0)
+        .collect();
+    assert_eq!(flags, vec![false, true, false]);
+}
