@@ -484,6 +484,39 @@ RABBIT_ALARM_OFF = {"memory": ["set_vm_memory_high_watermark", "0.4"],
                     "disk": ["set_disk_free_limit", "50000000"]}
 
 
+def publish_until_blocked(conn, queue: str, first: int, log: "BlockedLog", timeout: float = 30.0) -> list[int]:
+    """Publish numbered persistent messages every 0.5 s until connection.blocked arrives.
+
+    RabbitMQ blocks a connection when it publishes while an alarm is on, so one publish made
+    before the broker noticed the alarm would never be answered. Returns the numbers sent."""
+    ch = conn.channel()
+    sent: list[int] = []
+
+    def blocked() -> bool:
+        if "blocked" in log.events:
+            return True
+        sent.append(first + len(sent))
+        ch.basic_publish("", queue, numbered_body(sent[-1], 32), pika.BasicProperties(delivery_mode=2))
+        return False
+
+    assert wait_until(blocked, timeout=timeout, interval=0.5, conn=conn), \
+        f"no connection.blocked after publishing {len(sent)} messages over {timeout} s"
+    return sent
+
+
+def collect(url: str, queue: str, got: list[int], want: list[int], timeout: float = 10.0) -> list[int]:
+    """Keep draining `queue` into `got` until it holds `want` (or `timeout`)."""
+    with blocking(url) as c:
+        ch = c.channel()
+
+        def done() -> bool:
+            got.extend(numbers(get_all(ch, queue)))
+            return len(got) >= len(want)
+
+        wait_until(done, timeout=timeout, interval=0.1)
+    return got
+
+
 # pika's blocked_connection_timeout: long enough for the steps made while blocked.
 BLOCKED_TIMEOUT = 10
 
@@ -523,10 +556,7 @@ def test_alarm_blocks_publishers_while_consumers_drain(make_broker, alarm):
 
     with blocking(broker.url, blocked_connection_timeout=BLOCKED_TIMEOUT) as pub:
         log = BlockedLog(pub)
-        pch = pub.channel()
-        pch.basic_publish("", q, numbered_body(21, 32), pika.BasicProperties(delivery_mode=2))
-        assert wait_until(lambda: "blocked" in log.events, timeout=20, conn=pub), \
-            f"no connection.blocked under a {alarm} alarm"
+        sent = publish_until_blocked(pub, q, 21, log)
 
         # Another connection still consumes.
         with blocking(broker.url) as c:
@@ -545,12 +575,8 @@ def test_alarm_blocks_publishers_while_consumers_drain(make_broker, alarm):
             return
         broker.ctl(*RABBIT_ALARM_OFF[alarm])
         assert wait_until(lambda: "unblocked" in log.events, timeout=20, conn=pub), log.events
-        with blocking(broker.url) as c:
-            ch = c.channel()
-            if 21 not in got:
-                wait_until(lambda: ch.queue_declare(q, passive=True).method.message_count > 0, timeout=10)
-                got += numbers(get_all(ch, q))
-        assert 21 in got, "the publish made while blocked arrives once the alarm clears"
+        collect(broker.url, q, got, list(range(21)) + sent)
+        assert got == list(range(21)) + sent, "publishes made while blocked arrive once the alarm clears"
 
 
 GiB = 1024 * MiB
@@ -583,9 +609,7 @@ def test_disk_alarm_blocks_then_unblocks_when_space_returns(make_broker, tmp_pat
             os.posix_fallocate(f.fileno(), 0, 5 * GiB)
         with blocking(broker.url, blocked_connection_timeout=60) as pub:
             log = BlockedLog(pub)
-            pub.channel().basic_publish("", q, numbered_body(5, 32), pika.BasicProperties(delivery_mode=2))
-            assert wait_until(lambda: "blocked" in log.events, timeout=30, conn=pub), \
-                f"no connection.blocked with {free_bytes(tmp_path)} bytes free, limit {limit}"
+            sent = publish_until_blocked(pub, q, 5, log)
             with blocking(broker.url) as c:
                 got = numbers(get_all(c.channel(), q))
             assert got[:5] == list(range(5)), got
@@ -593,12 +617,8 @@ def test_disk_alarm_blocks_then_unblocks_when_space_returns(make_broker, tmp_pat
             assert wait_until(lambda: "unblocked" in log.events, timeout=30, conn=pub), \
                 f"no connection.unblocked after the space came back: {log.events}"
             assert log.events == ["blocked", "unblocked"]
-        with blocking(broker.url) as c:
-            ch = c.channel()
-            if 5 not in got:
-                wait_until(lambda: ch.queue_declare(q, passive=True).method.message_count > 0, timeout=10)
-                got += numbers(get_all(ch, q))
-        assert got == list(range(6)), "the publish made while blocked arrives once the alarm clears"
+        collect(broker.url, q, got, list(range(5)) + sent)
+        assert got == list(range(5)) + sent, "publishes made while blocked arrive once the alarm clears"
     finally:
         filler.unlink(missing_ok=True)
 
