@@ -135,6 +135,14 @@ impl Broker {
         }
     }
 
+    /// Periodic work (message TTLs, queue expiry); the server calls it a few times a second.
+    pub fn tick(&self) {
+        let now = crate::queue::now_ms();
+        for vh in self.vhosts() {
+            vh.tick(now);
+        }
+    }
+
     pub fn persistence(&self) -> Option<&Arc<Persistence>> {
         self.inner.persistence.as_ref()
     }

@@ -775,13 +775,13 @@ impl Channel {
         // Nothing may follow channel.close on this channel, not even confirms.
         self.confirms = None;
         self.pending_commit = None;
-        for (_, (c, q)) in self.consumers.drain() {
+        // Cancelled first so nothing is dispatched to them; the unacked go back to their
+        // queues while the consumers are still registered, so they reach the next consumer
+        // ahead of messages that were never delivered (single active consumer takeover).
+        let consumers: Vec<(Arc<Consumer>, Arc<Queue>)> =
+            self.consumers.drain().map(|(_, cq)| cq).collect();
+        for (c, _) in &consumers {
             c.cancel();
-            if q.remove_consumer(&c) {
-                if let Some(vh) = vhost {
-                    vh.remove_queue(&q);
-                }
-            }
         }
         let mut items: Vec<(Unacked, Settle)> = self
             .unacked
@@ -793,6 +793,13 @@ impl Channel {
         }
         items.sort_by_key(|(u, _)| u.tag);
         self.apply_settles(items);
+        for (c, q) in consumers {
+            if q.remove_consumer(&c) {
+                if let Some(vh) = vhost {
+                    vh.remove_queue(&q);
+                }
+            }
+        }
     }
 
     // ---- basic.* control methods ----
@@ -1186,7 +1193,8 @@ fn ack_range(out: &mut BytesMut, channel: u16, confirmed: u64, upto: u64) {
 
 fn settle_run(q: &Arc<Queue>, how: Settle, seqs: &mut Vec<u64>) {
     match how {
-        Settle::Ack | Settle::Discard => q.ack(seqs.drain(..)),
+        Settle::Ack => q.ack(seqs.drain(..)),
+        Settle::Discard => q.discard(seqs.drain(..)),
         Settle::Requeue => q.requeue(seqs.drain(..)),
     }
 }

@@ -181,6 +181,11 @@ impl Consumer {
         true
     }
 
+    /// Deliveries taken and not yet settled (or, for no-ack, not yet written).
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Release);
     }

@@ -4,7 +4,10 @@
 //! - [`broker`]: the [`Broker`] handle (vhosts, users, limits); clone it to share.
 //! - [`vhost`]: a virtual host's exchanges and queues, declaration rules and routing.
 //! - [`exchange`]: bindings and the matching rules of direct, fanout, topic and headers exchanges.
-//! - [`queue`]: a queue's messages, unacked deliveries and consumers; dispatch with prefetch.
+//! - [`queue`]: a queue's messages, unacked deliveries and consumers; dispatch with prefetch,
+//!   priorities, TTL, length limits, single active consumer.
+//! - [`args`]: queue arguments (`x-...`), validated at declaration.
+//! - [`deadletter`]: the `x-death` history of dead-lettered messages.
 //! - [`consumer`]: consumers, their credit, and the [`Outlet`] a queue delivers through.
 //! - [`message`]: the shared, immutable message.
 //! - [`durable`]: the bridge to `rill-store`: queue logs, group commit, definitions.
@@ -15,10 +18,12 @@
 //! That keeps every AMQP rule (acks, requeue order, prefetch, exclusivity, auto-delete)
 //! testable in-process, and lets stream jobs embed a broker without TCP.
 
+pub mod args;
 pub mod broker;
 mod channel;
 pub mod connection;
 pub mod consumer;
+pub mod deadletter;
 pub mod durable;
 pub mod exchange;
 pub mod message;

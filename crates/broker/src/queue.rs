@@ -1,5 +1,5 @@
-//! A queue: its messages in FIFO order, the deliveries awaiting acknowledgement, and its
-//! consumers.
+//! A queue: its messages in FIFO order (per priority), the deliveries awaiting acknowledgement,
+//! and its consumers.
 //!
 //! Each queue owns its state behind one short mutex. Publishers, ackers and consumers'
 //! connections each take it for the length of one enqueue, settle or dispatch pass, never across
@@ -10,15 +10,23 @@
 //! A durable queue also appends persistent messages to its on-disk log ([`Durable`]). Only the
 //! first [`MEMORY_WINDOW`] bytes of ready bodies stay in memory; the rest are read back from
 //! disk when their turn comes, so a backlog of millions costs a few dozen bytes a message.
+//!
+//! Messages that leave without being consumed (expired, dropped for length, rejected, over the
+//! delivery limit) are collected under the lock and dead-lettered after it is released
+//! (see [`crate::deadletter`]), since that publishes into other queues.
 
+use crate::args::{Overflow, QueueArgs, QueueType};
 use crate::consumer::{ConnEvent, Consumer, Delivery};
+use crate::deadletter::{is_cycle, record_death, Death, Reason};
 use crate::durable::Durable;
 use crate::message::{Message, QueuedMessage};
+use crate::vhost::VHost;
 use parking_lot::Mutex;
-use rill_codec::FieldTable;
+use rill_codec::{FieldTable, PropertiesView};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use rill_store::Position;
 use rill_store::RecoveredRecord;
@@ -31,6 +39,14 @@ const FLOW_LOW: u64 = 10_000;
 /// Body bytes of ready persistent messages a durable queue keeps in memory; beyond this, bodies
 /// live only on disk until delivered.
 pub const MEMORY_WINDOW: u64 = 4 * 1024 * 1024;
+
+/// Milliseconds since the Unix epoch: the clock for TTLs and x-expires.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// Declared properties of a queue, compared on redeclaration.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,48 +62,18 @@ pub struct QueueConfig {
 #[derive(Debug)]
 pub struct Queue {
     pub config: QueueConfig,
-    limits: Limits,
+    args: QueueArgs,
     /// The on-disk log of a durable queue (None for transient queues or a broker without a
     /// data directory).
     durable: Option<Durable>,
+    /// Where dead letters are routed.
+    vhost: Weak<VHost>,
+    /// For x-expires: when it was last used (declared, consumed from, got from), ms.
+    last_used: AtomicU64,
+    /// Some ready message has a per-message expiry: the ticker must look at this queue.
+    has_expiring: AtomicBool,
     state: Mutex<QueueState>,
     stats: QueueCounters,
-}
-
-/// What a full queue does with a new message (`x-overflow`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Overflow {
-    DropHead,
-    RejectPublish,
-    RejectPublishDlx,
-}
-
-/// Length limits from `x-max-length`, `x-max-length-bytes` and `x-overflow`. Only ready
-/// messages count, as in RabbitMQ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Limits {
-    max_length: Option<u64>,
-    max_bytes: Option<u64>,
-    overflow: Overflow,
-}
-
-impl Limits {
-    fn from_args(args: &FieldTable) -> Limits {
-        let num = |k: &str| rill_codec::table_get_i64(args, k).and_then(|n| u64::try_from(n).ok());
-        Limits {
-            max_length: num("x-max-length"),
-            max_bytes: num("x-max-length-bytes"),
-            overflow: match rill_codec::table_get_str(args, "x-overflow") {
-                Some("reject-publish") => Overflow::RejectPublish,
-                Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
-                _ => Overflow::DropHead,
-            },
-        }
-    }
-
-    fn exceeded(&self, len: usize, bytes: u64) -> bool {
-        self.max_length.is_some_and(|m| len as u64 > m) || self.max_bytes.is_some_and(|m| bytes > m)
-    }
 }
 
 /// Monotonic counters readable without taking the queue lock (management API, metrics).
@@ -113,19 +99,77 @@ struct Entry {
     pos: Option<Position>,
     size: u64,
     redelivered: bool,
+    /// When it expires (ms since the epoch), from x-message-ttl or its expiration.
+    expires_at: Option<u64>,
+    priority: u8,
+    /// Times it was handed out (for x-delivery-limit / x-delivery-count).
+    deliveries: u32,
+}
+
+/// Ready messages, one FIFO per priority level (one level unless x-max-priority is set), each
+/// ordered by `seq`.
+#[derive(Debug, Default)]
+struct Ready {
+    levels: Vec<VecDeque<Entry>>,
+    len: usize,
+}
+
+impl Ready {
+    fn new(levels: usize) -> Ready {
+        Ready {
+            levels: (0..levels.max(1)).map(|_| VecDeque::new()).collect(),
+            len: 0,
+        }
+    }
+    fn level(&self, priority: u8) -> usize {
+        usize::from(priority).min(self.levels.len() - 1)
+    }
+    fn push(&mut self, e: Entry) -> usize {
+        let l = self.level(e.priority);
+        self.levels[l].push_back(e);
+        self.len += 1;
+        l
+    }
+    fn insert(&mut self, e: Entry) {
+        let l = self.level(e.priority);
+        let q = &mut self.levels[l];
+        let at = q.partition_point(|m| m.seq < e.seq);
+        q.insert(at, e);
+        self.len += 1;
+    }
+    fn head(&self) -> Option<&Entry> {
+        self.levels.iter().rev().find_map(|q| q.front())
+    }
+    fn pop(&mut self) -> Option<Entry> {
+        let e = self.levels.iter_mut().rev().find_map(|q| q.pop_front())?;
+        self.len -= 1;
+        Some(e)
+    }
+    fn clear(&mut self) {
+        self.levels.iter_mut().for_each(VecDeque::clear);
+        self.len = 0;
+    }
+    fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.levels.iter().flatten()
+    }
+    fn back_mut(&mut self, level: usize) -> Option<&mut Entry> {
+        self.levels.get_mut(level)?.back_mut()
+    }
 }
 
 #[derive(Debug, Default)]
 struct QueueState {
-    /// Ordered by `seq`.
-    ready: VecDeque<Entry>,
+    ready: Ready,
     /// Body bytes of `ready`, for `x-max-length-bytes`.
     ready_bytes: u64,
     /// Body bytes of `ready` held in memory.
     memory_bytes: u64,
     unacked: HashMap<u64, Entry>,
     next_seq: u64,
+    /// Highest priority first; equal priorities in arrival order.
     consumers: Vec<Arc<Consumer>>,
+    /// With x-single-active-consumer: consumers in registration order; the first is active.
+    registration: Vec<Arc<Consumer>>,
     /// Round-robin cursor into `consumers`.
     next_consumer: usize,
     /// Whether it ever had a consumer (auto-delete only fires after one went away).
@@ -151,25 +195,47 @@ pub struct PublishOutcome {
     pub durable_at: Option<u64>,
 }
 
+/// Messages leaving the queue for its dead-letter exchange, gathered under the lock.
+type DeadLetters = Vec<(Arc<Message>, Reason)>;
+
 impl Queue {
-    /// A queue whose messages live in memory only.
+    /// A queue whose messages live in memory only, with its arguments taken as given.
     pub fn new(config: QueueConfig) -> Arc<Queue> {
-        Self::with_log(config, None)
+        let args = QueueArgs::parse(&config.arguments, &config.name, "/", true, false, false)
+            .unwrap_or_default();
+        Self::build(config, args, None, Weak::new())
     }
 
-    /// A queue with an on-disk log for persistent messages.
-    pub fn with_log(config: QueueConfig, durable: Option<Durable>) -> Arc<Queue> {
+    /// A queue with validated arguments, an optional on-disk log for persistent messages, and
+    /// the vhost its dead letters are routed in.
+    pub fn build(
+        config: QueueConfig,
+        args: QueueArgs,
+        durable: Option<Durable>,
+        vhost: Weak<VHost>,
+    ) -> Arc<Queue> {
+        let levels = args.max_priority.map_or(1, |p| usize::from(p) + 1);
         Arc::new(Queue {
-            limits: Limits::from_args(&config.arguments),
             config,
             durable,
-            state: Mutex::new(QueueState::default()),
+            vhost,
+            last_used: AtomicU64::new(now_ms()),
+            has_expiring: AtomicBool::new(false),
+            state: Mutex::new(QueueState {
+                ready: Ready::new(levels),
+                ..QueueState::default()
+            }),
             stats: QueueCounters::default(),
+            args,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    pub fn args(&self) -> &QueueArgs {
+        &self.args
     }
 
     pub fn counters(&self) -> &QueueCounters {
@@ -178,6 +244,11 @@ impl Queue {
 
     pub fn is_persistent(&self) -> bool {
         self.durable.is_some()
+    }
+
+    /// Marks the queue used now (x-expires counts from the last use).
+    pub fn touch(&self) {
+        self.last_used.store(now_ms(), Ordering::Relaxed);
     }
 
     /// Publisher flow control, like RabbitMQ's credit flow: while consumers are attached and
@@ -196,7 +267,7 @@ impl Queue {
     }
 
     pub fn message_count(&self) -> u32 {
-        u32::try_from(self.state.lock().ready.len()).unwrap_or(u32::MAX)
+        u32::try_from(self.state.lock().ready.len).unwrap_or(u32::MAX)
     }
 
     pub fn consumer_count(&self) -> u32 {
@@ -206,7 +277,23 @@ impl Queue {
     /// Appends a message and hands it to a consumer if one has credit. A persistent message in a
     /// durable queue is written to the queue's log first.
     pub fn publish(self: &Arc<Self>, msg: Arc<Message>, persistent: bool) -> PublishOutcome {
+        let mut dead = DeadLetters::new();
+        let outcome = self.publish_locked(msg, persistent, &mut dead);
+        self.dead_letter(dead);
+        outcome
+    }
+
+    fn publish_locked(
+        self: &Arc<Self>,
+        msg: Arc<Message>,
+        persistent: bool,
+        dead: &mut DeadLetters,
+    ) -> PublishOutcome {
         let mut st = self.state.lock();
+        let refused = PublishOutcome {
+            accepted: false,
+            durable_at: None,
+        };
         if st.deleted {
             return PublishOutcome {
                 accepted: true,
@@ -214,15 +301,25 @@ impl Queue {
             };
         }
         let size = msg.size() as u64;
-        if self.limits.overflow != Overflow::DropHead
-            && self
-                .limits
-                .exceeded(st.ready.len() + 1, st.ready_bytes + size)
+        if self.args.overflow != Overflow::DropHead
+            && self.args.exceeded(st.ready.len + 1, st.ready_bytes + size)
         {
-            return PublishOutcome {
-                accepted: false,
-                durable_at: None,
-            };
+            if self.args.overflow == Overflow::RejectPublishDlx {
+                dead.push((msg, Reason::Maxlen));
+            }
+            return refused;
+        }
+        let view = PropertiesView::new(&msg.properties).ok();
+        let priority = view.and_then(|v| v.priority()).unwrap_or(0);
+        let per_message = view
+            .and_then(|v| v.expiration())
+            .and_then(|e| e.parse::<u64>().ok());
+        let ttl = match (self.args.message_ttl, per_message) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if per_message.is_some() {
+            self.has_expiring.store(true, Ordering::Relaxed);
         }
         let mut pos = None;
         let mut durable_at = None;
@@ -234,33 +331,35 @@ impl Queue {
                 }
                 Err(e) => {
                     tracing::error!(queue = %self.config.name, error = %e, "cannot write message; refusing it");
-                    return PublishOutcome {
-                        accepted: false,
-                        durable_at: None,
-                    };
+                    return refused;
                 }
             }
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        st.push_ready(Entry {
+        let level = st.push_ready(Entry {
             seq,
             msg: Some(msg),
             pos,
             size,
             redelivered: false,
+            expires_at: ttl.map(|t| now_ms().saturating_add(t)),
+            priority,
+            deliveries: 0,
         });
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         if !st.consumers.is_empty() {
-            self.dispatch_locked(&mut st);
+            self.dispatch_locked(&mut st, dead);
         }
-        st.page_out_tail();
-        while self.limits.exceeded(st.ready.len(), st.ready_bytes) {
+        st.page_out_tail(level);
+        while self.args.exceeded(st.ready.len, st.ready_bytes) {
             match st.pop_ready() {
-                Some(dropped) => self.forget(&dropped),
+                Some(dropped) => self.leave(dropped, Reason::Maxlen, dead),
                 None => break,
             }
         }
+        // A TTL of 0 means "now or never": what no consumer took at once expires.
+        self.expire_head(&mut st, now_ms(), dead);
         self.sync_gauges(&st);
         PublishOutcome {
             accepted: true,
@@ -283,6 +382,13 @@ impl Queue {
                 // The record's size stands in for the body's until it is read back.
                 size: u64::from(r.encoded_len),
                 redelivered: r.delivered,
+                expires_at: self
+                    .args
+                    .message_ttl
+                    .map(|t| r.timestamp_ms.saturating_add(t)),
+                // Priorities are not kept in the index; recovered messages go to level 0.
+                priority: 0,
+                deliveries: u32::from(r.delivered),
             });
             n += 1;
         }
@@ -292,21 +398,30 @@ impl Queue {
 
     /// Lets consumers with fresh credit take waiting messages.
     pub fn dispatch(self: &Arc<Self>) {
-        let mut st = self.state.lock();
-        if !st.consumers.is_empty() && !st.ready.is_empty() {
-            self.dispatch_locked(&mut st);
-            self.sync_gauges(&st);
+        let mut dead = DeadLetters::new();
+        {
+            let mut st = self.state.lock();
+            if !st.consumers.is_empty() && st.ready.len > 0 {
+                self.dispatch_locked(&mut st, &mut dead);
+                self.sync_gauges(&st);
+            }
         }
+        self.dead_letter(dead);
     }
 
-    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState) {
-        while !st.ready.is_empty() {
-            let Some(idx) = st.pick_consumer() else {
+    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, dead: &mut DeadLetters) {
+        let now = now_ms();
+        loop {
+            self.expire_head(st, now, dead);
+            if st.ready.len == 0 {
+                break;
+            }
+            let Some(idx) = st.pick_consumer(self.args.single_active_consumer) else {
                 break;
             };
             st.next_consumer = st.next_consumer.wrapping_add(1);
             let consumer = Arc::clone(&st.consumers[idx]);
-            let Some(item) = self.take_head(st, !consumer.no_ack) else {
+            let Some(item) = self.take_head(st, !consumer.no_ack, false) else {
                 consumer.release(1);
                 continue;
             };
@@ -322,7 +437,7 @@ impl Queue {
 
     /// Pops the head for delivery, loading its body from disk if needed, and keeps it as
     /// unacked when `ack` is set. A body that cannot be read is logged and dropped.
-    fn take_head(&self, st: &mut QueueState, ack: bool) -> Option<QueuedMessage> {
+    fn take_head(&self, st: &mut QueueState, ack: bool, via_get: bool) -> Option<QueuedMessage> {
         let mut entry = st.pop_ready()?;
         if let (true, false, Some(d), Some(pos)) =
             (ack, entry.redelivered, &self.durable, entry.pos)
@@ -339,6 +454,8 @@ impl Queue {
                 }
             },
         };
+        entry.deliveries += 1;
+        let delivered = self.with_delivery_count(&msg, entry.deliveries, via_get);
         if ack {
             // A persisted message can be read back if it is requeued; keep only its place.
             let keep = entry.pos.is_none().then(|| msg.clone());
@@ -354,10 +471,36 @@ impl Queue {
         }
         Some(QueuedMessage {
             seq: entry.seq,
-            msg,
+            msg: delivered,
             redelivered: entry.redelivered,
             pos: entry.pos,
         })
+    }
+
+    /// Quorum queues tell consumers how often a message was delivered before
+    /// (`x-delivery-count`): on redeliveries, and on every basic.get.
+    fn with_delivery_count(
+        &self,
+        msg: &Arc<Message>,
+        deliveries: u32,
+        via_get: bool,
+    ) -> Arc<Message> {
+        if self.args.queue_type != QueueType::Quorum || (deliveries <= 1 && !via_get) {
+            return msg.clone();
+        }
+        match crate::deadletter::set_header_long(
+            &msg.properties,
+            "x-delivery-count",
+            i64::from(deliveries) - 1,
+        ) {
+            Ok(properties) => Arc::new(Message {
+                exchange: msg.exchange.clone(),
+                routing_key: msg.routing_key.clone(),
+                properties,
+                body: msg.body.clone(),
+            }),
+            Err(_) => msg.clone(),
+        }
     }
 
     fn load(&self, entry: &Entry) -> Option<Arc<Message>> {
@@ -380,121 +523,294 @@ impl Queue {
         }
     }
 
-    /// basic.get: takes the head message. With `ack` it stays unacked until settled.
-    /// Returns the message and the number of messages left ready.
-    pub fn get(&self, ack: bool) -> Option<(QueuedMessage, u32)> {
-        let mut st = self.state.lock();
-        let item = loop {
-            if st.ready.is_empty() {
-                self.sync_gauges(&st);
-                return None;
+    /// The message leaves without being consumed: settled in the log and, if the queue has a
+    /// dead-letter exchange, queued for dead-lettering.
+    fn leave(&self, entry: Entry, reason: Reason, dead: &mut DeadLetters) {
+        if self.args.dead_letter_exchange.is_some() {
+            let msg = entry.msg.clone().or_else(|| self.load(&entry));
+            if let Some(m) = msg {
+                dead.push((m, reason));
             }
-            if let Some(item) = self.take_head(&mut st, ack) {
-                break item;
-            }
-        };
-        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-        let left = u32::try_from(st.ready.len()).unwrap_or(u32::MAX);
-        self.sync_gauges(&st);
-        Some((item, left))
+        }
+        self.forget(&entry);
     }
 
-    /// Forgets acknowledged (or rejected without requeue) messages, then lets consumers use the
-    /// credit that freed.
-    pub fn ack(self: &Arc<Self>, seqs: impl IntoIterator<Item = u64>) {
-        let mut st = self.state.lock();
-        let mut n = 0;
-        let mut positions = Vec::new();
-        for seq in seqs {
-            if let Some(e) = st.unacked.remove(&seq) {
-                n += 1;
-                positions.extend(e.pos);
+    /// Drops expired messages at the head (RabbitMQ expires only there), dead-lettering them.
+    fn expire_head(&self, st: &mut QueueState, now: u64, dead: &mut DeadLetters) {
+        while st
+            .ready
+            .head()
+            .is_some_and(|e| e.expires_at.is_some_and(|t| t <= now))
+        {
+            if let Some(e) = st.pop_ready() {
+                self.leave(e, Reason::Expired, dead);
             }
         }
-        if let (Some(d), false) = (&self.durable, positions.is_empty()) {
-            d.ack(&positions);
+    }
+
+    /// Periodic work: expiring messages and, with x-expires, the queue itself. Returns true
+    /// when the queue has expired and should be deleted.
+    pub fn tick(self: &Arc<Self>, now: u64) -> bool {
+        if self.args.message_ttl.is_some() || self.has_expiring.load(Ordering::Relaxed) {
+            let mut dead = DeadLetters::new();
+            {
+                let mut st = self.state.lock();
+                self.expire_head(&mut st, now, &mut dead);
+                self.sync_gauges(&st);
+            }
+            self.dead_letter(dead);
         }
-        self.stats.acked.fetch_add(n, Ordering::Relaxed);
-        if !st.consumers.is_empty() && !st.ready.is_empty() {
-            self.dispatch_locked(&mut st);
+        match self.args.expires {
+            Some(ttl) => {
+                self.stats.consumers.load(Ordering::Relaxed) == 0
+                    && now.saturating_sub(self.last_used.load(Ordering::Relaxed)) >= ttl
+            }
+            None => false,
         }
-        self.sync_gauges(&st);
+    }
+
+    /// Whether [`Queue::tick`] has anything to do for this queue.
+    pub fn needs_tick(&self) -> bool {
+        self.args.message_ttl.is_some()
+            || self.args.expires.is_some()
+            || self.has_expiring.load(Ordering::Relaxed)
+    }
+
+    /// Republishes dead letters to the dead-letter exchange (after the queue lock is released:
+    /// this publishes into other queues, maybe this one).
+    fn dead_letter(self: &Arc<Self>, dead: DeadLetters) {
+        if dead.is_empty() {
+            return;
+        }
+        let (Some(dlx), Some(vhost)) = (&self.args.dead_letter_exchange, self.vhost.upgrade())
+        else {
+            return;
+        };
+        // A missing dead-letter exchange drops the message silently, as in RabbitMQ.
+        let Ok(exchange) = vhost.exchange(dlx) else {
+            return;
+        };
+        let time_secs = now_ms() / 1000;
+        let mut targets = Vec::new();
+        for (msg, reason) in dead {
+            let death = Death {
+                queue: &self.config.name,
+                reason,
+                exchange: &msg.exchange,
+                routing_key: msg.routing_key_str(),
+                time_secs,
+            };
+            let Ok(properties) = record_death(&msg.properties, &death) else {
+                continue;
+            };
+            let routing_key = match &self.args.dead_letter_routing_key {
+                Some(k) => bytes::Bytes::from(k.clone().into_bytes()),
+                None => msg.routing_key.clone(),
+            };
+            let persistent = PropertiesView::new(&properties)
+                .ok()
+                .and_then(|v| v.delivery_mode())
+                == Some(2);
+            let letter = Arc::new(Message {
+                exchange: exchange.config.name.clone(),
+                routing_key,
+                properties,
+                body: msg.body.clone(),
+            });
+            targets.clear();
+            let props = letter.properties.clone();
+            let headers = move || PropertiesView::new(&props).ok()?.headers().ok()?;
+            vhost.route(&exchange, letter.routing_key_str(), &headers, &mut targets);
+            for q in targets.drain(..) {
+                if is_cycle(&letter.properties, reason, q.name()) {
+                    tracing::debug!(queue = %q.name(), "dead-letter cycle: message dropped");
+                    continue;
+                }
+                q.publish(letter.clone(), persistent);
+            }
+        }
+    }
+
+    /// basic.get: takes the head message. With `ack` it stays unacked until settled.
+    /// Returns the message and the number of messages left ready.
+    pub fn get(self: &Arc<Self>, ack: bool) -> Option<(QueuedMessage, u32)> {
+        self.touch();
+        let mut dead = DeadLetters::new();
+        let got = {
+            let mut st = self.state.lock();
+            let now = now_ms();
+            let item = loop {
+                self.expire_head(&mut st, now, &mut dead);
+                if st.ready.len == 0 {
+                    break None;
+                }
+                if let Some(item) = self.take_head(&mut st, ack, true) {
+                    break Some(item);
+                }
+            };
+            if item.is_some() {
+                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            let left = u32::try_from(st.ready.len).unwrap_or(u32::MAX);
+            self.sync_gauges(&st);
+            item.map(|i| (i, left))
+        };
+        self.dead_letter(dead);
+        got
+    }
+
+    /// Forgets acknowledged messages, then lets consumers use the credit that freed.
+    pub fn ack(self: &Arc<Self>, seqs: impl IntoIterator<Item = u64>) {
+        self.settle(seqs, None);
+    }
+
+    /// Rejected without requeue: gone, dead-lettered if the queue has a dead-letter exchange.
+    pub fn discard(self: &Arc<Self>, seqs: impl IntoIterator<Item = u64>) {
+        self.settle(seqs, Some(Reason::Rejected));
+    }
+
+    fn settle(self: &Arc<Self>, seqs: impl IntoIterator<Item = u64>, dead_reason: Option<Reason>) {
+        let mut dead = DeadLetters::new();
+        {
+            let mut st = self.state.lock();
+            let mut n = 0;
+            let mut positions = Vec::new();
+            for seq in seqs {
+                if let Some(e) = st.unacked.remove(&seq) {
+                    n += 1;
+                    if let Some(reason) = dead_reason {
+                        if self.args.dead_letter_exchange.is_some() {
+                            if let Some(m) = e.msg.clone().or_else(|| self.load(&e)) {
+                                dead.push((m, reason));
+                            }
+                        }
+                    }
+                    positions.extend(e.pos);
+                }
+            }
+            if let (Some(d), false) = (&self.durable, positions.is_empty()) {
+                d.ack(&positions);
+            }
+            self.stats.acked.fetch_add(n, Ordering::Relaxed);
+            if !st.consumers.is_empty() && st.ready.len > 0 {
+                self.dispatch_locked(&mut st, &mut dead);
+            }
+            self.sync_gauges(&st);
+        }
+        self.dead_letter(dead);
     }
 
     /// Puts delivered messages back at their original positions, marked redelivered, and
-    /// dispatches them again.
+    /// dispatches them again. Past x-delivery-limit a message is dead-lettered instead.
     pub fn requeue(self: &Arc<Self>, seqs: impl IntoIterator<Item = u64>) {
-        let mut st = self.state.lock();
-        for seq in seqs {
-            if let Some(mut e) = st.unacked.remove(&seq) {
-                e.redelivered = true;
-                st.insert_ready(e);
+        let mut dead = DeadLetters::new();
+        {
+            let mut st = self.state.lock();
+            for seq in seqs {
+                if let Some(mut e) = st.unacked.remove(&seq) {
+                    if self
+                        .args
+                        .delivery_limit
+                        .is_some_and(|limit| u64::from(e.deliveries) > limit)
+                    {
+                        self.leave(e, Reason::DeliveryLimit, &mut dead);
+                        continue;
+                    }
+                    e.redelivered = true;
+                    st.insert_ready(e);
+                }
             }
+            if !st.consumers.is_empty() {
+                self.dispatch_locked(&mut st, &mut dead);
+            }
+            self.sync_gauges(&st);
         }
-        if !st.consumers.is_empty() {
-            self.dispatch_locked(&mut st);
-        }
-        self.sync_gauges(&st);
+        self.dead_letter(dead);
     }
 
     /// A delivery that never reached the client (its consumer was cancelled before the frame
     /// was written): back to its place, with its redelivered flag unchanged.
     pub fn return_undelivered(self: &Arc<Self>, item: QueuedMessage) {
-        let mut st = self.state.lock();
-        if st.deleted {
-            return;
+        let mut dead = DeadLetters::new();
+        {
+            let mut st = self.state.lock();
+            if st.deleted {
+                return;
+            }
+            let previous = st.unacked.remove(&item.seq);
+            let size = item.msg.size() as u64;
+            let priority = PropertiesView::new(&item.msg.properties)
+                .ok()
+                .and_then(|v| v.priority())
+                .unwrap_or(0);
+            st.insert_ready(Entry {
+                seq: item.seq,
+                msg: Some(item.msg),
+                pos: item.pos,
+                size,
+                redelivered: item.redelivered,
+                expires_at: previous.as_ref().and_then(|e| e.expires_at),
+                priority,
+                deliveries: previous.map_or(0, |e| e.deliveries.saturating_sub(1)),
+            });
+            if !st.consumers.is_empty() {
+                self.dispatch_locked(&mut st, &mut dead);
+            }
+            self.sync_gauges(&st);
         }
-        st.unacked.remove(&item.seq);
-        let size = item.msg.size() as u64;
-        st.insert_ready(Entry {
-            seq: item.seq,
-            msg: Some(item.msg),
-            pos: item.pos,
-            size,
-            redelivered: item.redelivered,
-        });
-        if !st.consumers.is_empty() {
-            self.dispatch_locked(&mut st);
-        }
-        self.sync_gauges(&st);
+        self.dead_letter(dead);
     }
 
     pub fn add_consumer(self: &Arc<Self>, consumer: Arc<Consumer>) -> Result<(), ConsumeError> {
-        let mut st = self.state.lock();
-        if st.deleted {
-            return Err(ConsumeError::Deleted);
-        }
-        if st.consumers.iter().any(|c| c.exclusive)
-            || (consumer.exclusive && !st.consumers.is_empty())
+        self.touch();
+        let mut dead = DeadLetters::new();
         {
-            return Err(ConsumeError::ExclusiveConflict);
+            let mut st = self.state.lock();
+            if st.deleted {
+                return Err(ConsumeError::Deleted);
+            }
+            if st.consumers.iter().any(|c| c.exclusive)
+                || (consumer.exclusive
+                    && (!st.consumers.is_empty() || self.args.single_active_consumer))
+            {
+                return Err(ConsumeError::ExclusiveConflict);
+            }
+            let pos = st
+                .consumers
+                .partition_point(|c| c.priority >= consumer.priority);
+            st.consumers.insert(pos, consumer.clone());
+            if self.args.single_active_consumer {
+                st.registration.push(consumer);
+            }
+            st.had_consumer = true;
+            self.dispatch_locked(&mut st, &mut dead);
+            self.sync_gauges(&st);
         }
-        // Kept sorted by priority, highest first; equal priorities in arrival order.
-        let pos = st
-            .consumers
-            .partition_point(|c| c.priority >= consumer.priority);
-        st.consumers.insert(pos, consumer);
-        st.had_consumer = true;
-        self.dispatch_locked(&mut st);
-        self.sync_gauges(&st);
+        self.dead_letter(dead);
         Ok(())
     }
 
     /// Removes a consumer. Returns true when the queue is auto-delete and this was its last
     /// consumer, i.e. the caller should delete the queue.
     pub fn remove_consumer(self: &Arc<Self>, consumer: &Arc<Consumer>) -> bool {
-        let mut st = self.state.lock();
-        let before = st.consumers.len();
-        st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
-        if st.consumers.len() == before {
-            return false;
-        }
-        // Credit freed up elsewhere may let the remaining consumers take more.
-        if !st.consumers.is_empty() {
-            self.dispatch_locked(&mut st);
-        }
-        self.sync_gauges(&st);
-        self.config.auto_delete && st.had_consumer && st.consumers.is_empty() && !st.deleted
+        self.touch();
+        let mut dead = DeadLetters::new();
+        let delete = {
+            let mut st = self.state.lock();
+            let before = st.consumers.len();
+            st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
+            if st.consumers.len() == before {
+                return false;
+            }
+            // Credit freed up elsewhere may let the remaining consumers take more.
+            if !st.consumers.is_empty() {
+                self.dispatch_locked(&mut st, &mut dead);
+            }
+            self.sync_gauges(&st);
+            self.config.auto_delete && st.had_consumer && st.consumers.is_empty() && !st.deleted
+        };
+        self.dead_letter(dead);
+        delete
     }
 
     pub fn has_consumers(&self) -> bool {
@@ -504,7 +820,7 @@ impl Queue {
     /// Drops all ready messages; returns how many.
     pub fn purge(&self) -> u32 {
         let mut st = self.state.lock();
-        let n = st.ready.len();
+        let n = st.ready.len;
         let positions: Vec<Position> = st.ready.iter().filter_map(|e| e.pos).collect();
         if let (Some(d), false) = (&self.durable, positions.is_empty()) {
             d.ack(&positions);
@@ -524,7 +840,7 @@ impl Queue {
             return (0, Vec::new());
         }
         st.deleted = true;
-        let n = u32::try_from(st.ready.len()).unwrap_or(u32::MAX);
+        let n = u32::try_from(st.ready.len).unwrap_or(u32::MAX);
         st.ready.clear();
         st.unacked.clear();
         st.ready_bytes = 0;
@@ -532,6 +848,7 @@ impl Queue {
         if let Some(d) = &self.durable {
             d.destroy();
         }
+        st.registration.clear();
         let consumers = std::mem::take(&mut st.consumers);
         for c in &consumers {
             c.cancel();
@@ -547,7 +864,7 @@ impl Queue {
     fn sync_gauges(&self, st: &QueueState) {
         self.stats
             .ready
-            .store(st.ready.len() as u64, Ordering::Relaxed);
+            .store(st.ready.len as u64, Ordering::Relaxed);
         self.stats
             .unacked
             .store(st.unacked.len() as u64, Ordering::Relaxed);
@@ -562,8 +879,23 @@ impl Queue {
 
 impl QueueState {
     /// The consumer to get the next message: the highest priority group with credit, round
-    /// robin within the group. Takes the credit.
-    fn pick_consumer(&self) -> Option<usize> {
+    /// robin within the group; with a single active consumer, only the earliest registered.
+    /// Takes the credit.
+    fn pick_consumer(&mut self, single_active: bool) -> Option<usize> {
+        if single_active {
+            // A cancelled active consumer keeps its turn until its deliveries are settled, so
+            // its unacked messages reach the next consumer before newer ones.
+            while self
+                .registration
+                .first()
+                .is_some_and(|c| c.is_cancelled() && c.in_flight() == 0)
+            {
+                self.registration.remove(0);
+            }
+            let active = self.registration.first()?;
+            let idx = self.consumers.iter().position(|c| Arc::ptr_eq(c, active))?;
+            return active.try_take().then_some(idx);
+        }
         let mut start = 0;
         while start < self.consumers.len() {
             let prio = self.consumers[start].priority;
@@ -584,16 +916,16 @@ impl QueueState {
         None
     }
 
-    fn push_ready(&mut self, e: Entry) {
+    fn push_ready(&mut self, e: Entry) -> usize {
         self.ready_bytes += e.size;
         if e.msg.is_some() {
             self.memory_bytes += e.size;
         }
-        self.ready.push_back(e);
+        self.ready.push(e)
     }
 
     fn pop_ready(&mut self) -> Option<Entry> {
-        let e = self.ready.pop_front()?;
+        let e = self.ready.pop()?;
         self.ready_bytes -= e.size;
         if e.msg.is_some() {
             self.memory_bytes -= e.size;
@@ -601,28 +933,29 @@ impl QueueState {
         Some(e)
     }
 
-    /// Back at its original position (ready is ordered by seq).
+    /// Back at its original position (each level is ordered by seq).
     fn insert_ready(&mut self, e: Entry) {
         self.ready_bytes += e.size;
         if e.msg.is_some() {
             self.memory_bytes += e.size;
         }
-        let at = self.ready.partition_point(|m| m.seq < e.seq);
-        self.ready.insert(at, e);
+        self.ready.insert(e);
     }
 
-    /// Over the memory window, the newest persisted body is dropped from memory; the head of
-    /// the queue (next to go out) stays in memory.
-    fn page_out_tail(&mut self) {
+    /// Over the memory window, the newest persisted body (just pushed at `level`) is dropped
+    /// from memory; the head of the queue (next to go out) stays in memory.
+    fn page_out_tail(&mut self, level: usize) {
         if self.memory_bytes <= MEMORY_WINDOW {
             return;
         }
-        if let Some(last) = self.ready.back_mut() {
+        let mut freed = 0;
+        if let Some(last) = self.ready.back_mut(level) {
             if last.pos.is_some() && last.msg.is_some() {
                 last.msg = None;
-                self.memory_bytes -= last.size;
+                freed = last.size;
             }
         }
+        self.memory_bytes -= freed;
     }
 }
 

@@ -1,5 +1,6 @@
 //! A virtual host: its exchanges and queues, declaration rules, and routing.
 
+use crate::args::QueueArgs;
 use crate::consumer::ConnEvent;
 use crate::durable::Persistence;
 use crate::exchange::{Binding, Destination, Exchange, ExchangeConfig, ExchangeKind};
@@ -8,7 +9,7 @@ use parking_lot::RwLock;
 use rill_codec::{AMQPValue, AmqpError, FieldTable, ReplyCode};
 use rill_store::{BindingDef, Definitions, ExchangeDef, QueueDef, StoreError};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// Queue arguments RabbitMQ compares on redeclaration; others are kept but not compared.
 const COMPARED_QUEUE_ARGS: &[&str] = &[
@@ -37,6 +38,8 @@ const COMPARED_QUEUE_ARGS: &[&str] = &[
 #[derive(Debug)]
 pub struct VHost {
     pub name: String,
+    /// Itself, for queues to route dead letters through.
+    me: Weak<VHost>,
     /// Where durable queues keep their logs (None: everything in memory).
     persistence: Option<Arc<Persistence>>,
     // Both maps are read on every publish and written only by declarations, so a read-mostly
@@ -79,8 +82,13 @@ fn bool_word(b: bool) -> &'static str {
 impl VHost {
     /// A vhost with the standard exchanges every RabbitMQ vhost has.
     pub fn new(name: &str, persistence: Option<Arc<Persistence>>) -> Arc<VHost> {
+        Arc::new_cyclic(|me| Self::with_builtins(name, persistence, me.clone()))
+    }
+
+    fn with_builtins(name: &str, persistence: Option<Arc<Persistence>>, me: Weak<VHost>) -> VHost {
         let vh = VHost {
             name: name.to_owned(),
+            me,
             persistence,
             exchanges: RwLock::new(HashMap::new()),
             queues: RwLock::new(HashMap::new()),
@@ -106,7 +114,7 @@ impl VHost {
                 }),
             );
         }
-        Arc::new(vh)
+        vh
     }
 
     /// A durable entity changed: definitions must be written again.
@@ -410,8 +418,18 @@ impl VHost {
         d: QueueDeclare<'_>,
     ) -> Result<Arc<Queue>, AmqpError> {
         if d.passive {
-            return self.queue_for(connection, d.name);
+            let q = self.queue_for(connection, d.name)?;
+            q.touch();
+            return Ok(q);
         }
+        let args = QueueArgs::parse(
+            &d.arguments,
+            d.name,
+            &self.name,
+            d.durable,
+            d.exclusive,
+            d.auto_delete,
+        )?;
         if d.name.starts_with("amq.") {
             return Err(AmqpError::new(
                 ReplyCode::AccessRefused,
@@ -469,7 +487,7 @@ impl VHost {
             exclusive_owner: d.exclusive.then_some(connection),
             arguments: d.arguments,
         };
-        let q = self.make_queue(config).map_err(|e| {
+        let q = self.make_queue(config, args).map_err(|e| {
             AmqpError::new(
                 ReplyCode::InternalError,
                 format!("cannot create queue '{name}' in vhost '{}': {e}", self.name),
@@ -484,14 +502,14 @@ impl VHost {
 
     /// A queue, with an on-disk log if it is durable and the broker has a data directory.
     /// Messages left in an existing log are restored.
-    fn make_queue(&self, config: QueueConfig) -> Result<Arc<Queue>, StoreError> {
+    fn make_queue(&self, config: QueueConfig, args: QueueArgs) -> Result<Arc<Queue>, StoreError> {
         let Some(p) = self.persistence.as_ref().filter(|_| config.durable) else {
-            return Ok(Queue::new(config));
+            return Ok(Queue::build(config, args, None, self.me.clone()));
         };
         let started = std::time::Instant::now();
         let (log, messages) = p.open_queue_log(&self.name, &config.name)?;
         let name = config.name.clone();
-        let q = Queue::with_log(config, Some(log));
+        let q = Queue::build(config, args, Some(log), self.me.clone());
         let n = q.restore(messages);
         if n > 0 {
             tracing::info!(vhost = %self.name, queue = %name, messages = n, elapsed_ms = started.elapsed().as_millis() as u64, "recovered queue");
@@ -520,13 +538,26 @@ impl VHost {
             );
         }
         for qd in defs.queues.iter().filter(|q| q.vhost == self.name) {
-            let q = self.make_queue(QueueConfig {
-                name: qd.name.clone(),
-                durable: true,
-                auto_delete: qd.auto_delete,
-                exclusive_owner: None,
-                arguments: table_from(&qd.arguments),
-            })?;
+            let arguments = table_from(&qd.arguments);
+            let args = QueueArgs::parse(
+                &arguments,
+                &qd.name,
+                &self.name,
+                true,
+                false,
+                qd.auto_delete,
+            )
+            .unwrap_or_default();
+            let q = self.make_queue(
+                QueueConfig {
+                    name: qd.name.clone(),
+                    durable: true,
+                    auto_delete: qd.auto_delete,
+                    exclusive_owner: None,
+                    arguments,
+                },
+                args,
+            )?;
             self.queues.write().insert(qd.name.clone(), q);
         }
         for b in defs.bindings.iter().filter(|b| b.vhost == self.name) {
@@ -679,6 +710,23 @@ impl VHost {
         }
         self.forget_destination(&Destination::Queue(q.clone()));
         count
+    }
+
+    /// Periodic work: message TTLs and queue expiry (x-expires).
+    pub fn tick(&self, now: u64) {
+        let due: Vec<Arc<Queue>> = self
+            .queues
+            .read()
+            .values()
+            .filter(|q| q.needs_tick())
+            .cloned()
+            .collect();
+        for q in due {
+            if q.tick(now) {
+                tracing::debug!(queue = %q.name(), "queue expired (x-expires)");
+                self.remove_queue(&q);
+            }
+        }
     }
 
     /// Deletes the exclusive queues of a connection that went away.

@@ -69,10 +69,12 @@ pub use method::{
     METHOD_BASIC_ACK, METHOD_BASIC_DELIVER, METHOD_BASIC_GET_OK, METHOD_BASIC_NACK,
     METHOD_BASIC_PUBLISH, METHOD_BASIC_REJECT, METHOD_BASIC_RETURN,
 };
-pub use properties::{decode_properties, encode_properties, PropertiesView, EMPTY_PROPERTIES};
+pub use properties::{
+    decode_properties, encode_properties, replace_headers, PropertiesView, EMPTY_PROPERTIES,
+};
 pub use table::{
-    decode_field_table, decode_field_table_body, encode_field_table, field_table_get,
-    field_table_insert, table_get_bool, table_get_i64, table_get_str, value_as_bytes, value_as_i64,
-    MAX_TABLE_DEPTH,
+    array_items, decode_field_table, decode_field_table_body, decode_raw_value, encode_field_table,
+    field_table_get, field_table_insert, raw_nested_body, table_entries, table_get_bool,
+    table_get_i64, table_get_str, value_as_bytes, value_as_i64, MAX_TABLE_DEPTH,
 };
 pub use wire::short_string_truncated;

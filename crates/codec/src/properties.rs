@@ -192,6 +192,14 @@ impl<'a> PropertiesView<'a> {
             .map_err(|_| AmqpError::undecodable("malformed headers table"))
     }
 
+    /// The `headers` table's body as received (entries in wire order, without the length),
+    /// for rewriting it in order (see [`crate::table_entries`]).
+    pub fn headers_raw(&self) -> Option<&'a [u8]> {
+        let rest = self.tail(HEADERS)?;
+        let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        rest.get(4..4 + len)
+    }
+
     /// `content-type`.
     pub fn content_type(&self) -> Option<&'a str> {
         self.short_utf8(CONTENT_TYPE)
@@ -238,6 +246,86 @@ pub fn decode_properties(raw: &[u8]) -> Result<BasicProperties, AmqpError> {
             "malformed content header properties",
         )),
     }
+}
+
+/// Re-encodes `raw` properties with the headers table replaced by `headers_body` (a table body
+/// without its length, entries in the caller's order; `None` removes the headers) and, if
+/// `drop_expiration`, without the expiration. Other properties are kept.
+pub fn replace_headers(
+    raw: &[u8],
+    headers_body: Option<&[u8]>,
+    drop_expiration: bool,
+) -> Result<Bytes, AmqpError> {
+    let old = decode_properties(raw)?;
+    // amq-protocol has no setter that clears a field: rebuild without headers (re-added
+    // below in the caller's order) and, if asked, without expiration.
+    let mut p = BasicProperties::default();
+    if let Some(v) = old.content_type().clone() {
+        p = p.with_content_type(v);
+    }
+    if let Some(v) = old.content_encoding().clone() {
+        p = p.with_content_encoding(v);
+    }
+    if let Some(v) = *old.delivery_mode() {
+        p = p.with_delivery_mode(v);
+    }
+    if let Some(v) = *old.priority() {
+        p = p.with_priority(v);
+    }
+    if let Some(v) = old.correlation_id().clone() {
+        p = p.with_correlation_id(v);
+    }
+    if let Some(v) = old.reply_to().clone() {
+        p = p.with_reply_to(v);
+    }
+    if let (Some(v), false) = (old.expiration().clone(), drop_expiration) {
+        p = p.with_expiration(v);
+    }
+    if let Some(v) = old.message_id().clone() {
+        p = p.with_message_id(v);
+    }
+    if let Some(v) = *old.timestamp() {
+        p = p.with_timestamp(v);
+    }
+    if let Some(v) = old.kind().clone() {
+        p = p.with_type(v);
+    }
+    if let Some(v) = old.user_id().clone() {
+        p = p.with_user_id(v);
+    }
+    if let Some(v) = old.app_id().clone() {
+        p = p.with_app_id(v);
+    }
+    if let Some(v) = old.cluster_id().clone() {
+        p = p.with_cluster_id(v);
+    }
+    Ok(splice_headers(&encode_properties(&p), headers_body))
+}
+
+/// Inserts a headers table into encoded properties that have none: after the flags,
+/// content-type and content-encoding (headers is the third property).
+fn splice_headers(base: &[u8], headers_body: Option<&[u8]>) -> Bytes {
+    let Some(body) = headers_body else {
+        return Bytes::copy_from_slice(base);
+    };
+    let flags = u16::from_be_bytes([
+        base.first().copied().unwrap_or(0),
+        base.get(1).copied().unwrap_or(0),
+    ]);
+    let mut at = 2usize;
+    for bit in [15u16, 14] {
+        if flags & (1 << bit) != 0 {
+            at += 1 + usize::from(base.get(at).copied().unwrap_or(0));
+        }
+    }
+    let at = at.min(base.len());
+    let mut out = Vec::with_capacity(base.len() + body.len() + 4);
+    out.extend_from_slice(&(flags | (1 << 13)).to_be_bytes());
+    out.extend_from_slice(base.get(2..at).unwrap_or_default());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out.extend_from_slice(base.get(at..).unwrap_or_default());
+    Bytes::from(out)
 }
 
 /// Encodes properties (flags + list) via amq-protocol. Note that amq-protocol keeps

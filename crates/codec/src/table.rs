@@ -192,6 +192,67 @@ pub fn field_table_insert(t: &mut FieldTable, key: &str, value: AMQPValue) {
     t.insert(key, value);
 }
 
+/// The entries of a field table body (without its 32-bit length) in wire order, each value
+/// raw: its type tag and payload. For rewriting a table while keeping its order, which
+/// amq-protocol's `FieldTable` (a `BTreeMap`) cannot.
+///
+/// ```
+/// let body = b"\x01bS\x00\x00\x00\x01x\x01at\x01";
+/// let entries = rill_codec::table_entries(body).unwrap();
+/// assert_eq!(entries, vec![("b", &b"S\x00\x00\x00\x01x"[..]), ("a", &b"t\x01"[..])]);
+/// ```
+pub fn table_entries(body: &[u8]) -> Result<Vec<(&str, &[u8])>, AmqpError> {
+    validate_table_body(body, 1)?;
+    let mut r = Reader::new(body);
+    let mut out = Vec::new();
+    while !r.is_empty() {
+        let key = r
+            .short_str()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .ok_or_else(|| AmqpError::undecodable("bad field table key"))?;
+        let start = r.pos();
+        validate_value(&mut r, 1)?;
+        out.push((key, body.get(start..r.pos()).unwrap_or_default()));
+    }
+    Ok(out)
+}
+
+/// The items of a field array body (without its 32-bit length) in wire order, raw.
+pub fn array_items(body: &[u8]) -> Result<Vec<&[u8]>, AmqpError> {
+    validate_array_body(body, 1)?;
+    let mut r = Reader::new(body);
+    let mut out = Vec::new();
+    while !r.is_empty() {
+        let start = r.pos();
+        validate_value(&mut r, 1)?;
+        out.push(body.get(start..r.pos()).unwrap_or_default());
+    }
+    Ok(out)
+}
+
+/// The body of a raw `F` (table) or `A` (array) value, i.e. after the tag and length.
+pub fn raw_nested_body(raw_value: &[u8]) -> Option<&[u8]> {
+    let mut r = Reader::new(raw_value);
+    match r.u8()? {
+        b'F' | b'A' => r.long_str(),
+        _ => None,
+    }
+}
+
+/// Decodes one raw value (type tag + payload), e.g. from [`table_entries`].
+pub fn decode_raw_value(raw_value: &[u8]) -> Option<AMQPValue> {
+    // Wrap it as a one-entry table so amq-protocol's (validated) parser can read it.
+    let mut body = Vec::with_capacity(raw_value.len() + 2);
+    body.push(1u8);
+    body.push(b'v');
+    body.extend_from_slice(raw_value);
+    decode_field_table_body(&body)
+        .ok()?
+        .inner()
+        .get("v")
+        .cloned()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may panic
 mod tests {

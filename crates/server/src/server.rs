@@ -72,6 +72,16 @@ pub fn run_blocking(config: ServerConfig) -> Result<(), ServerError> {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "data directory loaded"
         );
+        // Message TTLs and x-expires: a few ticks a second keep expiry within ~25 ms.
+        let ticking = broker.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(25));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                ticking.tick();
+            }
+        });
         tokio::spawn(crate::alarms::watch(
             broker.clone(),
             crate::alarms::AlarmConfig {
