@@ -278,3 +278,53 @@ impl Broker {
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_logs_in_from_loopback_only() {
+        let b = Broker::new(BrokerConfig::default());
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let lo6: IpAddr = "::1".parse().unwrap();
+        let remote: IpAddr = "192.0.2.7".parse().unwrap();
+        assert!(b.login("guest", "guest", Some(lo)).is_ok());
+        assert!(b.login("guest", "guest", Some(lo6)).is_ok());
+        assert_eq!(
+            b.login("guest", "guest", Some(remote)).err(),
+            Some(LoginError::LoopbackOnly)
+        );
+        assert_eq!(
+            b.login("guest", "nope", Some(lo)).err(),
+            Some(LoginError::BadPassword)
+        );
+        assert_eq!(
+            b.login("nobody", "x", Some(lo)).err(),
+            Some(LoginError::UnknownUser)
+        );
+        // In-process callers (embedded stream jobs) have no peer address.
+        assert!(b.login("guest", "guest", None).is_ok());
+    }
+
+    #[test]
+    fn alarms_reach_registered_connections_once() {
+        #[derive(Debug, Default)]
+        struct Sink(Mutex<Vec<Option<String>>>);
+        impl Outlet for Sink {
+            fn push(&self, e: ConnEvent) {
+                if let ConnEvent::Blocked(r) = e {
+                    self.0.lock().push(r);
+                }
+            }
+        }
+        let b = Broker::new(BrokerConfig::default());
+        let sink = Arc::new(Sink::default());
+        b.register_connection(1, sink.clone());
+        b.set_alarm("memory", true);
+        b.set_alarm("disk", true);
+        b.set_alarm("memory", false);
+        b.set_alarm("disk", false);
+        assert_eq!(*sink.0.lock(), vec![Some("low on memory".to_owned()), None]);
+    }
+}
