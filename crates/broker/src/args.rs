@@ -46,6 +46,10 @@ pub struct QueueArgs {
     /// `x-delivery-limit` (quorum queues).
     pub delivery_limit: Option<u64>,
     pub queue_type: QueueType,
+    /// `x-max-age` (streams), ms: segments whose newest message is older go at the next roll.
+    pub max_age_ms: Option<u64>,
+    /// `x-stream-max-segment-size-bytes` (streams): retention works a segment at a time.
+    pub stream_segment_bytes: Option<u64>,
 }
 
 impl Default for QueueArgs {
@@ -62,6 +66,8 @@ impl Default for QueueArgs {
             single_active_consumer: false,
             delivery_limit: None,
             queue_type: QueueType::Classic,
+            max_age_ms: None,
+            stream_segment_bytes: None,
         }
     }
 }
@@ -85,6 +91,28 @@ fn type_name(v: &AMQPValue) -> &'static str {
 
 fn text(v: &AMQPValue) -> Option<String> {
     rill_codec::value_as_bytes(v).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+/// `x-max-age` as RabbitMQ writes it: a positive number and a unit, `Y`, `M`, `D`, `h`, `m` or
+/// `s` (e.g. `7D`, `1h`), in milliseconds.
+///
+/// ```
+/// assert_eq!(rill_broker::args::parse_max_age("7D"), Some(7 * 86_400_000));
+/// assert_eq!(rill_broker::args::parse_max_age("10x"), None);
+/// ```
+pub fn parse_max_age(s: &str) -> Option<u64> {
+    let unit = s.chars().last()?;
+    let n: u64 = s[..s.len() - unit.len_utf8()].parse().ok()?;
+    let secs: u64 = match unit {
+        'Y' => 365 * 86_400,
+        'M' => 30 * 86_400,
+        'D' => 86_400,
+        'h' => 3_600,
+        'm' => 60,
+        's' => 1,
+        _ => return None,
+    };
+    n.checked_mul(secs * 1000)
 }
 
 impl QueueArgs {
@@ -177,6 +205,15 @@ impl QueueArgs {
         a.max_bytes = non_negative("x-max-length-bytes")?;
         a.message_ttl = non_negative("x-message-ttl")?;
         a.delivery_limit = non_negative("x-delivery-limit")?;
+        a.stream_segment_bytes = non_negative("x-stream-max-segment-size-bytes")?;
+        if let (QueueType::Stream, Some(v)) = (a.queue_type, get("x-max-age")) {
+            a.max_age_ms = Some(text(v).as_deref().and_then(parse_max_age).ok_or_else(|| {
+                invalid(
+                    "x-max-age",
+                    format!("{{invalid_max_age,{}}}", text(v).unwrap_or_default()),
+                )
+            })?);
+        }
         if let Some(v) = get("x-expires") {
             match rill_codec::value_as_i64(v) {
                 Some(n) if n > 0 => a.expires = Some(n as u64),

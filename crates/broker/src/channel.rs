@@ -847,6 +847,24 @@ impl Channel {
                 } else {
                     vhost.queue_for(ctx.connection, &qname)?
                 };
+                if q.is_stream() {
+                    let what = format!("queue '{qname}' in vhost '{}'", vhost.name);
+                    if c.no_ack {
+                        return Err(AmqpError::new(
+                            ReplyCode::NotImplemented,
+                            format!(
+                                "automatic acknowledgement not supported by stream queues {what}"
+                            ),
+                        ));
+                    }
+                    // Stream acks are flow control: without a prefetch there would be none.
+                    if self.consumer_prefetch == 0 && !self.credit.is_limited() {
+                        return Err(AmqpError::new(
+                            ReplyCode::PreconditionFailed,
+                            format!("consumer prefetch count is not set for '{what}'"),
+                        ));
+                    }
+                }
                 let tag = if c.consumer_tag.as_str().is_empty() {
                     generate_name("amq.ctag-")
                 } else {
@@ -918,6 +936,15 @@ impl Channel {
             B::Get(g) => {
                 let qname = self.queue_name(g.queue.as_str())?;
                 let q = vhost.queue_for(ctx.connection, &qname)?;
+                if q.is_stream() {
+                    return Err(AmqpError::new(
+                        ReplyCode::NotImplemented,
+                        format!(
+                            "basic.get not supported by stream queues queue '{qname}' in vhost '{}'",
+                            vhost.name
+                        ),
+                    ));
+                }
                 match q.get(!g.no_ack) {
                     Some((item, left)) => {
                         self.last_tag += 1;

@@ -20,6 +20,7 @@ use crate::consumer::{ConnEvent, Consumer, Delivery};
 use crate::deadletter::{is_cycle, record_death, Death, Reason};
 use crate::durable::Durable;
 use crate::message::{Message, QueuedMessage};
+use crate::stream::Stream;
 use crate::vhost::VHost;
 use parking_lot::Mutex;
 use rill_codec::{FieldTable, PropertiesView};
@@ -73,6 +74,9 @@ pub struct Queue {
     /// Some ready message has a per-message expiry: the ticker must look at this queue.
     has_expiring: AtomicBool,
     state: Mutex<QueueState>,
+    /// A stream queue's log and cursors (`x-queue-type=stream`); its public methods branch
+    /// here once, so the classic path below never sees streams.
+    stream: Option<Stream>,
     stats: QueueCounters,
 }
 
@@ -215,8 +219,11 @@ impl Queue {
         vhost: Weak<VHost>,
     ) -> Arc<Queue> {
         let levels = args.max_priority.map_or(1, |p| usize::from(p) + 1);
+        let stream =
+            (args.queue_type == QueueType::Stream).then(|| Stream::new(&args, durable.clone()));
         Arc::new(Queue {
             config,
+            stream,
             durable,
             vhost,
             last_used: AtomicU64::new(now_ms()),
@@ -255,7 +262,9 @@ impl Queue {
     /// cannot keep up, publishers into this queue should pause reading their sockets. A queue
     /// without consumers is buffering by design and never holds publishers back.
     pub fn wants_publishers_paused(&self) -> bool {
-        self.stats.consumers.load(Ordering::Relaxed) > 0
+        // A stream's "ready" count is its whole log, which consumers never drain.
+        self.stream.is_none()
+            && self.stats.consumers.load(Ordering::Relaxed) > 0
             && self.stats.ready.load(Ordering::Relaxed) > FLOW_HIGH
     }
 
@@ -267,16 +276,31 @@ impl Queue {
     }
 
     pub fn message_count(&self) -> u32 {
-        u32::try_from(self.state.lock().ready.len).unwrap_or(u32::MAX)
+        let n = match &self.stream {
+            Some(s) => s.len(),
+            None => self.state.lock().ready.len,
+        };
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 
     pub fn consumer_count(&self) -> u32 {
-        u32::try_from(self.state.lock().consumers.len()).unwrap_or(u32::MAX)
+        let n = match &self.stream {
+            Some(s) => s.consumer_count(),
+            None => self.state.lock().consumers.len(),
+        };
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.stream.is_some()
     }
 
     /// Appends a message and hands it to a consumer if one has credit. A persistent message in a
     /// durable queue is written to the queue's log first.
     pub fn publish(self: &Arc<Self>, msg: Arc<Message>, persistent: bool) -> PublishOutcome {
+        if let Some(s) = &self.stream {
+            return s.publish(self, msg);
+        }
         let mut dead = DeadLetters::new();
         let outcome = self.publish_locked(msg, persistent, &mut dead);
         self.dead_letter(dead);
@@ -370,6 +394,9 @@ impl Queue {
     /// Messages recovered from the log at start-up, in log order, as an index: bodies are read
     /// back when delivered. Those delivered before the restart come back redelivered.
     pub fn restore(&self, records: impl IntoIterator<Item = RecoveredRecord>) -> usize {
+        if let Some(s) = &self.stream {
+            return s.restore(self, records);
+        }
         let mut st = self.state.lock();
         let mut n = 0;
         for r in records {
@@ -398,6 +425,9 @@ impl Queue {
 
     /// Lets consumers with fresh credit take waiting messages.
     pub fn dispatch(self: &Arc<Self>) {
+        if let Some(s) = &self.stream {
+            return s.dispatch(self);
+        }
         let mut dead = DeadLetters::new();
         {
             let mut st = self.state.lock();
@@ -635,6 +665,10 @@ impl Queue {
     /// Returns the message and the number of messages left ready.
     pub fn get(self: &Arc<Self>, ack: bool) -> Option<(QueuedMessage, u32)> {
         self.touch();
+        if self.stream.is_some() {
+            // The channel refuses basic.get on streams before asking.
+            return None;
+        }
         let mut dead = DeadLetters::new();
         let got = {
             let mut st = self.state.lock();
@@ -670,6 +704,12 @@ impl Queue {
     }
 
     fn settle(self: &Arc<Self>, seqs: impl IntoIterator<Item = u64>, dead_reason: Option<Reason>) {
+        if let Some(s) = &self.stream {
+            // Stream acks (and rejects) are flow control: the credit is back, read on.
+            let n = seqs.into_iter().count() as u64;
+            self.stats.acked.fetch_add(n, Ordering::Relaxed);
+            return s.dispatch(self);
+        }
         let mut dead = DeadLetters::new();
         {
             let mut st = self.state.lock();
@@ -703,6 +743,10 @@ impl Queue {
     /// Puts delivered messages back at their original positions, marked redelivered, and
     /// dispatches them again. Past x-delivery-limit a message is dead-lettered instead.
     pub fn requeue(self: &Arc<Self>, seqs: impl IntoIterator<Item = u64>) {
+        if let Some(s) = &self.stream {
+            // Nothing left a stream, so nothing goes back; the credit does.
+            return s.dispatch(self);
+        }
         let mut dead = DeadLetters::new();
         {
             let mut st = self.state.lock();
@@ -731,6 +775,9 @@ impl Queue {
     /// A delivery that never reached the client (its consumer was cancelled before the frame
     /// was written): back to its place, with its redelivered flag unchanged.
     pub fn return_undelivered(self: &Arc<Self>, item: QueuedMessage) {
+        if let Some(s) = &self.stream {
+            return s.dispatch(self);
+        }
         let mut dead = DeadLetters::new();
         {
             let mut st = self.state.lock();
@@ -763,6 +810,9 @@ impl Queue {
 
     pub fn add_consumer(self: &Arc<Self>, consumer: Arc<Consumer>) -> Result<(), ConsumeError> {
         self.touch();
+        if let Some(s) = &self.stream {
+            return s.add_consumer(self, consumer);
+        }
         let mut dead = DeadLetters::new();
         {
             let mut st = self.state.lock();
@@ -794,6 +844,11 @@ impl Queue {
     /// consumer, i.e. the caller should delete the queue.
     pub fn remove_consumer(self: &Arc<Self>, consumer: &Arc<Consumer>) -> bool {
         self.touch();
+        if let Some(s) = &self.stream {
+            // Streams are never auto-delete.
+            s.remove_consumer(self, consumer);
+            return false;
+        }
         let mut dead = DeadLetters::new();
         let delete = {
             let mut st = self.state.lock();
@@ -814,11 +869,14 @@ impl Queue {
     }
 
     pub fn has_consumers(&self) -> bool {
-        !self.state.lock().consumers.is_empty()
+        self.consumer_count() > 0
     }
 
-    /// Drops all ready messages; returns how many.
+    /// Drops all ready messages; returns how many. A stream is never purged.
     pub fn purge(&self) -> u32 {
+        if self.stream.is_some() {
+            return 0;
+        }
         let mut st = self.state.lock();
         let n = st.ready.len;
         let positions: Vec<Position> = st.ready.iter().filter_map(|e| e.pos).collect();
@@ -835,6 +893,10 @@ impl Queue {
     /// Marks the queue deleted (its log is removed) and returns (ready message count,
     /// consumers to notify).
     pub fn mark_deleted(&self) -> (u32, Vec<Arc<Consumer>>) {
+        if let Some(s) = &self.stream {
+            self.state.lock().deleted = true;
+            return s.mark_deleted(self);
+        }
         let mut st = self.state.lock();
         if st.deleted {
             return (0, Vec::new());
