@@ -192,7 +192,11 @@ impl StreamLog {
     /// Appends an entry at [`StreamLog::prepare_append`]'s offset (or a recovered one at or
     /// past it).
     pub fn push(&mut self, entry: StreamEntry) {
-        if self.segments.is_empty() {
+        // A recovered entry past the next offset follows a roll (rolls use up an offset), so
+        // segments come back as they were.
+        let rolled =
+            entry.offset > self.next_offset && self.segments.back().is_some_and(|s| s.len > 0);
+        if self.segments.is_empty() || rolled {
             self.segments.push_back(Segment {
                 len: 0,
                 bytes: 0,
@@ -638,6 +642,27 @@ mod tests {
     }
 
     #[test]
+    fn recovered_offsets_rebuild_segments() {
+        let mut l = log(Some(50), None, 30);
+        for t in 0..12 {
+            l.append(None, None, 10, t);
+        }
+        let mut again = log(Some(50), None, 30);
+        for e in &l.entries {
+            again.push(e.clone());
+        }
+        assert_eq!(offsets(&again), offsets(&l));
+        assert_eq!(again.next_offset(), l.next_offset());
+        assert_eq!(again.segments.len(), l.segments.len());
+        // The next roll applies retention to the rebuilt segments as before.
+        for t in 12..15 {
+            l.append(None, None, 10, t);
+            again.append(None, None, 10, t);
+        }
+        assert_eq!(offsets(&again), offsets(&l));
+    }
+
+    #[test]
     fn max_age_rolls_an_expired_segment_and_drops_it() {
         let mut l = log(None, Some(1000), 1 << 30);
         for t in 0..3 {
@@ -648,6 +673,94 @@ mod tests {
         assert_eq!(offset, 4);
         assert_eq!(offsets(&l), vec![4]);
         assert_eq!(l.resolve(OffsetSpec::First), 4);
+    }
+
+    /// The queue-level path: offsets from consume arguments, the header on each delivery,
+    /// credit returned by acks and requeues, nothing removed or reinserted.
+    #[test]
+    fn stream_queue_serves_cursors_with_credit() {
+        use crate::consumer::{ChannelCredit, Outlet};
+        use crate::queue::QueueConfig;
+        use bytes::Bytes;
+        use rill_codec::{field_table_insert, LongString};
+
+        #[derive(Debug, Default)]
+        struct Sink(Mutex<Vec<QueuedMessage>>);
+        impl Outlet for Sink {
+            fn push(&self, event: ConnEvent) {
+                if let ConnEvent::Deliver(d) = event {
+                    self.0.lock().push(d.item);
+                }
+            }
+        }
+        impl Sink {
+            fn offsets(&self) -> Vec<u64> {
+                self.0
+                    .lock()
+                    .iter()
+                    .map(|i| stamped_offset(&i.msg.properties).unwrap_or(u64::MAX))
+                    .collect()
+            }
+        }
+        let mut arguments = FieldTable::default();
+        field_table_insert(
+            &mut arguments,
+            "x-queue-type",
+            AMQPValue::LongString(LongString::from("stream")),
+        );
+        let q = Queue::new(QueueConfig {
+            name: "s".into(),
+            durable: true,
+            auto_delete: false,
+            exclusive_owner: None,
+            arguments,
+        });
+        assert!(q.is_stream());
+        let msg = || {
+            Arc::new(Message {
+                exchange: "".into(),
+                routing_key: Bytes::from_static(b"s"),
+                properties: Bytes::from_static(&[0, 0]),
+                body: Bytes::from_static(b"x"),
+            })
+        };
+        for _ in 0..5 {
+            q.publish(msg(), false);
+        }
+        let reader = |spec: AMQPValue, prefetch: u32| {
+            let sink = Arc::new(Sink::default());
+            let mut args = FieldTable::default();
+            field_table_insert(&mut args, OFFSET_HEADER, spec);
+            let c = Arc::new(Consumer::new(
+                "c".into(),
+                1,
+                1,
+                false,
+                false,
+                args,
+                prefetch,
+                Arc::new(ChannelCredit::default()),
+                sink.clone(),
+            ));
+            q.add_consumer(c.clone()).unwrap();
+            (sink, c)
+        };
+        let (first, c) = reader(AMQPValue::LongString(LongString::from("first")), 2);
+        assert_eq!(first.offsets(), vec![0, 1]);
+        c.release(2);
+        q.ack([0, 1]);
+        assert_eq!(first.offsets(), vec![0, 1, 2, 3]);
+        c.release(2);
+        q.requeue([2, 3]);
+        assert_eq!(first.offsets(), vec![0, 1, 2, 3, 4]);
+        let (from_three, _) = reader(AMQPValue::LongInt(3), 10);
+        assert_eq!(from_three.offsets(), vec![3, 4]);
+        let (next, _) = reader(AMQPValue::LongString(LongString::from("next")), 10);
+        assert!(next.offsets().is_empty());
+        q.publish(msg(), false);
+        assert_eq!(next.offsets(), vec![5]);
+        assert_eq!(q.message_count(), 6);
+        assert!(q.get(true).is_none());
     }
 
     #[test]
