@@ -25,6 +25,8 @@ enum Bench {
     Wordcount(WordcountArgs),
     /// The same words counted by a plain single-threaded HashMap loop (the upper bound).
     WordcountBaseline(BaselineArgs),
+    /// One publisher and one consumer on a classic, priority or stream queue of any AMQP broker.
+    Amqp(crate::bench_amqp::AmqpArgs),
 }
 
 #[derive(Args, Debug)]
@@ -64,6 +66,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd.bench {
         Bench::Wordcount(args) => wordcount(args),
         Bench::WordcountBaseline(args) => baseline(args),
+        Bench::Amqp(args) => crate::bench_amqp::run(args),
     }
 }
 

@@ -4,6 +4,7 @@
 //! no broker or stream logic lives here.
 
 mod bench;
+mod bench_amqp;
 
 use clap::{Parser, Subcommand};
 

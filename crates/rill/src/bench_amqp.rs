@@ -1,0 +1,240 @@
+//! `rill bench amqp`: one publisher (with confirms) and one consumer (manual acks) on one queue
+//! of a chosen kind, against any AMQP 0-9-1 broker, so queue types the shared load generator
+//! cannot declare (streams, priority queues) are measured the same way on Rill and RabbitMQ.
+//! Prints one `JSON {...}` line; the last line is `events_per_s <consumed msgs/s>`.
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+pub enum QueueKind {
+    /// A durable classic queue.
+    Classic,
+    /// A durable classic queue with `x-max-priority`; messages cycle through the levels.
+    Priority,
+    /// A stream queue read from `first`.
+    Stream,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AmqpArgs {
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    uri: String,
+    #[arg(long, value_enum, default_value = "stream")]
+    kind: QueueKind,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 16)]
+    size: usize,
+    /// Measured seconds (after one second of warm-up).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Unconfirmed publishes allowed in flight.
+    #[arg(long, default_value_t = 1000)]
+    inflight: usize,
+    /// Consumer prefetch (streams require one).
+    #[arg(long, default_value_t = 1000)]
+    prefetch: u16,
+    /// Priority levels for `--kind priority`.
+    #[arg(long, default_value_t = 10)]
+    priorities: u8,
+    /// delivery_mode 2 (streams store every message anyway).
+    #[arg(long, default_value_t = true)]
+    persistent: bool,
+    /// Broker process id, to report its CPU use in the window.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+}
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+pub fn run(args: AmqpArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
+    let queue = format!("rill-bench-{:?}", args.kind).to_lowercase();
+    let mut qargs = FieldTable::default();
+    match args.kind {
+        QueueKind::Classic => {}
+        QueueKind::Priority => {
+            qargs.insert(
+                "x-max-priority".into(),
+                AMQPValue::LongInt(args.priorities.into()),
+            );
+        }
+        QueueKind::Stream => {
+            qargs.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from("stream")),
+            );
+        }
+    }
+    let setup = Connection::connect(&args.uri, ConnectionProperties::default())
+        .await
+        .context("connect")?;
+    let ch = setup.create_channel().await?;
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let ch = setup.create_channel().await?;
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        qargs,
+    )
+    .await
+    .context("declare")?;
+
+    let published = Arc::new(AtomicU64::new(0));
+    let consumed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    // Consumer.
+    let cons_conn = Connection::connect(&args.uri, ConnectionProperties::default()).await?;
+    let cch = cons_conn.create_channel().await?;
+    cch.basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut cargs = FieldTable::default();
+    if args.kind == QueueKind::Stream {
+        cargs.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongString(LongString::from("first")),
+        );
+    }
+    let mut consumer = cch
+        .basic_consume(
+            queue.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            cargs,
+        )
+        .await?;
+    let c_count = consumed.clone();
+    let c_stop = stop.clone();
+    let ack_every = u64::from(args.prefetch / 4).max(1);
+    let consumer_task = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some(Ok(d)) = consumer.next().await {
+            n += 1;
+            c_count.fetch_add(1, Ordering::Relaxed);
+            if n.is_multiple_of(ack_every) {
+                let _ = d.ack(BasicAckOptions { multiple: true }).await;
+            }
+            if c_stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+    });
+
+    // Publisher.
+    let pub_conn = Connection::connect(&args.uri, ConnectionProperties::default()).await?;
+    let pch = pub_conn.create_channel().await?;
+    pch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(args.inflight));
+    let body = vec![7u8; args.size];
+    let p_count = published.clone();
+    let p_stop = stop.clone();
+    let kind = args.kind;
+    let priorities = args.priorities.max(1);
+    let persistent = args.persistent;
+    let q = queue.clone();
+    let publisher_task = tokio::spawn(async move {
+        let mut i: u64 = 0;
+        while !p_stop.load(Ordering::Relaxed) {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let mut props =
+                BasicProperties::default().with_delivery_mode(if persistent { 2 } else { 1 });
+            if kind == QueueKind::Priority {
+                props = props.with_priority((i % u64::from(priorities)) as u8);
+            }
+            let confirm = match pch
+                .basic_publish(
+                    "".into(),
+                    q.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await
+            {
+                Ok(c) => c,
+                Err(_) => break,
+            };
+            let count = p_count.clone();
+            tokio::spawn(async move {
+                if let Ok(c) = confirm.await {
+                    if c.is_ack() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                drop(permit);
+            });
+            i += 1;
+        }
+    });
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (p0, c0) = (
+        published.load(Ordering::Relaxed),
+        consumed.load(Ordering::Relaxed),
+    );
+    let cpu0 = args.broker_pid.and_then(cpu_seconds);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let (p1, c1) = (
+        published.load(Ordering::Relaxed),
+        consumed.load(Ordering::Relaxed),
+    );
+    let cpu1 = args.broker_pid.and_then(cpu_seconds);
+    stop.store(true, Ordering::Relaxed);
+    let pub_rate = (p1 - p0) as f64 / secs;
+    let con_rate = (c1 - c0) as f64 / secs;
+    let cpu = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => Some((b - a) / secs),
+        _ => None,
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(3), publisher_task).await;
+    consumer_task.abort();
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    println!(
+        "JSON {{\"kind\":\"{:?}\",\"size\":{},\"duration_s\":{},\"pub_per_s\":{:.0},\"con_per_s\":{:.0},\"broker_cpu_pct\":{},\"msgs_per_broker_cpu_s\":{}}}",
+        args.kind,
+        args.size,
+        args.duration,
+        pub_rate,
+        con_rate,
+        cpu.map_or("null".to_owned(), |c| format!("{:.0}", c * 100.0)),
+        cpu.filter(|c| *c > 0.0)
+            .map_or("null".to_owned(), |c| format!("{:.0}", con_rate / c)),
+    );
+    println!("events_per_s {con_rate:.0}");
+    Ok(())
+}
