@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::{SharedStore, SyncPolicy};
+use crate::{SharedStore, StoreError, SyncPolicy};
 
 type Subscriber = Arc<dyn Fn(u64) + Send + Sync>;
 
@@ -198,10 +198,31 @@ fn run(sh: &Shared) {
             }
         }
         drop(stores);
-        // Phase 2: fdatasync without any store lock.
-        for b in batches {
-            if let Err(e) = b.run() {
+        // Phase 2: fdatasync without any store lock, stores concurrently (one round should
+        // cost one device flush, not one per store).
+        let report = |r: Result<(), StoreError>| {
+            if let Err(e) = r {
                 tracing::error!(error = %e, "store fdatasync failed; the store refuses further writes");
+            }
+        };
+        if batches.len() > 1 {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = batches
+                    .into_iter()
+                    .map(|b| scope.spawn(move || b.run()))
+                    .collect();
+                for h in handles {
+                    report(h.join().unwrap_or_else(|_| {
+                        Err(StoreError::Failed {
+                            path: std::path::PathBuf::new(),
+                            detail: "fdatasync thread panicked".into(),
+                        })
+                    }));
+                }
+            });
+        } else {
+            for b in batches {
+                report(b.run());
             }
         }
         {
