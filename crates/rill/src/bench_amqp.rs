@@ -53,6 +53,10 @@ pub struct AmqpArgs {
     /// Broker process id, to report its CPU use in the window.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Only publish, until this many messages are confirmed, and keep the queue: fills a
+    /// backlog (e.g. for recovery-time and memory measurements).
+    #[arg(long)]
+    fill: Option<u64>,
 }
 
 fn cpu_seconds(pid: u32) -> Option<f64> {
@@ -108,6 +112,9 @@ async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
     .await
     .context("declare")?;
 
+    if let Some(n) = args.fill {
+        return fill(&args, &queue, n).await;
+    }
     let published = Arc::new(AtomicU64::new(0));
     let consumed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -236,5 +243,48 @@ async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
             .map_or("null".to_owned(), |c| format!("{:.0}", con_rate / c)),
     );
     println!("events_per_s {con_rate:.0}");
+    Ok(())
+}
+
+/// Publishes `n` confirmed messages into `queue` and leaves them there.
+async fn fill(args: &AmqpArgs, queue: &str, n: u64) -> anyhow::Result<()> {
+    let conn = Connection::connect(&args.uri, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(args.inflight));
+    let confirmed = Arc::new(AtomicU64::new(0));
+    let body = vec![7u8; args.size];
+    let props = BasicProperties::default().with_delivery_mode(if args.persistent { 2 } else { 1 });
+    let started = Instant::now();
+    for _ in 0..n {
+        let permit = permits.clone().acquire_owned().await?;
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body,
+                props.clone(),
+            )
+            .await?;
+        let count = confirmed.clone();
+        tokio::spawn(async move {
+            if matches!(confirm.await, Ok(c) if c.is_ack()) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(permit);
+        });
+    }
+    // Every permit back means every confirm arrived.
+    let _all = permits.acquire_many(args.inflight as u32).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let ok = confirmed.load(Ordering::Relaxed);
+    println!(
+        "JSON {{\"fill\":{n},\"confirmed\":{ok},\"size\":{},\"seconds\":{secs:.1},\"pub_per_s\":{:.0}}}",
+        args.size,
+        ok as f64 / secs
+    );
+    println!("events_per_s {:.0}", ok as f64 / secs);
+    let _ = conn.close(200, "done".into()).await;
     Ok(())
 }
