@@ -596,7 +596,12 @@ impl Channel {
     /// Sends the publisher confirms accumulated during the last input batch.
     /// `synced` is the group-commit epoch reached so far. Returns true while confirms still
     /// wait for a later sync round.
-    pub fn flush_confirms(&mut self, synced: u64, out: &mut BytesMut) -> bool {
+    pub fn flush_confirms(
+        &mut self,
+        synced: u64,
+        round_failed: &dyn Fn(u64) -> bool,
+        out: &mut BytesMut,
+    ) -> Flushed {
         let id = self.id;
         let mut waiting = false;
         if let Some(c) = &mut self.confirms {
@@ -608,7 +613,8 @@ impl Channel {
                     break;
                 }
                 c.waiting.pop_front();
-                if w.nack {
+                // A round whose fdatasync failed made nothing durable: nack what waited on it.
+                if w.nack || (w.epoch > 0 && round_failed(w.epoch)) {
                     // Acks before it go first, then the nack, so each tag is confirmed once.
                     ack_range(out, id, c.confirmed, w.seq - 1);
                     encode_basic_nack(out, id, w.seq, false, false);
@@ -621,6 +627,19 @@ impl Channel {
         if let Some(epoch) = self.pending_commit {
             if epoch <= synced {
                 self.pending_commit = None;
+                if round_failed(epoch) {
+                    // The commit did not reach the disk: the channel fails instead.
+                    return Flushed {
+                        waiting,
+                        failed: Some(
+                            AmqpError::new(
+                                ReplyCode::InternalError,
+                                "cannot make the transaction's messages durable",
+                            )
+                            .with_method(90, 20),
+                        ),
+                    };
+                }
                 reply(
                     out,
                     id,
@@ -630,7 +649,10 @@ impl Channel {
                 waiting = true;
             }
         }
-        waiting
+        Flushed {
+            waiting,
+            failed: None,
+        }
     }
 
     // ---- deliveries and acknowledgements ----
@@ -1209,6 +1231,15 @@ impl Channel {
         }
         Ok(())
     }
+}
+
+/// What flushing confirms left to do.
+#[derive(Debug)]
+pub(crate) struct Flushed {
+    /// Confirms still wait for a later sync round.
+    pub waiting: bool,
+    /// The channel must fail with this error (a transaction could not be made durable).
+    pub failed: Option<AmqpError>,
 }
 
 /// Acks (confirmed, upto] with one frame.

@@ -317,22 +317,26 @@ impl Connection {
     /// input frames.
     pub fn flush(&mut self, out: &mut BytesMut) {
         self.broker.save_definitions_if_dirty();
-        let Some(p) = self.broker.persistence().cloned() else {
-            for ch in self.channels.values_mut() {
-                ch.flush_confirms(u64::MAX, out);
-            }
-            return;
-        };
+        let persistence = self.broker.persistence().cloned();
+        let synced = || persistence.as_ref().map_or(u64::MAX, |p| p.synced_epoch());
+        let round_failed = |epoch: u64| persistence.as_ref().is_some_and(|p| p.round_failed(epoch));
         let mut waiting = false;
-        for ch in self.channels.values_mut() {
-            waiting |= ch.flush_confirms(p.synced_epoch(), out);
+        let mut failures = Vec::new();
+        for (&id, ch) in self.channels.iter_mut() {
+            let f = ch.flush_confirms(synced(), &round_failed, out);
+            waiting |= f.waiting;
+            failures.extend(f.failed.map(|e| (id, e)));
         }
-        if waiting {
+        if let (true, Some(p)) = (waiting, &persistence) {
             // Register, then look again: a round that ended in between must not be missed.
             p.notify_when_synced(&self.ctx.outlet);
-            for ch in self.channels.values_mut() {
-                ch.flush_confirms(p.synced_epoch(), out);
+            for (&id, ch) in self.channels.iter_mut() {
+                let f = ch.flush_confirms(synced(), &round_failed, out);
+                failures.extend(f.failed.map(|e| (id, e)));
             }
+        }
+        for (id, e) in failures {
+            self.fail(id, e, out);
         }
     }
 

@@ -166,6 +166,11 @@ impl Persistence {
         self.sync.synced_epoch()
     }
 
+    /// Whether sync round `epoch` failed: what waited on it is nacked, not confirmed.
+    pub fn round_failed(&self, epoch: u64) -> bool {
+        self.sync.round_failed(epoch)
+    }
+
     /// Wakes `outlet` with [`ConnEvent::Synced`] after the next sync round.
     pub fn notify_when_synced(&self, outlet: &Arc<dyn Outlet>) {
         let mut w = self.waiters.lock();

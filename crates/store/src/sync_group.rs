@@ -70,6 +70,9 @@ struct Shared {
     synced: AtomicU64,
     /// Separate from `state` so callbacks never run under the lock publishers take.
     subscribers: Mutex<Vec<Subscriber>>,
+    /// Rounds in which some store's flush or fdatasync failed: what waited on them must not be
+    /// confirmed as durable.
+    failed_rounds: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 struct State {
@@ -95,6 +98,7 @@ impl SyncGroup {
             done: Condvar::new(),
             synced: AtomicU64::new(0),
             subscribers: Mutex::new(Vec::new()),
+            failed_rounds: Mutex::new(std::collections::BTreeSet::new()),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -126,6 +130,12 @@ impl SyncGroup {
     /// The last completed round.
     pub fn synced_epoch(&self) -> u64 {
         self.handle.shared.synced.load(Ordering::Acquire)
+    }
+
+    /// Whether round `epoch` failed to make everything durable (a store's write or fdatasync
+    /// failed). Callers must then nack instead of confirm what waited on that round.
+    pub fn round_failed(&self, epoch: u64) -> bool {
+        self.handle.shared.failed_rounds.lock().contains(&epoch)
     }
 
     /// Calls `f` on the sync thread after each round with the new synced epoch (after
@@ -191,17 +201,23 @@ fn run(sh: &Shared) {
         let fsync = sh.policy != SyncPolicy::Never;
         // Phase 1: write buffers under each store's lock (short).
         let mut batches = Vec::with_capacity(stores.len());
+        let mut prepare_failed = false;
         for store in &stores {
             match store.lock().prepare_sync_inner(fsync) {
                 Ok(b) => batches.push(b),
-                Err(e) => tracing::error!(error = %e, "store flush failed"),
+                Err(e) => {
+                    prepare_failed = true;
+                    tracing::error!(error = %e, "store flush failed");
+                }
             }
         }
         drop(stores);
         // Phase 2: fdatasync without any store lock, stores concurrently (one round should
         // cost one device flush, not one per store).
+        let failed = std::sync::atomic::AtomicBool::new(false);
         let report = |r: Result<(), StoreError>| {
             if let Err(e) = r {
+                failed.store(true, Ordering::Relaxed);
                 tracing::error!(error = %e, "store fdatasync failed; the store refuses further writes");
             }
         };
@@ -224,6 +240,9 @@ fn run(sh: &Shared) {
             for b in batches {
                 report(b.run());
             }
+        }
+        if prepare_failed || failed.load(Ordering::Relaxed) {
+            sh.failed_rounds.lock().insert(epoch);
         }
         {
             // Publish under the lock so a waiter cannot miss the notification.

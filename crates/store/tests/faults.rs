@@ -64,11 +64,24 @@ fn fsync_error_fails_the_store_and_the_group_round_reports_it() {
     let e = group.mark_dirty(&store);
     group.wait(e);
     // The broker's check before confirming:
+    assert!(group.round_failed(e));
     assert!(store.lock().failure().is_some());
     assert!(matches!(
         store.lock().append(&msg(2, 1)),
         Err(StoreError::Failed { .. })
     ));
+}
+
+#[test]
+fn healthy_rounds_are_not_reported_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = QueueStore::open(dir.path(), opts(1 << 20)).unwrap();
+    let store: SharedStore = Arc::new(parking_lot::Mutex::new(s));
+    let group = SyncGroup::new(SyncPolicy::Always);
+    store.lock().append(&msg(1, 1)).unwrap();
+    let e = group.mark_dirty(&store);
+    group.wait(e);
+    assert!(!group.round_failed(e));
 }
 
 #[test]
