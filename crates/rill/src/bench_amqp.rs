@@ -160,7 +160,7 @@ async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
     let pub_conn = Connection::connect(&args.uri, ConnectionProperties::default()).await?;
     let pch = pub_conn.create_channel().await?;
     pch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let permits = Arc::new(tokio::sync::Semaphore::new(args.inflight));
+    let inflight = args.inflight.max(1);
     let body = vec![7u8; args.size];
     let p_count = published.clone();
     let p_stop = stop.clone();
@@ -170,10 +170,19 @@ async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
     let q = queue.clone();
     let publisher_task = tokio::spawn(async move {
         let mut i: u64 = 0;
+        // Confirms arrive in publish order, so waiting on the oldest bounds what is in flight
+        // without a task per message (the client must not be the bottleneck).
+        let mut pending: std::collections::VecDeque<lapin::PublisherConfirm> =
+            std::collections::VecDeque::with_capacity(inflight);
         while !p_stop.load(Ordering::Relaxed) {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                break;
-            };
+            if pending.len() >= inflight {
+                if let Some(oldest) = pending.pop_front() {
+                    let outcome: lapin::Result<lapin::Confirmation> = oldest.await;
+                    if matches!(outcome, Ok(conf) if conf.is_ack()) {
+                        p_count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
             let mut props =
                 BasicProperties::default().with_delivery_mode(if persistent { 2 } else { 1 });
             if kind == QueueKind::Priority {
@@ -192,15 +201,7 @@ async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
                 Ok(c) => c,
                 Err(_) => break,
             };
-            let count = p_count.clone();
-            tokio::spawn(async move {
-                if let Ok(c) = confirm.await {
-                    if c.is_ack() {
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                drop(permit);
-            });
+            pending.push_back(confirm);
             i += 1;
         }
     });
