@@ -168,17 +168,18 @@ async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
     let priorities = args.priorities.max(1);
     let persistent = args.persistent;
     let q = queue.clone();
+    let body = Arc::new(body);
+    let pch = Arc::new(pch);
     let publisher_task = tokio::spawn(async move {
         let mut i: u64 = 0;
-        // Confirms arrive in publish order, so waiting on the oldest bounds what is in flight
-        // without a task per message (the client must not be the bottleneck).
-        let mut pending: std::collections::VecDeque<lapin::PublisherConfirm> =
+        // Each publish runs in its own task so lapin batches many into one socket write, as
+        // a pipelining client does; waiting on the oldest bounds what is in flight.
+        let mut pending: std::collections::VecDeque<tokio::task::JoinHandle<bool>> =
             std::collections::VecDeque::with_capacity(inflight);
         while !p_stop.load(Ordering::Relaxed) {
             if pending.len() >= inflight {
                 if let Some(oldest) = pending.pop_front() {
-                    let outcome: lapin::Result<lapin::Confirmation> = oldest.await;
-                    if matches!(outcome, Ok(conf) if conf.is_ack()) {
+                    if matches!(oldest.await, Ok(true)) {
                         p_count.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -188,20 +189,23 @@ async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
             if kind == QueueKind::Priority {
                 props = props.with_priority((i % u64::from(priorities)) as u8);
             }
-            let confirm = match pch
-                .basic_publish(
-                    "".into(),
-                    q.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props,
-                )
-                .await
-            {
-                Ok(c) => c,
-                Err(_) => break,
-            };
-            pending.push_back(confirm);
+            let (ch, body, q) = (pch.clone(), body.clone(), q.clone());
+            pending.push_back(tokio::spawn(async move {
+                let Ok(confirm) = ch
+                    .basic_publish(
+                        "".into(),
+                        q.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        props,
+                    )
+                    .await
+                else {
+                    return false;
+                };
+                let outcome: lapin::Result<lapin::Confirmation> = confirm.await;
+                matches!(outcome, Ok(c) if c.is_ack())
+            }));
             i += 1;
         }
     });
