@@ -67,7 +67,7 @@ impl Durable {
                 }
             }
         }
-        self.sync.mark_dirty(&self.store);
+        self.sync.mark_dirty_lazy(&self.store);
     }
 
     /// Notes that a message went out to a consumer, so a crash brings it back redelivered.
@@ -75,6 +75,7 @@ impl Durable {
         if let Err(e) = self.store.lock().mark_delivered(pos) {
             tracing::error!(?pos, error = %e, "cannot record delivery");
         }
+        self.sync.mark_dirty_lazy(&self.store);
     }
 
     pub(crate) fn read(&self, pos: Position) -> Result<Message, StoreError> {

@@ -59,6 +59,9 @@ struct Handle {
     thread: Option<JoinHandle<()>>,
 }
 
+/// How long writes nobody waits on may stay unsynced when no other round comes.
+pub const LAZY_SYNC: std::time::Duration = std::time::Duration::from_millis(100);
+
 struct Shared {
     policy: SyncPolicy,
     /// Guards the round being collected; held only to push or take stores, never during I/O.
@@ -80,6 +83,9 @@ struct State {
     collecting: u64,
     dirty: Vec<SharedStore>,
     seen: HashSet<usize>,
+    /// Dirty stores nobody waits on (see [`SyncGroup::mark_dirty_lazy`]).
+    lazy: Vec<SharedStore>,
+    lazy_seen: HashSet<usize>,
     shutdown: bool,
 }
 
@@ -92,6 +98,8 @@ impl SyncGroup {
                 collecting: 1,
                 dirty: Vec::new(),
                 seen: HashSet::new(),
+                lazy: Vec::new(),
+                lazy_seen: HashSet::new(),
                 shutdown: false,
             }),
             work: Condvar::new(),
@@ -125,6 +133,22 @@ impl SyncGroup {
             }
         }
         st.collecting
+    }
+
+    /// Like [`SyncGroup::mark_dirty`] for writes nobody waits on (acks, delivery marks): they
+    /// ride along with the next round, or are synced within [`LAZY_SYNC`] if none comes, so a
+    /// consumer's acks do not cost a device flush each at low rates.
+    pub fn mark_dirty_lazy(&self, store: &SharedStore) {
+        let sh = &self.handle.shared;
+        let mut st = sh.state.lock();
+        let key = Arc::as_ptr(store) as usize;
+        if !st.seen.contains(&key) && st.lazy_seen.insert(key) {
+            st.lazy.push(store.clone());
+            if st.lazy.len() == 1 && st.dirty.is_empty() {
+                // Let the thread start its LAZY_SYNC timer.
+                sh.work.notify_one();
+            }
+        }
     }
 
     /// The last completed round.
@@ -180,9 +204,28 @@ fn run(sh: &Shared) {
     loop {
         let (epoch, stores) = {
             let mut st = sh.state.lock();
+            let mut lazy_since: Option<Instant> = None;
             while st.dirty.is_empty() && !st.shutdown {
-                sh.work.wait(&mut st);
+                if st.lazy.is_empty() {
+                    lazy_since = None;
+                    sh.work.wait(&mut st);
+                    continue;
+                }
+                let since = *lazy_since.get_or_insert_with(Instant::now);
+                let due = since + LAZY_SYNC;
+                if Instant::now() >= due {
+                    break;
+                }
+                sh.work.wait_until(&mut st, due);
             }
+            // Lazily dirtied stores ride along with this round.
+            for store in std::mem::take(&mut st.lazy) {
+                let key = Arc::as_ptr(&store) as usize;
+                if st.seen.insert(key) {
+                    st.dirty.push(store);
+                }
+            }
+            st.lazy_seen.clear();
             if st.dirty.is_empty() {
                 return; // shutdown with nothing pending
             }
@@ -212,8 +255,7 @@ fn run(sh: &Shared) {
             }
         }
         drop(stores);
-        // Phase 2: fdatasync without any store lock, stores concurrently (one round should
-        // cost one device flush, not one per store).
+        // Phase 2: fdatasync without any store lock.
         let failed = std::sync::atomic::AtomicBool::new(false);
         let report = |r: Result<(), StoreError>| {
             if let Err(e) = r {
@@ -221,25 +263,8 @@ fn run(sh: &Shared) {
                 tracing::error!(error = %e, "store fdatasync failed; the store refuses further writes");
             }
         };
-        if batches.len() > 1 {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = batches
-                    .into_iter()
-                    .map(|b| scope.spawn(move || b.run()))
-                    .collect();
-                for h in handles {
-                    report(h.join().unwrap_or_else(|_| {
-                        Err(StoreError::Failed {
-                            path: std::path::PathBuf::new(),
-                            detail: "fdatasync thread panicked".into(),
-                        })
-                    }));
-                }
-            });
-        } else {
-            for b in batches {
-                report(b.run());
-            }
+        for b in batches {
+            report(b.run());
         }
         if prepare_failed || failed.load(Ordering::Relaxed) {
             sh.failed_rounds.lock().insert(epoch);

@@ -246,3 +246,22 @@ fn dropping_the_group_finishes_the_pending_round() {
     assert!(t.elapsed() < std::time::Duration::from_secs(5));
     assert!(fb.counters().file_syncs > syncs);
 }
+
+#[test]
+fn lazy_writes_are_synced_without_another_round() {
+    let fb = FaultyBackend::new(Arc::new(MemBackend::new()));
+    let (s, _) = QueueStore::open_with("/q".as_ref(), opts(1 << 20), Arc::new(fb.clone())).unwrap();
+    let store: SharedStore = Arc::new(parking_lot::Mutex::new(s));
+    let group = SyncGroup::new(SyncPolicy::Always);
+    let pos = store.lock().append(&msg(1, 1)).unwrap();
+    group.wait(group.mark_dirty(&store));
+    let before = group.synced_epoch();
+    store.lock().ack(pos).unwrap();
+    group.mark_dirty_lazy(&store);
+    // No publisher waits: the ack still reaches the disk within LAZY_SYNC (bounded poll).
+    let deadline = std::time::Instant::now() + rill_store::LAZY_SYNC * 50;
+    while group.synced_epoch() == before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(group.synced_epoch() > before, "lazy write never synced");
+}
