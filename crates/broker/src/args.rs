@@ -1,6 +1,7 @@
 //! Queue arguments (`x-...`) that change a queue's behaviour, parsed and validated once at
 //! declaration with RabbitMQ's error texts.
 
+use crate::vhost::type_name;
 use rill_codec::{AMQPValue, AmqpError, FieldTable, ReplyCode};
 
 /// What a full queue does with a new message (`x-overflow`).
@@ -69,23 +70,6 @@ impl Default for QueueArgs {
             max_age_ms: None,
             stream_segment_bytes: None,
         }
-    }
-}
-
-fn type_name(v: &AMQPValue) -> &'static str {
-    match v {
-        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => "longstr",
-        AMQPValue::LongInt(_) => "signedint",
-        AMQPValue::LongLongInt(_) => "long",
-        AMQPValue::Boolean(_) => "bool",
-        AMQPValue::ShortShortInt(_) => "byte",
-        AMQPValue::ShortInt(_) => "short",
-        AMQPValue::Double(_) => "double",
-        AMQPValue::Float(_) => "float",
-        AMQPValue::FieldTable(_) => "table",
-        AMQPValue::FieldArray(_) => "array",
-        AMQPValue::Timestamp(_) => "timestamp",
-        _ => "other",
     }
 }
 

@@ -845,7 +845,7 @@ fn value_text(v: &AMQPValue) -> String {
 }
 
 /// RabbitMQ's names for field types, as they appear in its error texts.
-fn type_name(v: &AMQPValue) -> &'static str {
+pub(crate) fn type_name(v: &AMQPValue) -> &'static str {
     match v {
         AMQPValue::Boolean(_) => "bool",
         AMQPValue::ShortShortInt(_) => "byte",
