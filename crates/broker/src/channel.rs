@@ -139,7 +139,6 @@ struct PendingPublish {
     exchange: Arc<crate::exchange::Exchange>,
     msg: Arc<Message>,
     mandatory: bool,
-    persistent: bool,
 }
 
 #[derive(Debug, Default)]
@@ -446,10 +445,8 @@ impl Channel {
     ) -> Result<(), AmqpError> {
         let at_publish = |e: AmqpError| e.with_method(60, 40);
         let vhost = ctx.vhost()?;
-        if let Some(uid) = PropertiesView::new(&header.properties)
-            .map_err(at_publish)?
-            .user_id()
-        {
+        let view = PropertiesView::new(&header.properties).map_err(at_publish)?;
+        if let Some(uid) = view.user_id() {
             if uid != ctx.user.as_bytes() {
                 return Err(at_publish(AmqpError::new(
                     ReplyCode::PreconditionFailed,
@@ -461,11 +458,9 @@ impl Channel {
                 )));
             }
         }
-        let view = PropertiesView::new(&header.properties).map_err(at_publish)?;
         if let Some(exp) = view.expiration() {
             check_expiration(exp).map_err(at_publish)?;
         }
-        let persistent = view.delivery_mode() == Some(2);
         let exchange = vhost
             .exchange(publish.exchange_str().map_err(at_publish)?)
             .map_err(at_publish)?;
@@ -480,25 +475,27 @@ impl Channel {
             )));
         }
         publish.routing_key_str().map_err(at_publish)?;
-        let properties = self
-            .rewrite_reply_to(header.properties)
-            .map_err(at_publish)?;
-        let msg = Arc::new(Message {
-            exchange: exchange.config.name.clone(),
-            routing_key: publish.routing_key.clone(),
+        let properties = if view.reply_to() == Some(REPLY_TO) {
+            self.rewrite_reply_to(&header.properties)
+                .map_err(at_publish)?
+        } else {
+            header.properties.clone()
+        };
+        let msg = Arc::new(Message::new(
+            exchange.config.name.clone(),
+            publish.routing_key.clone(),
             properties,
             body,
-        });
+        ));
         if let Some(tx) = &mut self.tx {
             tx.publishes.push(PendingPublish {
                 exchange,
                 msg,
                 mandatory: publish.mandatory,
-                persistent,
             });
             return Ok(());
         }
-        let routed = self.route(ctx, &exchange, msg, publish.mandatory, persistent, out);
+        let routed = self.route(ctx, &exchange, msg, publish.mandatory, out);
         if let Some(c) = &mut self.confirms {
             c.published += 1;
             if !routed.accepted || routed.durable_at.is_some() {
@@ -514,18 +511,14 @@ impl Channel {
 
     /// Direct reply-to: `reply_to = amq.rabbitmq.reply-to` becomes the name of this channel's
     /// reply pseudo-queue, so the responder's publish reaches our consumer directly.
-    fn rewrite_reply_to(&self, properties: Bytes) -> Result<Bytes, AmqpError> {
-        let view = PropertiesView::new(&properties)?;
-        if view.reply_to() != Some(REPLY_TO) {
-            return Ok(properties);
-        }
+    fn rewrite_reply_to(&self, properties: &[u8]) -> Result<Bytes, AmqpError> {
         let Some(reply_queue) = &self.reply_queue else {
             return Err(AmqpError::new(
                 ReplyCode::PreconditionFailed,
                 "fast reply consumer does not exist",
             ));
         };
-        let props = rill_codec::decode_properties(&properties)?
+        let props = rill_codec::decode_properties(properties)?
             .with_reply_to(short_string_truncated(reply_queue));
         Ok(rill_codec::encode_properties(&props))
     }
@@ -536,7 +529,6 @@ impl Channel {
         exchange: &Arc<crate::exchange::Exchange>,
         msg: Arc<Message>,
         mandatory: bool,
-        persistent: bool,
         out: &mut BytesMut,
     ) -> PublishOutcome {
         let mut outcome = PublishOutcome {
@@ -547,14 +539,7 @@ impl Channel {
         let Ok(vhost) = ctx.vhost() else {
             return outcome;
         };
-        let props = msg.properties.clone();
-        let headers = move || PropertiesView::new(&props).ok()?.headers().ok()?;
-        vhost.route(
-            exchange,
-            msg.routing_key_str(),
-            &headers,
-            &mut self.route_buf,
-        );
+        vhost.route_message(exchange, &msg, &mut self.route_buf);
         if self.route_buf.is_empty() {
             if mandatory {
                 encode_return(
@@ -572,7 +557,7 @@ impl Channel {
             return outcome;
         }
         for q in self.route_buf.drain(..) {
-            let o = q.publish(msg.clone(), persistent);
+            let o = q.publish(msg.clone());
             outcome.accepted &= o.accepted;
             outcome.durable_at = outcome.durable_at.max(o.durable_at);
             if q.wants_publishers_paused()
@@ -1200,7 +1185,7 @@ impl Channel {
                 let tx = std::mem::take(self.tx.as_mut().ok_or_else(not_tx)?);
                 let mut durable_at = None;
                 for p in tx.publishes {
-                    let o = self.route(ctx, &p.exchange, p.msg, p.mandatory, p.persistent, out);
+                    let o = self.route(ctx, &p.exchange, p.msg, p.mandatory, out);
                     durable_at = durable_at.max(o.durable_at);
                 }
                 self.apply_settles(tx.settles);

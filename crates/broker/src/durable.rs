@@ -92,12 +92,12 @@ impl Durable {
 }
 
 pub(crate) fn message_from(record: StoredMessage) -> Message {
-    Message {
-        exchange: Arc::from(record.exchange.as_str()),
-        routing_key: Bytes::from(record.routing_key.into_bytes()),
-        properties: record.properties,
-        body: record.body,
-    }
+    Message::new(
+        Arc::from(record.exchange.as_str()),
+        Bytes::from(record.routing_key.into_bytes()),
+        record.properties,
+        record.body,
+    )
 }
 
 /// Everything the broker keeps under `--data-dir`: queue logs, group commit, definitions.

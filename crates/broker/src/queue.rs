@@ -23,7 +23,7 @@ use crate::message::{Message, QueuedMessage};
 use crate::stream::Stream;
 use crate::vhost::VHost;
 use parking_lot::Mutex;
-use rill_codec::{FieldTable, PropertiesView};
+use rill_codec::FieldTable;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -297,12 +297,12 @@ impl Queue {
 
     /// Appends a message and hands it to a consumer if one has credit. A persistent message in a
     /// durable queue is written to the queue's log first.
-    pub fn publish(self: &Arc<Self>, msg: Arc<Message>, persistent: bool) -> PublishOutcome {
+    pub fn publish(self: &Arc<Self>, msg: Arc<Message>) -> PublishOutcome {
         if let Some(s) = &self.stream {
             return s.publish(self, msg);
         }
         let mut dead = DeadLetters::new();
-        let outcome = self.publish_locked(msg, persistent, &mut dead);
+        let outcome = self.publish_locked(msg, &mut dead);
         self.dead_letter(dead);
         outcome
     }
@@ -310,7 +310,6 @@ impl Queue {
     fn publish_locked(
         self: &Arc<Self>,
         msg: Arc<Message>,
-        persistent: bool,
         dead: &mut DeadLetters,
     ) -> PublishOutcome {
         let mut st = self.state.lock();
@@ -333,11 +332,8 @@ impl Queue {
             }
             return refused;
         }
-        let view = PropertiesView::new(&msg.properties).ok();
-        let priority = view.and_then(|v| v.priority()).unwrap_or(0);
-        let per_message = view
-            .and_then(|v| v.expiration())
-            .and_then(|e| e.parse::<u64>().ok());
+        let priority = msg.priority;
+        let per_message = msg.expiration_ms;
         let ttl = match (self.args.message_ttl, per_message) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -347,7 +343,7 @@ impl Queue {
         }
         let mut pos = None;
         let mut durable_at = None;
-        if let (true, Some(d)) = (persistent, &self.durable) {
+        if let (true, Some(d)) = (msg.persistent, &self.durable) {
             match d.append(&msg) {
                 Ok((p, epoch)) => {
                     pos = Some(p);
@@ -518,18 +514,9 @@ impl Queue {
         if self.args.queue_type != QueueType::Quorum || (deliveries <= 1 && !via_get) {
             return msg.clone();
         }
-        match crate::deadletter::set_header_long(
-            &msg.properties,
-            "x-delivery-count",
-            i64::from(deliveries) - 1,
-        ) {
-            Ok(properties) => Arc::new(Message {
-                exchange: msg.exchange.clone(),
-                routing_key: msg.routing_key.clone(),
-                properties,
-                body: msg.body.clone(),
-            }),
-            Err(_) => msg.clone(),
+        match msg.with_header_long("x-delivery-count", i64::from(deliveries) - 1) {
+            Some(m) => Arc::new(m),
+            None => msg.clone(),
         }
     }
 
@@ -637,26 +624,20 @@ impl Queue {
                 Some(k) => bytes::Bytes::from(k.clone().into_bytes()),
                 None => msg.routing_key.clone(),
             };
-            let persistent = PropertiesView::new(&properties)
-                .ok()
-                .and_then(|v| v.delivery_mode())
-                == Some(2);
-            let letter = Arc::new(Message {
-                exchange: exchange.config.name.clone(),
+            let letter = Arc::new(Message::new(
+                exchange.config.name.clone(),
                 routing_key,
                 properties,
-                body: msg.body.clone(),
-            });
+                msg.body.clone(),
+            ));
             targets.clear();
-            let props = letter.properties.clone();
-            let headers = move || PropertiesView::new(&props).ok()?.headers().ok()?;
-            vhost.route(&exchange, letter.routing_key_str(), &headers, &mut targets);
+            vhost.route_message(&exchange, &letter, &mut targets);
             for q in targets.drain(..) {
                 if is_cycle(&letter.properties, reason, q.name()) {
                     tracing::debug!(queue = %q.name(), "dead-letter cycle: message dropped");
                     continue;
                 }
-                q.publish(letter.clone(), persistent);
+                q.publish(letter.clone());
             }
         }
     }
@@ -786,10 +767,7 @@ impl Queue {
             }
             let previous = st.unacked.remove(&item.seq);
             let size = item.msg.size() as u64;
-            let priority = PropertiesView::new(&item.msg.properties)
-                .ok()
-                .and_then(|v| v.priority())
-                .unwrap_or(0);
+            let priority = item.msg.priority;
             st.insert_ready(Entry {
                 seq: item.seq,
                 msg: Some(item.msg),
@@ -1058,12 +1036,12 @@ mod tests {
     }
 
     fn msg(body: &'static str) -> Arc<Message> {
-        Arc::new(Message {
-            exchange: "".into(),
-            routing_key: Bytes::from_static(b"q"),
-            properties: Bytes::from_static(&[0, 0]),
-            body: Bytes::from_static(body.as_bytes()),
-        })
+        Arc::new(Message::new(
+            "".into(),
+            Bytes::from_static(b"q"),
+            Bytes::from_static(&[0, 0]),
+            Bytes::from_static(body.as_bytes()),
+        ))
     }
 
     fn consumer(sink: &Arc<Sink>, prefetch: u32, tag: &str) -> Arc<Consumer> {
@@ -1087,7 +1065,7 @@ mod tests {
         let c = consumer(&sink, 2, "c");
         q.add_consumer(c.clone()).unwrap();
         for _ in 0..5 {
-            q.publish(msg("x"), false);
+            q.publish(msg("x"));
         }
         assert_eq!(sink.seqs(), vec![0, 1]);
         q.ack([0]);
@@ -1105,7 +1083,7 @@ mod tests {
         q.add_consumer(consumer(&a, 0, "a")).unwrap();
         q.add_consumer(consumer(&b, 0, "b")).unwrap();
         for _ in 0..4 {
-            q.publish(msg("x"), false);
+            q.publish(msg("x"));
         }
         assert_eq!(a.seqs(), vec![0, 2]);
         assert_eq!(b.seqs(), vec![1, 3]);
@@ -1115,7 +1093,7 @@ mod tests {
     fn requeue_keeps_position_and_marks_redelivered() {
         let q = queue();
         for _ in 0..3 {
-            q.publish(msg("x"), false);
+            q.publish(msg("x"));
         }
         let (first, _) = q.get(true).unwrap();
         q.requeue([first.seq]);
@@ -1148,11 +1126,11 @@ mod tests {
     fn purge_and_delete_count_ready_only() {
         let q = queue();
         for _ in 0..3 {
-            q.publish(msg("x"), false);
+            q.publish(msg("x"));
         }
         let _ = q.get(true);
         assert_eq!(q.purge(), 2);
-        q.publish(msg("y"), false);
+        q.publish(msg("y"));
         assert_eq!(q.mark_deleted().0, 1);
     }
 }

@@ -379,17 +379,10 @@ impl Stream {
         let now = now_ms();
         let (offset, dropped) = st.log.prepare_append(now);
         self.forget(&dropped);
-        let stamped =
-            match crate::deadletter::set_header_long(&msg.properties, OFFSET_HEADER, offset as i64)
-            {
-                Ok(properties) => Arc::new(Message {
-                    exchange: msg.exchange.clone(),
-                    routing_key: msg.routing_key.clone(),
-                    properties,
-                    body: msg.body.clone(),
-                }),
-                Err(_) => msg,
-            };
+        let stamped = match msg.with_header_long(OFFSET_HEADER, offset as i64) {
+            Some(m) => Arc::new(m),
+            None => msg,
+        };
         let mut pos = None;
         let mut durable_at = None;
         if let Some(d) = &self.durable {
@@ -717,15 +710,15 @@ mod tests {
         });
         assert!(q.is_stream());
         let msg = || {
-            Arc::new(Message {
-                exchange: "".into(),
-                routing_key: Bytes::from_static(b"s"),
-                properties: Bytes::from_static(&[0, 0]),
-                body: Bytes::from_static(b"x"),
-            })
+            Arc::new(Message::new(
+                "".into(),
+                Bytes::from_static(b"s"),
+                Bytes::from_static(&[0, 0]),
+                Bytes::from_static(b"x"),
+            ))
         };
         for _ in 0..5 {
-            q.publish(msg(), false);
+            q.publish(msg());
         }
         let reader = |spec: AMQPValue, prefetch: u32| {
             let sink = Arc::new(Sink::default());
@@ -757,7 +750,7 @@ mod tests {
         assert_eq!(from_three.offsets(), vec![3, 4]);
         let (next, _) = reader(AMQPValue::LongString(LongString::from("next")), 10);
         assert!(next.offsets().is_empty());
-        q.publish(msg(), false);
+        q.publish(msg());
         assert_eq!(next.offsets(), vec![5]);
         assert_eq!(q.message_count(), 6);
         assert!(q.get(true).is_none());

@@ -4,6 +4,7 @@ use crate::args::QueueArgs;
 use crate::consumer::ConnEvent;
 use crate::durable::Persistence;
 use crate::exchange::{Binding, Destination, Exchange, ExchangeConfig, ExchangeKind};
+use crate::message::Message;
 use crate::queue::{Queue, QueueConfig};
 use parking_lot::RwLock;
 use rill_codec::{AMQPValue, AmqpError, FieldTable, ReplyCode};
@@ -741,6 +742,16 @@ impl VHost {
         for q in owned {
             self.remove_queue(&q);
         }
+    }
+
+    /// [`VHost::route`] for a whole message (headers decoded only if a headers exchange asks).
+    pub fn route_message(
+        &self,
+        exchange: &Arc<Exchange>,
+        msg: &Message,
+        out: &mut Vec<Arc<Queue>>,
+    ) {
+        self.route(exchange, msg.routing_key_str(), &|| msg.headers(), out);
     }
 
     /// Finds the queues a message published to `exchange` reaches: follows exchange-to-exchange
