@@ -344,7 +344,7 @@ impl Connection {
         if err.is_hard() || channel == 0 {
             tracing::debug!(connection = self.ctx.connection, code = err.code.code(), text = %err.text, "closing connection");
             self.close_channels();
-            encode_method(out, 0, &err.to_close_hard());
+            encode_method(out, 0, &err.to_connection_close());
             self.state = State::Closing;
         } else if let Some(ch) = self.channels.get_mut(&channel) {
             tracing::debug!(connection = self.ctx.connection, channel, code = err.code.code(), text = %err.text, "closing channel");
@@ -716,22 +716,6 @@ fn close_ok() -> AMQPClass {
 
 fn channel_close_ok() -> AMQPClass {
     AMQPClass::Channel(amqp_channel::AMQPMethod::CloseOk(amqp_channel::CloseOk {}))
-}
-
-trait HardClose {
-    fn to_close_hard(&self) -> AMQPClass;
-}
-
-impl HardClose for AmqpError {
-    /// connection.close for any error, also soft codes raised at connection level.
-    fn to_close_hard(&self) -> AMQPClass {
-        AMQPClass::Connection(amqp_conn::AMQPMethod::Close(amqp_conn::Close {
-            reply_code: self.code.code(),
-            reply_text: self.reply_text(),
-            class_id: self.class_id,
-            method_id: self.method_id,
-        }))
-    }
 }
 
 fn unexpected_frame() -> AmqpError {

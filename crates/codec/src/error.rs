@@ -194,12 +194,7 @@ impl AmqpError {
     /// `channel.close` otherwise.
     pub fn to_close(&self) -> AMQPClass {
         if self.is_hard() {
-            AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
-                reply_code: self.code.code(),
-                reply_text: self.reply_text(),
-                class_id: self.class_id,
-                method_id: self.method_id,
-            }))
+            self.to_connection_close()
         } else {
             AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
                 reply_code: self.code.code(),
@@ -208,6 +203,17 @@ impl AmqpError {
                 method_id: self.method_id,
             }))
         }
+    }
+
+    /// `connection.close` for this error whatever its code (a soft code raised where only the
+    /// connection can answer, e.g. before any channel is open).
+    pub fn to_connection_close(&self) -> AMQPClass {
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: self.code.code(),
+            reply_text: self.reply_text(),
+            class_id: self.class_id,
+            method_id: self.method_id,
+        }))
     }
 
     /// Arguments that cannot be decoded. RabbitMQ reports these as 501 FRAME_ERROR
