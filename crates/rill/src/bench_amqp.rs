@@ -2,7 +2,12 @@
 //! of a chosen kind, against any AMQP 0-9-1 broker, so queue types the shared load generator
 //! cannot declare (streams, priority queues) are measured the same way on Rill and RabbitMQ.
 //! Prints one `JSON {...}` line; the last line is `events_per_s <consumed msgs/s>`.
+//!
+//! `--client wire` (the default) drives the broker with the pipelined client in
+//! `bench_wire`, which leaves the machine's CPU to the broker; `--client lapin` uses lapin,
+//! whose own CPU use bounds the figure on a small machine.
 
+use crate::bench_wire::{self, Counters};
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use futures_lite::StreamExt;
@@ -12,7 +17,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use std::sync::atomic::{AtomicU64, Ordering};
+use rill_codec::encode_properties;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +30,14 @@ pub enum QueueKind {
     Priority,
     /// A stream queue read from `first`.
     Stream,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Client {
+    /// The pipelined client built on rill-codec (`bench_wire`).
+    Wire,
+    /// lapin, one task per publish.
+    Lapin,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -44,6 +58,12 @@ pub struct AmqpArgs {
     /// Consumer prefetch (streams require one).
     #[arg(long, default_value_t = 1000)]
     prefetch: u16,
+    /// Ack each delivery (1), or every N deliveries with `multiple`.
+    #[arg(long, default_value_t = 1)]
+    ack_every: u64,
+    /// Which client library drives the broker.
+    #[arg(long, value_enum, default_value = "wire")]
+    client: Client,
     /// Priority levels for `--kind priority`.
     #[arg(long, default_value_t = 10)]
     priorities: u8,
@@ -115,113 +135,102 @@ async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
     if let Some(n) = args.fill {
         return fill(&args, &queue, n).await;
     }
-    let published = Arc::new(AtomicU64::new(0));
-    let consumed = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-
-    // Consumer.
-    let cons_conn = Connection::connect(&args.uri, ConnectionProperties::default()).await?;
-    let cch = cons_conn.create_channel().await?;
-    cch.basic_qos(args.prefetch, BasicQosOptions::default())
-        .await?;
-    let mut cargs = FieldTable::default();
+    let published = Arc::new(Counters::default());
+    let consumed = Arc::new(Counters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut consumer_args = FieldTable::default();
     if args.kind == QueueKind::Stream {
-        cargs.insert(
+        consumer_args.insert(
             "x-stream-offset".into(),
             AMQPValue::LongString(LongString::from("first")),
         );
     }
-    let mut consumer = cch
-        .basic_consume(
-            queue.as_str().into(),
-            "bench".into(),
-            BasicConsumeOptions::default(),
-            cargs,
-        )
-        .await?;
-    let c_count = consumed.clone();
-    let c_stop = stop.clone();
-    let ack_every = u64::from(args.prefetch / 4).max(1);
-    let consumer_task = tokio::spawn(async move {
-        let mut n = 0u64;
-        while let Some(Ok(d)) = consumer.next().await {
-            n += 1;
-            c_count.fetch_add(1, Ordering::Relaxed);
-            if n.is_multiple_of(ack_every) {
-                let _ = d.ack(BasicAckOptions { multiple: true }).await;
+    // Raw properties of the i-th message are `properties[i % len]`: one set per priority.
+    let levels = if args.kind == QueueKind::Priority {
+        args.priorities.max(1)
+    } else {
+        1
+    };
+    let properties: Vec<BasicProperties> = (0..levels)
+        .map(|level| {
+            let p =
+                BasicProperties::default().with_delivery_mode(if args.persistent { 2 } else { 1 });
+            if args.kind == QueueKind::Priority {
+                p.with_priority(level)
+            } else {
+                p
             }
-            if c_stop.load(Ordering::Relaxed) {
-                break;
-            }
-        }
-    });
+        })
+        .collect();
 
-    // Publisher.
-    let pub_conn = Connection::connect(&args.uri, ConnectionProperties::default()).await?;
-    let pch = pub_conn.create_channel().await?;
-    pch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let inflight = args.inflight.max(1);
-    let body = vec![7u8; args.size];
-    let p_count = published.clone();
-    let p_stop = stop.clone();
-    let kind = args.kind;
-    let priorities = args.priorities.max(1);
-    let persistent = args.persistent;
-    let q = queue.clone();
-    let body = Arc::new(body);
-    let pch = Arc::new(pch);
-    let publisher_task = tokio::spawn(async move {
-        let mut i: u64 = 0;
-        // Each publish runs in its own task so lapin batches many into one socket write, as
-        // a pipelining client does; waiting on the oldest bounds what is in flight.
-        let mut pending: std::collections::VecDeque<tokio::task::JoinHandle<bool>> =
-            std::collections::VecDeque::with_capacity(inflight);
-        while !p_stop.load(Ordering::Relaxed) {
-            if pending.len() >= inflight {
-                if let Some(oldest) = pending.pop_front() {
-                    if matches!(oldest.await, Ok(true)) {
-                        p_count.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            let mut props =
-                BasicProperties::default().with_delivery_mode(if persistent { 2 } else { 1 });
-            if kind == QueueKind::Priority {
-                props = props.with_priority((i % u64::from(priorities)) as u8);
-            }
-            let (ch, body, q) = (pch.clone(), body.clone(), q.clone());
-            pending.push_back(tokio::spawn(async move {
-                let Ok(confirm) = ch
-                    .basic_publish(
-                        "".into(),
-                        q.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        props,
-                    )
-                    .await
-                else {
-                    return false;
-                };
-                let outcome: lapin::Result<lapin::Confirmation> = confirm.await;
-                matches!(outcome, Ok(c) if c.is_ack())
-            }));
-            i += 1;
+    // The consumer attaches first, so a classic queue delivers as it fills.
+    let (consumer_task, publisher_task) = match args.client {
+        Client::Wire => {
+            let (uri, q, counters, stop2) = (
+                args.uri.clone(),
+                queue.clone(),
+                consumed.clone(),
+                stop.clone(),
+            );
+            let (prefetch, ack_every) = (args.prefetch, args.ack_every);
+            let consumer = tokio::spawn(async move {
+                bench_wire::consume(
+                    &uri,
+                    &q,
+                    prefetch,
+                    ack_every,
+                    consumer_args,
+                    counters,
+                    stop2,
+                )
+                .await
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let raw: Vec<bytes::Bytes> = properties.iter().map(encode_properties).collect();
+            let (uri, q, counters, stop2) = (
+                args.uri.clone(),
+                queue.clone(),
+                published.clone(),
+                stop.clone(),
+            );
+            let (body, inflight) = (vec![7u8; args.size], args.inflight);
+            let publisher = tokio::spawn(async move {
+                bench_wire::publish(&uri, &q, &body, &raw, inflight, counters, stop2).await
+            });
+            (consumer, publisher)
         }
-    });
+        Client::Lapin => {
+            let consumer = tokio::spawn(lapin_consume(
+                args.clone(),
+                queue.clone(),
+                consumer_args,
+                consumed.clone(),
+                stop.clone(),
+            ));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let publisher = tokio::spawn(lapin_publish(
+                args.clone(),
+                queue.clone(),
+                properties,
+                published.clone(),
+                stop.clone(),
+            ));
+            (consumer, publisher)
+        }
+    };
 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (p0, c0) = (
-        published.load(Ordering::Relaxed),
-        consumed.load(Ordering::Relaxed),
+        published.done.load(Ordering::Relaxed),
+        consumed.done.load(Ordering::Relaxed),
     );
     let cpu0 = args.broker_pid.and_then(cpu_seconds);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
     let secs = t0.elapsed().as_secs_f64();
     let (p1, c1) = (
-        published.load(Ordering::Relaxed),
-        consumed.load(Ordering::Relaxed),
+        published.done.load(Ordering::Relaxed),
+        consumed.done.load(Ordering::Relaxed),
     );
     let cpu1 = args.broker_pid.and_then(cpu_seconds);
     stop.store(true, Ordering::Relaxed);
@@ -231,14 +240,23 @@ async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
         (Some(a), Some(b)) => Some((b - a) / secs),
         _ => None,
     };
-    let _ = tokio::time::timeout(Duration::from_secs(3), publisher_task).await;
-    consumer_task.abort();
+    // A client that failed before the end (refused declare, closed channel) is an error,
+    // not a low figure.
+    for (what, task) in [("publisher", publisher_task), ("consumer", consumer_task)] {
+        if task.is_finished() {
+            task.await?.with_context(|| format!("{what} failed"))?;
+        } else {
+            task.abort();
+        }
+    }
+    let nacked = published.nacked.load(Ordering::Relaxed);
     let _ = ch
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     println!(
-        "JSON {{\"kind\":\"{:?}\",\"size\":{},\"duration_s\":{},\"pub_per_s\":{:.0},\"con_per_s\":{:.0},\"broker_cpu_pct\":{},\"msgs_per_broker_cpu_s\":{}}}",
+        "JSON {{\"kind\":\"{:?}\",\"client\":\"{:?}\",\"size\":{},\"duration_s\":{},\"nacked\":{nacked},\"pub_per_s\":{:.0},\"con_per_s\":{:.0},\"broker_cpu_pct\":{},\"msgs_per_broker_cpu_s\":{}}}",
         args.kind,
+        args.client,
         args.size,
         args.duration,
         pub_rate,
@@ -248,6 +266,93 @@ async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
             .map_or("null".to_owned(), |c| format!("{:.0}", con_rate / c)),
     );
     println!("events_per_s {con_rate:.0}");
+    Ok(())
+}
+
+async fn lapin_consume(
+    args: AmqpArgs,
+    queue: String,
+    arguments: FieldTable,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let conn = Connection::connect(&args.uri, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            arguments,
+        )
+        .await?;
+    let ack_every = args.ack_every.max(1);
+    let mut n = 0u64;
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery?;
+        n += 1;
+        counters.done.fetch_add(1, Ordering::Relaxed);
+        if n.is_multiple_of(ack_every) {
+            delivery
+                .ack(BasicAckOptions {
+                    multiple: ack_every > 1,
+                })
+                .await?;
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+async fn lapin_publish(
+    args: AmqpArgs,
+    queue: String,
+    properties: Vec<BasicProperties>,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let conn = Connection::connect(&args.uri, ConnectionProperties::default()).await?;
+    let ch = Arc::new(conn.create_channel().await?);
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let inflight = args.inflight.max(1);
+    let body = Arc::new(vec![7u8; args.size]);
+    let queue = Arc::new(queue);
+    let mut i: usize = 0;
+    // Each publish runs in its own task so lapin batches many into one socket write, as a
+    // pipelining client does; waiting on the oldest bounds what is in flight.
+    let mut pending: std::collections::VecDeque<tokio::task::JoinHandle<lapin::Result<bool>>> =
+        std::collections::VecDeque::with_capacity(inflight);
+    while !stop.load(Ordering::Relaxed) {
+        if pending.len() >= inflight {
+            if let Some(oldest) = pending.pop_front() {
+                let counter = if oldest.await?? {
+                    &counters.done
+                } else {
+                    &counters.nacked
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let props = properties[i % properties.len()].clone();
+        let (ch, body, queue) = (ch.clone(), body.clone(), queue.clone());
+        pending.push_back(tokio::spawn(async move {
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await?;
+            Ok(confirm.await?.is_ack())
+        }));
+        i += 1;
+    }
     Ok(())
 }
 

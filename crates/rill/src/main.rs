@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_amqp;
+mod bench_wire;
 
 use clap::{Parser, Subcommand};
 
