@@ -280,6 +280,24 @@ def test_stream_offset_timestamp(conn, durable):
     assert later.got == []
 
 
+def test_stream_backlog_larger_than_memory_reads_back_in_order(connect, durable):
+    # 10 MiB of messages: Rill keeps only the newest 4 MiB of a stream in memory, so readers
+    # starting at the beginning read the older part back from disk in runs.
+    conn = connect()
+    q = durable(conn.channel(), "stream")
+    n, size = 2500, 4096
+    body = lambda i: f"m{i}".ljust(size, ".")
+    ch = conn.channel()
+    for i in range(n):
+        ch.basic_publish("", q, body(i).encode())
+    first = StreamReader(conn, q, "first")
+    assert first.wait(n, settle=0.1) == [body(i) for i in range(n)]
+    assert first.offsets == list(range(n))
+    middle = StreamReader(connect(), q, 1234)
+    assert middle.wait(n - 1234, settle=0.1) == [body(i) for i in range(1234, n)]
+    assert middle.offsets == list(range(1234, n))
+
+
 def test_stream_consuming_does_not_remove(connect, durable):
     conn_a, conn_b = connect(), connect()
     q = durable(conn_a.channel(), "stream")

@@ -83,6 +83,17 @@ impl Durable {
         Ok(message_from(record))
     }
 
+    /// The message at `pos` and the ones after it in its segment, up to about `max_bytes`,
+    /// read with one syscall (see [`rill_store::QueueStore::read_run`]).
+    pub(crate) fn read_run(
+        &self,
+        pos: Position,
+        max_bytes: usize,
+    ) -> Result<Vec<(Position, Message)>, StoreError> {
+        let run = self.store.lock().read_run(pos, max_bytes)?;
+        Ok(run.into_iter().map(|(p, r)| (p, message_from(r))).collect())
+    }
+
     /// The queue was deleted: its files go.
     pub(crate) fn destroy(&self) {
         if let Err(e) = self.store.lock().destroy_in_place() {

@@ -26,7 +26,7 @@ use crate::message::{Message, QueuedMessage};
 use crate::queue::{now_ms, ConsumeError, PublishOutcome, Queue, MEMORY_WINDOW};
 use parking_lot::Mutex;
 use rill_codec::{AMQPValue, FieldTable, PropertiesView};
-use rill_store::{Position, RecoveredRecord};
+use rill_store::{Position, RecoveredRecord, StoreError};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -132,6 +132,12 @@ pub struct StreamLog {
     memory_bytes: u64,
     /// Entries below this offset have been paged out (if they could be).
     resident_from: u64,
+    /// Entries ever dropped from the front: `entries[i]` is entry number `dropped + i` of
+    /// the log's life. Readers remember these absolute numbers as hints, because a binary
+    /// search over millions of entries per delivery costs more than the delivery.
+    dropped: u64,
+    /// Absolute number of the entry at `resident_from` (a hint).
+    resident_hint: u64,
 }
 
 impl StreamLog {
@@ -143,6 +149,8 @@ impl StreamLog {
             next_offset: 0,
             memory_bytes: 0,
             resident_from: 0,
+            dropped: 0,
+            resident_hint: 0,
         }
     }
 
@@ -253,6 +261,7 @@ impl StreamLog {
             }
             self.segments.pop_front();
             total -= oldest.bytes;
+            self.dropped += oldest.len as u64;
             for e in self.entries.drain(..oldest.len) {
                 if e.msg.is_some() {
                     self.memory_bytes -= e.size;
@@ -281,8 +290,22 @@ impl StreamLog {
 
     /// The first entry at or after `offset`.
     pub fn at_or_after(&self, offset: u64) -> Option<&StreamEntry> {
-        let idx = self.entries.partition_point(|e| e.offset < offset);
-        self.entries.get(idx)
+        self.entries.get(self.index_at_or_after(offset, None))
+    }
+
+    /// Index in `entries` of the first entry at or after `offset`; `hint` is the absolute
+    /// number (see `dropped`) where it probably is, checked before any search.
+    fn index_at_or_after(&self, offset: u64, hint: Option<u64>) -> usize {
+        let fits = |i: usize| {
+            self.entries.get(i).is_none_or(|e| e.offset >= offset)
+                && i.checked_sub(1)
+                    .and_then(|before| self.entries.get(before))
+                    .is_none_or(|e| e.offset < offset)
+        };
+        hint.and_then(|h| h.checked_sub(self.dropped))
+            .and_then(|i| usize::try_from(i).ok())
+            .filter(|&i| i <= self.entries.len() && fits(i))
+            .unwrap_or_else(|| self.entries.partition_point(|e| e.offset < offset))
     }
 
     /// Over `window` bytes of bodies in memory, the oldest bodies that are also on disk are
@@ -291,9 +314,7 @@ impl StreamLog {
         if self.memory_bytes <= window {
             return;
         }
-        let mut idx = self
-            .entries
-            .partition_point(|e| e.offset < self.resident_from);
+        let mut idx = self.index_at_or_after(self.resident_from, Some(self.resident_hint));
         while self.memory_bytes > window {
             let Some(e) = self.entries.get_mut(idx) else {
                 break;
@@ -308,14 +329,53 @@ impl StreamLog {
             self.resident_from = e.offset + 1;
             idx += 1;
         }
+        self.resident_hint = self.dropped + idx as u64;
     }
 }
+
+/// Bytes a consumer reading behind the in-memory window reads from disk at once.
+const READ_AHEAD: usize = 256 * 1024;
 
 /// A consumer and the offset it reads next.
 #[derive(Debug)]
 struct Cursor {
     consumer: Arc<Consumer>,
     next: u64,
+    /// Absolute number of the entry at `next` (see `StreamLog::dropped`), a search hint.
+    hint: Option<u64>,
+    /// Messages read from disk ahead of this consumer, in log order: a consumer behind the
+    /// memory window reads a run of records per syscall, not one.
+    read_ahead: VecDeque<(Position, Arc<Message>)>,
+}
+
+impl Cursor {
+    fn new(consumer: Arc<Consumer>, next: u64) -> Cursor {
+        Cursor {
+            consumer,
+            next,
+            hint: None,
+            read_ahead: VecDeque::new(),
+        }
+    }
+
+    /// The paged-out message at `pos`, from the read-ahead or read from disk with the ones
+    /// after it.
+    fn read_back(&mut self, durable: &Durable, pos: Position) -> Result<Arc<Message>, StoreError> {
+        while self.read_ahead.front().is_some_and(|(p, _)| *p < pos) {
+            self.read_ahead.pop_front();
+        }
+        if self.read_ahead.front().is_none_or(|(p, _)| *p != pos) {
+            self.read_ahead = durable
+                .read_run(pos, READ_AHEAD)?
+                .into_iter()
+                .map(|(p, m)| (p, Arc::new(m)))
+                .collect();
+        }
+        match self.read_ahead.pop_front() {
+            Some((p, m)) if p == pos => Ok(m),
+            _ => Err(StoreError::NotFound(pos)),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -471,7 +531,7 @@ impl Stream {
         let next = st
             .log
             .resolve(OffsetSpec::from_arguments(&consumer.arguments));
-        st.cursors.push(Cursor { consumer, next });
+        st.cursors.push(Cursor::new(consumer, next));
         self.dispatch_locked(&mut st, queue);
         self.sync_gauges(&st, queue);
         Ok(())
@@ -497,15 +557,21 @@ impl Stream {
     fn dispatch_locked(&self, st: &mut StreamState, queue: &Arc<Queue>) {
         let StreamState { log, cursors, .. } = st;
         for cursor in cursors.iter_mut() {
-            while let Some(entry) = log.at_or_after(cursor.next) {
+            loop {
+                let idx = log.index_at_or_after(cursor.next, cursor.hint);
+                cursor.hint = Some(log.dropped + idx as u64);
+                let Some(entry) = log.entries.get(idx) else {
+                    break;
+                };
                 if !cursor.consumer.try_take() {
                     break;
                 }
                 cursor.next = entry.offset + 1;
+                cursor.hint = Some(log.dropped + idx as u64 + 1);
                 let msg = match (&entry.msg, &self.durable, entry.pos) {
                     (Some(m), _, _) => m.clone(),
-                    (None, Some(d), Some(pos)) => match d.read(pos) {
-                        Ok(m) => Arc::new(m),
+                    (None, Some(d), Some(pos)) => match cursor.read_back(d, pos) {
+                        Ok(m) => m,
                         Err(e) => {
                             tracing::error!(queue = %queue.name(), offset = entry.offset, error = %e, "cannot read stream message back; skipping it");
                             cursor.consumer.release(1);
@@ -601,6 +667,34 @@ mod tests {
         assert_eq!(l.resolve(OffsetSpec::Offset(9)), 9);
         assert!(l.at_or_after(9).is_none());
         assert_eq!(l.at_or_after(3).map(|e| e.offset), Some(3));
+    }
+
+    #[test]
+    fn hinted_lookup_matches_a_search_whatever_the_hint() {
+        // Rolls leave offset gaps and retention drops entries, so hints go stale.
+        let mut l = log(Some(200), None, 30);
+        for t in 0..100 {
+            l.append(None, None, 10, t);
+        }
+        assert!(l.dropped > 0);
+        for offset in 0..l.next_offset() + 2 {
+            let searched = l.entries.partition_point(|e| e.offset < offset);
+            for hint in [
+                None,
+                Some(0),
+                Some(l.dropped),
+                Some(l.dropped + searched as u64),
+            ]
+            .into_iter()
+            .chain((0..l.dropped + l.entries.len() as u64 + 2).map(Some))
+            {
+                assert_eq!(
+                    l.index_at_or_after(offset, hint),
+                    searched,
+                    "{offset} {hint:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -452,3 +452,65 @@ fn delivery_marks_survive_restart_and_are_not_acks() {
         .collect();
     assert_eq!(flags, vec![false, true, false]);
 }
+
+#[test]
+fn read_run_returns_consecutive_records_from_files_and_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = QueueStore::open(dir.path(), opts(8192)).unwrap();
+    let msgs: Vec<_> = (0..120)
+        .map(|i| msg(i, 20 + (i as usize * 13) % 400))
+        .collect();
+    let mut pos: Vec<Position> = Vec::new();
+    for (i, m) in msgs.iter().enumerate() {
+        pos.push(s.append(m).unwrap());
+        if i == 80 {
+            s.flush().unwrap(); // the rest stays in the append buffer
+        }
+    }
+    assert!(
+        pos.iter()
+            .map(|p| p.segment)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            > 3
+    );
+    for max_bytes in [0, 1, 300, 1000, 5000, 1 << 20] {
+        let mut i = 0;
+        while i < pos.len() {
+            let run = s.read_run(pos[i], max_bytes).unwrap();
+            assert!(!run.is_empty());
+            for (k, (p, m)) in run.iter().enumerate() {
+                assert_eq!(
+                    (*p, m),
+                    (pos[i + k], &msgs[i + k]),
+                    "max {max_bytes} from {i}"
+                );
+            }
+            // A run stays within one segment and within max_bytes (past its first record).
+            assert!(run.iter().all(|(p, _)| p.segment == pos[i].segment));
+            if run.len() > 1 {
+                let (last, _) = run.last().unwrap();
+                assert!((last.offset - pos[i].offset) as usize <= max_bytes);
+            }
+            i += run.len();
+        }
+    }
+    // After a sync everything is on file: a large run covers a whole segment.
+    s.sync().unwrap();
+    let run = s.read_run(pos[100], 1 << 20).unwrap();
+    let same_segment = pos[100..]
+        .iter()
+        .filter(|p| p.segment == pos[100].segment)
+        .count();
+    assert_eq!(run.len(), same_segment);
+    assert!(matches!(
+        s.read_run(
+            Position {
+                segment: pos[0].segment,
+                offset: pos[0].offset + 1
+            },
+            100
+        ),
+        Err(StoreError::NotFound(_))
+    ));
+}
