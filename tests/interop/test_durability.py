@@ -422,6 +422,24 @@ def test_definitions_survive_restart_transient_ones_do_not(make_broker, how):
         assert numbers(get_all(ch, q)) == []
 
 
+@pytest.mark.parametrize("how", ["term", "kill"])
+def test_priority_queue_keeps_priorities_across_restart(make_broker, how):
+    broker = make_broker()
+    q = uniq("prio")
+    declare_durable_queue(broker.url, q, **{"x-max-priority": 9})
+    priorities = [1, 5, 3, 9, 0, 5, 12, 1]  # 12 is above the maximum: it counts as 9
+    with blocking(broker.url) as c:
+        ch = c.channel()
+        ch.confirm_delivery()
+        for i, p in enumerate(priorities):
+            ch.basic_publish("", q, numbered_body(i, 16), pika.BasicProperties(delivery_mode=2, priority=p))
+    restart(broker, how)
+    with blocking(broker.url) as c:
+        got = numbers(get_all(c.channel(), q))
+    # Highest first, publish order within a level.
+    assert got == sorted(range(len(priorities)), key=lambda i: (-min(priorities[i], 9), i))
+
+
 # --------------------------------------------------------------------------- 5. memory
 
 # 200 MiB of bodies: far above the RSS limit if they were kept in memory.

@@ -102,6 +102,72 @@ impl Durable {
     }
 }
 
+/// Smallest and largest run [`ReadAhead`] reads at once.
+const READ_AHEAD_MIN: usize = 4 * 1024;
+const READ_AHEAD_MAX: usize = 256 * 1024;
+
+/// Reads paged-out messages back for one reader (a stream consumer, a queue's head): a
+/// reader going through the log in order gets a run of records per syscall, doubling up to
+/// 256 KiB, while one that jumps about (priority levels, requeues) drops back to small runs.
+/// Holds at most one run.
+#[derive(Debug)]
+pub(crate) struct ReadAhead {
+    run: std::collections::VecDeque<(Position, Arc<Message>)>,
+    window: usize,
+}
+
+impl Default for ReadAhead {
+    fn default() -> Self {
+        ReadAhead {
+            run: std::collections::VecDeque::new(),
+            window: READ_AHEAD_MIN,
+        }
+    }
+}
+
+impl ReadAhead {
+    /// The message at `pos`.
+    pub(crate) fn read(
+        &mut self,
+        durable: &Durable,
+        pos: Position,
+    ) -> Result<Arc<Message>, StoreError> {
+        let mut in_order = true;
+        while let Some((p, _)) = self.run.front() {
+            if *p >= pos {
+                break;
+            }
+            self.run.pop_front();
+            in_order = false;
+        }
+        match self.run.front() {
+            Some((p, _)) if *p == pos => {}
+            front => {
+                // Sequential: the last run was used up exactly; anything else is a jump.
+                self.window = if in_order && front.is_none() {
+                    (self.window * 2).min(READ_AHEAD_MAX)
+                } else {
+                    READ_AHEAD_MIN
+                };
+                self.run = durable
+                    .read_run(pos, self.window)?
+                    .into_iter()
+                    .map(|(p, m)| (p, Arc::new(m)))
+                    .collect();
+            }
+        }
+        match self.run.pop_front() {
+            Some((p, m)) if p == pos => Ok(m),
+            _ => Err(StoreError::NotFound(pos)),
+        }
+    }
+
+    /// Drops what was read ahead (e.g. the messages were deleted).
+    pub(crate) fn clear(&mut self) {
+        self.run.clear();
+    }
+}
+
 pub(crate) fn message_from(record: StoredMessage) -> Message {
     Message::new(
         Arc::from(record.exchange.as_str()),

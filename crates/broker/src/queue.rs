@@ -18,7 +18,7 @@
 use crate::args::{Overflow, QueueArgs, QueueType};
 use crate::consumer::{ConnEvent, Consumer, Delivery};
 use crate::deadletter::{is_cycle, record_death, Death, Reason};
-use crate::durable::Durable;
+use crate::durable::{Durable, ReadAhead};
 use crate::message::{Message, QueuedMessage};
 use crate::stream::Stream;
 use crate::vhost::VHost;
@@ -179,6 +179,8 @@ struct QueueState {
     /// Whether it ever had a consumer (auto-delete only fires after one went away).
     had_consumer: bool,
     deleted: bool,
+    /// Paged-out bodies at the head are read back in runs.
+    read_ahead: ReadAhead,
 }
 
 /// What happened to a consumer registration.
@@ -395,7 +397,22 @@ impl Queue {
         }
         let mut st = self.state.lock();
         let mut n = 0;
+        // The index has no properties: a priority queue reads each record's priority back.
+        let mut priorities = (st.ready.levels.len() > 1)
+            .then_some(self.durable.as_ref())
+            .flatten()
+            .map(|d| (d, ReadAhead::default()));
         for r in records {
+            let priority = match &mut priorities {
+                Some((d, reader)) => match reader.read(d, r.position) {
+                    Ok(m) => m.priority,
+                    Err(e) => {
+                        tracing::error!(queue = %self.config.name, pos = ?r.position, error = %e, "cannot read a recovered message's priority; it goes to level 0");
+                        0
+                    }
+                },
+                None => 0,
+            };
             let seq = st.next_seq;
             st.next_seq += 1;
             st.push_ready(Entry {
@@ -409,8 +426,7 @@ impl Queue {
                     .args
                     .message_ttl
                     .map(|t| r.timestamp_ms.saturating_add(t)),
-                // Priorities are not kept in the index; recovered messages go to level 0.
-                priority: 0,
+                priority,
                 deliveries: u32::from(r.delivered),
             });
             n += 1;
@@ -472,7 +488,7 @@ impl Queue {
         }
         let msg = match entry.msg.take() {
             Some(m) => m,
-            None => match self.load(&entry) {
+            None => match self.load(&entry, Some(&mut st.read_ahead)) {
                 Some(m) => m,
                 None => {
                     self.forget(&entry);
@@ -520,12 +536,18 @@ impl Queue {
         }
     }
 
-    fn load(&self, entry: &Entry) -> Option<Arc<Message>> {
+    /// Reads a paged-out body back: through `read_ahead` for the head of the queue, alone for
+    /// a message leaving from elsewhere.
+    fn load(&self, entry: &Entry, read_ahead: Option<&mut ReadAhead>) -> Option<Arc<Message>> {
         let (Some(d), Some(pos)) = (&self.durable, entry.pos) else {
             return None;
         };
-        match d.read(pos) {
-            Ok(m) => Some(Arc::new(m)),
+        let read = match read_ahead {
+            Some(r) => r.read(d, pos),
+            None => d.read(pos).map(Arc::new),
+        };
+        match read {
+            Ok(m) => Some(m),
             Err(e) => {
                 tracing::error!(queue = %self.config.name, ?pos, error = %e, "cannot read message back; dropping it");
                 None
@@ -544,7 +566,7 @@ impl Queue {
     /// dead-letter exchange, queued for dead-lettering.
     fn leave(&self, entry: Entry, reason: Reason, dead: &mut DeadLetters) {
         if self.args.dead_letter_exchange.is_some() {
-            let msg = entry.msg.clone().or_else(|| self.load(&entry));
+            let msg = entry.msg.clone().or_else(|| self.load(&entry, None));
             if let Some(m) = msg {
                 dead.push((m, reason));
             }
@@ -701,7 +723,7 @@ impl Queue {
                     n += 1;
                     if let Some(reason) = dead_reason {
                         if self.args.dead_letter_exchange.is_some() {
-                            if let Some(m) = e.msg.clone().or_else(|| self.load(&e)) {
+                            if let Some(m) = e.msg.clone().or_else(|| self.load(&e, None)) {
                                 dead.push((m, reason));
                             }
                         }
@@ -862,6 +884,7 @@ impl Queue {
             d.ack(&positions);
         }
         st.ready.clear();
+        st.read_ahead.clear();
         st.ready_bytes = 0;
         st.memory_bytes = 0;
         self.sync_gauges(&st);

@@ -21,12 +21,12 @@
 
 use crate::args::QueueArgs;
 use crate::consumer::{ConnEvent, Consumer, Delivery};
-use crate::durable::Durable;
+use crate::durable::{Durable, ReadAhead};
 use crate::message::{Message, QueuedMessage};
 use crate::queue::{now_ms, ConsumeError, PublishOutcome, Queue, MEMORY_WINDOW};
 use parking_lot::Mutex;
 use rill_codec::{AMQPValue, FieldTable, PropertiesView};
-use rill_store::{Position, RecoveredRecord, StoreError};
+use rill_store::{Position, RecoveredRecord};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -333,9 +333,6 @@ impl StreamLog {
     }
 }
 
-/// Bytes a consumer reading behind the in-memory window reads from disk at once.
-const READ_AHEAD: usize = 256 * 1024;
-
 /// A consumer and the offset it reads next.
 #[derive(Debug)]
 struct Cursor {
@@ -343,9 +340,8 @@ struct Cursor {
     next: u64,
     /// Absolute number of the entry at `next` (see `StreamLog::dropped`), a search hint.
     hint: Option<u64>,
-    /// Messages read from disk ahead of this consumer, in log order: a consumer behind the
-    /// memory window reads a run of records per syscall, not one.
-    read_ahead: VecDeque<(Position, Arc<Message>)>,
+    /// A consumer behind the memory window reads runs of records from disk.
+    read_ahead: ReadAhead,
 }
 
 impl Cursor {
@@ -354,26 +350,7 @@ impl Cursor {
             consumer,
             next,
             hint: None,
-            read_ahead: VecDeque::new(),
-        }
-    }
-
-    /// The paged-out message at `pos`, from the read-ahead or read from disk with the ones
-    /// after it.
-    fn read_back(&mut self, durable: &Durable, pos: Position) -> Result<Arc<Message>, StoreError> {
-        while self.read_ahead.front().is_some_and(|(p, _)| *p < pos) {
-            self.read_ahead.pop_front();
-        }
-        if self.read_ahead.front().is_none_or(|(p, _)| *p != pos) {
-            self.read_ahead = durable
-                .read_run(pos, READ_AHEAD)?
-                .into_iter()
-                .map(|(p, m)| (p, Arc::new(m)))
-                .collect();
-        }
-        match self.read_ahead.pop_front() {
-            Some((p, m)) if p == pos => Ok(m),
-            _ => Err(StoreError::NotFound(pos)),
+            read_ahead: ReadAhead::default(),
         }
     }
 }
@@ -487,11 +464,12 @@ impl Stream {
     ) -> usize {
         let mut st = self.state.lock();
         let mut n = 0;
+        let mut reader = ReadAhead::default();
         for r in records {
             let offset = self
                 .durable
                 .as_ref()
-                .and_then(|d| d.read(r.position).ok())
+                .and_then(|d| reader.read(d, r.position).ok())
                 .and_then(|m| stamped_offset(&m.properties))
                 .filter(|&o| o >= st.log.next_offset())
                 .unwrap_or_else(|| st.log.next_offset());
@@ -570,7 +548,7 @@ impl Stream {
                 cursor.hint = Some(log.dropped + idx as u64 + 1);
                 let msg = match (&entry.msg, &self.durable, entry.pos) {
                     (Some(m), _, _) => m.clone(),
-                    (None, Some(d), Some(pos)) => match cursor.read_back(d, pos) {
+                    (None, Some(d), Some(pos)) => match cursor.read_ahead.read(d, pos) {
                         Ok(m) => m,
                         Err(e) => {
                             tracing::error!(queue = %queue.name(), offset = entry.offset, error = %e, "cannot read stream message back; skipping it");
