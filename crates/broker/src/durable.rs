@@ -45,6 +45,12 @@ impl Durable {
     /// Writes the message (page cache, no fsync) and returns its position and the sync epoch
     /// after which it is durable.
     pub(crate) fn append(&self, msg: &Message) -> Result<(Position, u64), StoreError> {
+        let pos = self.write(msg)?;
+        Ok((pos, self.request_sync()))
+    }
+
+    /// Writes the message (page cache, no fsync); [`Durable::request_sync`] must follow.
+    pub(crate) fn write(&self, msg: &Message) -> Result<Position, StoreError> {
         let record = StoredMessage {
             exchange: msg.exchange.to_string(),
             routing_key: msg.routing_key_str().to_owned(),
@@ -53,8 +59,12 @@ impl Durable {
             timestamp_ms: now_ms(),
             flags: 0,
         };
-        let pos = self.store.lock().append(&record)?;
-        Ok((pos, self.sync.mark_dirty(&self.store)))
+        self.store.lock().append(&record)
+    }
+
+    /// Asks for a sync round covering everything written so far; returns its epoch.
+    pub(crate) fn request_sync(&self) -> u64 {
+        self.sync.mark_dirty(&self.store)
     }
 
     /// Records settled messages; they are synced with the next round, nobody waits for it.
@@ -71,9 +81,14 @@ impl Durable {
     }
 
     /// Notes that a message went out to a consumer, so a crash brings it back redelivered.
-    pub(crate) fn mark_delivered(&self, pos: Position) {
-        if let Err(e) = self.store.lock().mark_delivered(pos) {
-            tracing::error!(?pos, error = %e, "cannot record delivery");
+    pub(crate) fn mark_delivered(&self, positions: &[Position]) {
+        {
+            let mut store = self.store.lock();
+            for &pos in positions {
+                if let Err(e) = store.mark_delivered(pos) {
+                    tracing::error!(?pos, error = %e, "cannot record delivery");
+                }
+            }
         }
         self.sync.mark_dirty_lazy(&self.store);
     }

@@ -181,6 +181,9 @@ struct QueueState {
     deleted: bool,
     /// Paged-out bodies at the head are read back in runs.
     read_ahead: ReadAhead,
+    /// Positions delivered with acks pending, recorded in the log together once a dispatch
+    /// is done (before the queue's lock is released, so no ack can come first).
+    delivery_marks: Vec<Position>,
 }
 
 /// What happened to a consumer registration.
@@ -344,13 +347,9 @@ impl Queue {
             self.has_expiring.store(true, Ordering::Relaxed);
         }
         let mut pos = None;
-        let mut durable_at = None;
         if let (true, Some(d)) = (msg.persistent, &self.durable) {
-            match d.append(&msg) {
-                Ok((p, epoch)) => {
-                    pos = Some(p);
-                    durable_at = Some(epoch);
-                }
+            match d.write(&msg) {
+                Ok(p) => pos = Some(p),
                 Err(e) => {
                     tracing::error!(queue = %self.config.name, error = %e, "cannot write message; refusing it");
                     return refused;
@@ -373,6 +372,9 @@ impl Queue {
         if !st.consumers.is_empty() {
             self.dispatch_locked(&mut st, dead);
         }
+        // The sync thread is woken only after the message went out to its consumer: on a
+        // busy machine the wake-up can take the core the delivery needs.
+        let durable_at = pos.and(self.durable.as_ref()).map(Durable::request_sync);
         st.page_out_tail(level);
         while self.args.exceeded(st.ready.len, st.ready_bytes) {
             match st.pop_ready() {
@@ -475,16 +477,25 @@ impl Queue {
                 item,
             }));
         }
+        self.record_delivery_marks(st);
+    }
+
+    /// Writes the delivery marks `take_head` collected (lazily synced: see `Durable`).
+    fn record_delivery_marks(&self, st: &mut QueueState) {
+        if let (Some(d), false) = (&self.durable, st.delivery_marks.is_empty()) {
+            d.mark_delivered(&st.delivery_marks);
+            st.delivery_marks.clear();
+        }
     }
 
     /// Pops the head for delivery, loading its body from disk if needed, and keeps it as
     /// unacked when `ack` is set. A body that cannot be read is logged and dropped.
     fn take_head(&self, st: &mut QueueState, ack: bool, via_get: bool) -> Option<QueuedMessage> {
         let mut entry = st.pop_ready()?;
-        if let (true, false, Some(d), Some(pos)) =
-            (ack, entry.redelivered, &self.durable, entry.pos)
+        if let (true, false, true, Some(pos)) =
+            (ack, entry.redelivered, self.durable.is_some(), entry.pos)
         {
-            d.mark_delivered(pos);
+            st.delivery_marks.push(pos);
         }
         let msg = match entry.msg.take() {
             Some(m) => m,
@@ -685,6 +696,7 @@ impl Queue {
                     break Some(item);
                 }
             };
+            self.record_delivery_marks(&mut st);
             if item.is_some() {
                 self.stats.delivered.fetch_add(1, Ordering::Relaxed);
             }

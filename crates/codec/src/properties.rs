@@ -145,6 +145,19 @@ impl<'a> PropertiesView<'a> {
         self.raw.get(*self.offsets.get(i)?..)
     }
 
+    /// The raw encoding of property `i` alone, if it is present.
+    fn field(&self, i: usize) -> Option<&'a [u8]> {
+        let start = *self.offsets.get(i)?;
+        if self.flags & (1 << (15 - i)) == 0 {
+            return None;
+        }
+        let end = (i + 1..NUM_PROPERTIES)
+            .find(|&j| self.flags & (1 << (15 - j)) != 0)
+            .and_then(|j| self.offsets.get(j).copied())
+            .unwrap_or(self.raw.len());
+        self.raw.get(start..end)
+    }
+
     fn at(&self, i: usize) -> Option<Reader<'a>> {
         self.tail(i).map(Reader::new)
     }
@@ -248,84 +261,55 @@ pub fn decode_properties(raw: &[u8]) -> Result<BasicProperties, AmqpError> {
     }
 }
 
-/// Re-encodes `raw` properties with the headers table replaced by `headers_body` (a table body
+/// Rewrites `raw` properties with the headers table replaced by `headers_body` (a table body
 /// without its length, entries in the caller's order; `None` removes the headers) and, if
-/// `drop_expiration`, without the expiration. Other properties are kept.
+/// `drop_expiration`, without the expiration. The other properties are copied byte for byte,
+/// without decoding them: this runs once per stream message and per dead-lettering.
+///
+/// ```
+/// use rill_codec::{decode_properties, encode_properties, replace_headers, BasicProperties, PropertiesView, ShortString};
+/// let raw = encode_properties(
+///     &BasicProperties::default().with_content_type(ShortString::from("text/plain")).with_delivery_mode(2),
+/// );
+/// // One entry: "n" = 32-bit integer 7.
+/// let out = replace_headers(&raw, Some(b"\x01nI\x00\x00\x00\x07"), false).unwrap();
+/// let view = PropertiesView::new(&out).unwrap();
+/// assert_eq!((view.content_type(), view.delivery_mode()), (Some("text/plain"), Some(2)));
+/// assert_eq!(view.headers_raw(), Some(&b"\x01nI\x00\x00\x00\x07"[..]));
+/// ```
 pub fn replace_headers(
     raw: &[u8],
     headers_body: Option<&[u8]>,
     drop_expiration: bool,
 ) -> Result<Bytes, AmqpError> {
-    let old = decode_properties(raw)?;
-    // amq-protocol has no setter that clears a field: rebuild without headers (re-added
-    // below in the caller's order) and, if asked, without expiration.
-    let mut p = BasicProperties::default();
-    if let Some(v) = old.content_type().clone() {
-        p = p.with_content_type(v);
-    }
-    if let Some(v) = old.content_encoding().clone() {
-        p = p.with_content_encoding(v);
-    }
-    if let Some(v) = *old.delivery_mode() {
-        p = p.with_delivery_mode(v);
-    }
-    if let Some(v) = *old.priority() {
-        p = p.with_priority(v);
-    }
-    if let Some(v) = old.correlation_id().clone() {
-        p = p.with_correlation_id(v);
-    }
-    if let Some(v) = old.reply_to().clone() {
-        p = p.with_reply_to(v);
-    }
-    if let (Some(v), false) = (old.expiration().clone(), drop_expiration) {
-        p = p.with_expiration(v);
-    }
-    if let Some(v) = old.message_id().clone() {
-        p = p.with_message_id(v);
-    }
-    if let Some(v) = *old.timestamp() {
-        p = p.with_timestamp(v);
-    }
-    if let Some(v) = old.kind().clone() {
-        p = p.with_type(v);
-    }
-    if let Some(v) = old.user_id().clone() {
-        p = p.with_user_id(v);
-    }
-    if let Some(v) = old.app_id().clone() {
-        p = p.with_app_id(v);
-    }
-    if let Some(v) = old.cluster_id().clone() {
-        p = p.with_cluster_id(v);
-    }
-    Ok(splice_headers(&encode_properties(&p), headers_body))
-}
-
-/// Inserts a headers table into encoded properties that have none: after the flags,
-/// content-type and content-encoding (headers is the third property).
-fn splice_headers(base: &[u8], headers_body: Option<&[u8]>) -> Bytes {
-    let Some(body) = headers_body else {
-        return Bytes::copy_from_slice(base);
+    let view = PropertiesView::new(raw)?;
+    let headers_len = match headers_body.map(|b| u32::try_from(b.len())) {
+        Some(Err(_)) => return Err(AmqpError::undecodable("headers table too large")),
+        Some(Ok(n)) => Some(n),
+        None => None,
     };
-    let flags = u16::from_be_bytes([
-        base.first().copied().unwrap_or(0),
-        base.get(1).copied().unwrap_or(0),
-    ]);
-    let mut at = 2usize;
-    for bit in [15u16, 14] {
-        if flags & (1 << bit) != 0 {
-            at += 1 + usize::from(base.get(at).copied().unwrap_or(0));
+    let bit = |i: usize| 1u16 << (15 - i);
+    let mut flags = view.flags;
+    let mut out = Vec::with_capacity(raw.len() + headers_body.map_or(0, |b| b.len() + 4));
+    out.extend_from_slice(&[0, 0]);
+    for i in 0..NUM_PROPERTIES {
+        if i == HEADERS {
+            match (headers_body, headers_len) {
+                (Some(body), Some(len)) => {
+                    flags |= bit(i);
+                    out.extend_from_slice(&len.to_be_bytes());
+                    out.extend_from_slice(body);
+                }
+                _ => flags &= !bit(i),
+            }
+        } else if i == EXPIRATION && drop_expiration {
+            flags &= !bit(i);
+        } else if let Some(field) = view.field(i) {
+            out.extend_from_slice(field);
         }
     }
-    let at = at.min(base.len());
-    let mut out = Vec::with_capacity(base.len() + body.len() + 4);
-    out.extend_from_slice(&(flags | (1 << 13)).to_be_bytes());
-    out.extend_from_slice(base.get(2..at).unwrap_or_default());
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(body);
-    out.extend_from_slice(base.get(at..).unwrap_or_default());
-    Bytes::from(out)
+    out[..2].copy_from_slice(&flags.to_be_bytes());
+    Ok(Bytes::from(out))
 }
 
 /// Encodes properties (flags + list) via amq-protocol. Note that amq-protocol keeps

@@ -1006,3 +1006,86 @@ proptest! {
         prop_assert_eq!(b, body);
     }
 }
+
+// ---------------------------------------------------------------- header rewriting
+
+/// `all_properties()` with only the properties whose bit (15 = content-type … 2 = cluster-id)
+/// is set in `mask`.
+fn properties_subset(mask: u16) -> BasicProperties {
+    let all = all_properties();
+    let on = |bit: u16| mask & (1 << bit) != 0;
+    let mut p = BasicProperties::default();
+    if on(15) {
+        p = p.with_content_type(all.content_type().clone().unwrap());
+    }
+    if on(14) {
+        p = p.with_content_encoding(all.content_encoding().clone().unwrap());
+    }
+    if on(13) {
+        p = p.with_headers(all.headers().clone().unwrap());
+    }
+    if on(12) {
+        p = p.with_delivery_mode(2);
+    }
+    if on(11) {
+        p = p.with_priority(9);
+    }
+    if on(10) {
+        p = p.with_correlation_id(all.correlation_id().clone().unwrap());
+    }
+    if on(9) {
+        p = p.with_reply_to(all.reply_to().clone().unwrap());
+    }
+    if on(8) {
+        p = p.with_expiration(all.expiration().clone().unwrap());
+    }
+    if on(7) {
+        p = p.with_message_id(all.message_id().clone().unwrap());
+    }
+    if on(6) {
+        p = p.with_timestamp(1_700_000_123);
+    }
+    if on(5) {
+        p = p.with_type(all.kind().clone().unwrap());
+    }
+    if on(4) {
+        p = p.with_user_id(all.user_id().clone().unwrap());
+    }
+    if on(3) {
+        p = p.with_app_id(all.app_id().clone().unwrap());
+    }
+    if on(2) {
+        p = p.with_cluster_id(all.cluster_id().clone().unwrap());
+    }
+    p
+}
+
+#[test]
+fn replace_headers_keeps_every_other_property_in_every_combination() {
+    // "a" = long 1, "b" = long string "x": in this order, which a BTreeMap would not keep.
+    let body: &[u8] = b"\x01bS\x00\x00\x00\x01x\x01al\x00\x00\x00\x00\x00\x00\x00\x01";
+    let new_headers = decode_field_table_body(body).unwrap();
+    for mask in (0u16..1 << 14).map(|m| m << 2) {
+        let props = properties_subset(mask);
+        let raw = encode_properties(&props);
+        for (headers, drop_expiration) in [
+            (Some(body), false),
+            (Some(body), true),
+            (None, false),
+            (None, true),
+        ] {
+            let out = replace_headers(&raw, headers, drop_expiration).unwrap();
+            let mut expected =
+                properties_subset(mask & !(1 << 13) & if drop_expiration { !(1 << 8) } else { !0 });
+            if headers.is_some() {
+                expected = expected.with_headers(new_headers.clone());
+            }
+            assert_eq!(
+                decode_properties(&out).unwrap(),
+                expected,
+                "mask {mask:#06x}"
+            );
+            assert_eq!(PropertiesView::new(&out).unwrap().headers_raw(), headers);
+        }
+    }
+}

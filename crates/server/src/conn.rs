@@ -115,6 +115,8 @@ pub(crate) async fn run(
                             rbuf.clear();
                             continue;
                         }
+                        // One sync round for the whole read, started after its deliveries.
+                        let _batch = rill_store::SyncGroup::defer_start();
                         loop {
                             match split_frame(&mut rbuf, conn.tuning().frame_max) {
                                 Ok(Some(frame)) => {

@@ -37,7 +37,7 @@ pub use queue::{
     Position, QueueStore, RecoveredRecord, StoreOptions, StoreStats, StoredMessage, SyncBatch,
     SyncPolicy, FLAG_DELIVERED,
 };
-pub use sync_group::{SyncGroup, LAZY_SYNC};
+pub use sync_group::{DeferredStart, SyncGroup, LAZY_SYNC};
 
 /// A store shared between the broker's queue (which appends and acks under this lock) and the
 /// [`SyncGroup`] thread (which locks it only to write buffers, never during fdatasync).

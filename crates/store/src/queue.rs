@@ -169,6 +169,8 @@ pub struct QueueStore {
     ack_pending_bytes: usize,
     /// Segments with data or ack files written since the last sync.
     dirty_segs: Vec<u32>,
+    /// When ack entries were first written after the last fdatasync of the ack files.
+    acks_dirty_since: Option<std::time::Instant>,
     dir_dirty: bool,
     live: u64,
     /// The first write/sync failure; once set, the store refuses writes (see [`StoreError::Failed`]).
@@ -185,6 +187,7 @@ pub struct SyncBatch {
     files: Vec<(PathBuf, Arc<dyn StorageFile>)>,
     sync_dir: bool,
     fsync: bool,
+    acks_deferred: bool,
     backend: Arc<dyn StorageBackend>,
     failure: Arc<OnceLock<String>>,
 }
@@ -193,6 +196,11 @@ impl SyncBatch {
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
         self.files.is_empty() && !self.sync_dir
+    }
+
+    /// Whether ack files were left for a later round (see `QueueStore::prepare_sync_inner`).
+    pub fn acks_deferred(&self) -> bool {
+        self.acks_deferred
     }
 
     /// fdatasyncs the files, then the directory. A failure marks the store failed (see
@@ -323,6 +331,7 @@ impl QueueStore {
             ack_pending_segs: Vec::new(),
             ack_pending_bytes: 0,
             dirty_segs: Vec::new(),
+            acks_dirty_since: None,
             dir_dirty: false,
             live: 0,
             failure: Arc::default(),
@@ -433,6 +442,8 @@ impl QueueStore {
                 .ctx(&path)?;
             seg.ack_dirty = true;
             self.dirty_segs.push(seg.id);
+            self.acks_dirty_since
+                .get_or_insert_with(std::time::Instant::now);
             seg.ack_file = Some(file);
             seg.ack_len = HEADER_LEN;
             return Ok(());
@@ -679,6 +690,8 @@ impl QueueStore {
                     if newly_dirty {
                         self.dirty_segs.push(id);
                     }
+                    self.acks_dirty_since
+                        .get_or_insert_with(std::time::Instant::now);
                 }
                 Err(e) => {
                     let path = seg.ack_path.clone();
@@ -873,15 +886,24 @@ impl QueueStore {
     /// Writes the buffers and returns the fdatasyncs needed to make everything written so far
     /// durable, to run with [`SyncBatch::run`] after releasing the store's lock.
     pub fn prepare_sync(&mut self) -> Result<SyncBatch, StoreError> {
-        self.prepare_sync_inner(self.opts.sync != SyncPolicy::Never)
+        self.prepare_sync_inner(self.opts.sync != SyncPolicy::Never, false)
     }
 
-    pub(crate) fn prepare_sync_inner(&mut self, fsync: bool) -> Result<SyncBatch, StoreError> {
+    /// With `acks_when_due`, ack files whose oldest unsynced entry is younger than
+    /// [`crate::LAZY_SYNC`] are written but not fdatasynced this time ([`SyncBatch::acks_deferred`]
+    /// says so): at a round per publish batch, syncing them every round doubled the fdatasyncs
+    /// for writes that only a power loss could undo.
+    pub(crate) fn prepare_sync_inner(
+        &mut self,
+        fsync: bool,
+        acks_when_due: bool,
+    ) -> Result<SyncBatch, StoreError> {
         let mut batch = SyncBatch {
             dir: self.dir.clone(),
             files: Vec::new(),
             sync_dir: false,
             fsync,
+            acks_deferred: false,
             backend: self.backend.clone(),
             failure: self.failure.clone(),
         };
@@ -889,6 +911,11 @@ impl QueueStore {
             return Ok(batch);
         }
         self.flush()?;
+        let sync_acks = !acks_when_due
+            || self
+                .acks_dirty_since
+                .is_some_and(|t| t.elapsed() >= crate::LAZY_SYNC);
+        let mut still_dirty = Vec::new();
         for id in std::mem::take(&mut self.dirty_segs) {
             let Some(seg) = self.segments.get_mut(&id) else {
                 continue;
@@ -896,12 +923,19 @@ impl QueueStore {
             if std::mem::take(&mut seg.data_dirty) {
                 batch.files.push((seg.path.clone(), seg.file.clone()));
             }
-            if std::mem::take(&mut seg.ack_dirty) {
+            if seg.ack_dirty && !sync_acks {
+                still_dirty.push(id);
+            } else if std::mem::take(&mut seg.ack_dirty) {
                 if let Some(f) = &seg.ack_file {
                     batch.files.push((seg.ack_path.clone(), f.clone()));
                 }
             }
         }
+        if sync_acks {
+            self.acks_dirty_since = None;
+        }
+        batch.acks_deferred = !still_dirty.is_empty();
+        self.dirty_segs = still_dirty;
         batch.sync_dir = std::mem::take(&mut self.dir_dirty);
         Ok(batch)
     }

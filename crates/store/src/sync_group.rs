@@ -7,7 +7,13 @@
 //! the epoch, wakes [`SyncGroup::wait`]ers and calls subscribers. Everything appended before
 //! `mark_dirty` returned `e` is durable once `synced_epoch() >= e`, unless the store reports a
 //! [`QueueStore::failure`](crate::QueueStore::failure).
+//!
+//! A caller that appends a batch (a connection handling one read's worth of publishes) holds a
+//! [`DeferredStart`] meanwhile: the round then starts once, when the batch is done, instead of
+//! at its first message, so one fdatasync covers the batch and does not compete for a core
+//! with the batch's deliveries.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -128,11 +134,33 @@ impl SyncGroup {
         let key = Arc::as_ptr(store) as usize;
         if st.seen.insert(key) {
             st.dirty.push(store.clone());
-            if st.dirty.len() == 1 {
+            if st.dirty.len() == 1 && !defer_start(self) {
                 sh.work.notify_one();
             }
         }
         st.collecting
+    }
+
+    /// Until the returned guard is dropped (nested guards: the outermost), this thread's
+    /// [`SyncGroup::mark_dirty`] calls do not wake an idle sync thread; dropping the guard does.
+    /// A sync thread that is busy anyway may still pick their writes up earlier.
+    pub fn defer_start() -> DeferredStart {
+        DEFERRED.with(|d| {
+            let mut d = d.borrow_mut();
+            d.depth += 1;
+        });
+        DeferredStart {
+            _not_send: std::marker::PhantomData,
+        }
+    }
+
+    /// Starts a round if stores are waiting for one.
+    fn start_pending(&self) {
+        let sh = &self.handle.shared;
+        let st = sh.state.lock();
+        if !st.dirty.is_empty() {
+            sh.work.notify_one();
+        }
     }
 
     /// Like [`SyncGroup::mark_dirty`] for writes nobody waits on (acks, delivery marks): they
@@ -175,6 +203,8 @@ impl SyncGroup {
         if sh.synced.load(Ordering::Acquire) >= epoch {
             return;
         }
+        // A round this thread holds back with a guard would never come.
+        self.start_pending();
         let mut st = sh.state.lock();
         while sh.synced.load(Ordering::Acquire) < epoch {
             if self.handle.thread.is_none() {
@@ -199,10 +229,63 @@ impl Drop for Handle {
     }
 }
 
+/// Rounds held back on this thread (see [`SyncGroup::defer_start`]).
+#[derive(Default)]
+struct Deferred {
+    depth: usize,
+    groups: Vec<SyncGroup>,
+}
+
+thread_local! {
+    static DEFERRED: RefCell<Deferred> = RefCell::new(Deferred::default());
+}
+
+/// Returns true if `group`'s round start was taken over by this thread's guard.
+fn defer_start(group: &SyncGroup) -> bool {
+    DEFERRED.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.depth == 0 {
+            return false;
+        }
+        if !d
+            .groups
+            .iter()
+            .any(|g| Arc::ptr_eq(&g.handle, &group.handle))
+        {
+            d.groups.push(group.clone());
+        }
+        true
+    })
+}
+
+/// While alive, rounds this thread would start wait; dropping it starts them. Not `Send`: it
+/// belongs to the thread that made it.
+#[must_use = "rounds start when the guard is dropped"]
+pub struct DeferredStart {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for DeferredStart {
+    fn drop(&mut self) {
+        let groups = DEFERRED.with(|d| {
+            let mut d = d.borrow_mut();
+            d.depth -= 1;
+            if d.depth == 0 {
+                std::mem::take(&mut d.groups)
+            } else {
+                Vec::new()
+            }
+        });
+        for g in groups {
+            g.start_pending();
+        }
+    }
+}
+
 fn run(sh: &Shared) {
     let mut last_round: Option<Instant> = None;
     loop {
-        let (epoch, stores) = {
+        let (epoch, stores, all_acks) = {
             let mut st = sh.state.lock();
             let mut lazy_since: Option<Instant> = None;
             while st.dirty.is_empty() && !st.shutdown {
@@ -218,6 +301,9 @@ fn run(sh: &Shared) {
                 }
                 sh.work.wait_until(&mut st, due);
             }
+            // A round of its own for lazy writes (or the last one) syncs all ack files; a
+            // round for publishes syncs only those whose acks have waited LAZY_SYNC.
+            let all_acks = st.dirty.is_empty() || st.shutdown;
             // Lazily dirtied stores ride along with this round.
             for store in std::mem::take(&mut st.lazy) {
                 let key = Arc::as_ptr(&store) as usize;
@@ -238,16 +324,22 @@ fn run(sh: &Shared) {
             let epoch = st.collecting;
             st.collecting += 1;
             st.seen.clear();
-            (epoch, std::mem::take(&mut st.dirty))
+            (epoch, std::mem::take(&mut st.dirty), all_acks)
         };
         last_round = Some(Instant::now());
         let fsync = sh.policy != SyncPolicy::Never;
         // Phase 1: write buffers under each store's lock (short).
         let mut batches = Vec::with_capacity(stores.len());
         let mut prepare_failed = false;
+        let mut acks_left = Vec::new();
         for store in &stores {
-            match store.lock().prepare_sync_inner(fsync) {
-                Ok(b) => batches.push(b),
+            match store.lock().prepare_sync_inner(fsync, !all_acks) {
+                Ok(b) => {
+                    if b.acks_deferred() {
+                        acks_left.push(store.clone());
+                    }
+                    batches.push(b);
+                }
                 Err(e) => {
                     prepare_failed = true;
                     tracing::error!(error = %e, "store flush failed");
@@ -271,9 +363,15 @@ fn run(sh: &Shared) {
         }
         {
             // Publish under the lock so a waiter cannot miss the notification.
-            let _st = sh.state.lock();
+            let mut st = sh.state.lock();
             sh.synced.store(epoch, Ordering::Release);
             sh.done.notify_all();
+            for store in acks_left {
+                let key = Arc::as_ptr(&store) as usize;
+                if !st.seen.contains(&key) && st.lazy_seen.insert(key) {
+                    st.lazy.push(store);
+                }
+            }
         }
         let subs: Vec<Subscriber> = sh.subscribers.lock().clone();
         for f in subs {

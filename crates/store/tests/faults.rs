@@ -265,3 +265,65 @@ fn lazy_writes_are_synced_without_another_round() {
     }
     assert!(group.synced_epoch() > before, "lazy write never synced");
 }
+
+#[test]
+fn rounds_held_back_by_a_guard_still_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = QueueStore::open(dir.path(), opts(1 << 20)).unwrap();
+    let store: SharedStore = Arc::new(parking_lot::Mutex::new(s));
+    let group = SyncGroup::new(SyncPolicy::Always);
+    let outer = SyncGroup::defer_start();
+    let e = {
+        let _inner = SyncGroup::defer_start();
+        store.lock().append(&msg(1, 1)).unwrap();
+        group.mark_dirty(&store)
+    };
+    // Dropping the outer guard wakes the sync thread (if a round did not already take it).
+    drop(outer);
+    group.wait(e);
+    assert!(group.synced_epoch() >= e && !group.round_failed(e));
+    // Waiting inside a guard starts the held-back round instead of waiting forever.
+    let _guard = SyncGroup::defer_start();
+    store.lock().append(&msg(2, 1)).unwrap();
+    let e2 = group.mark_dirty(&store);
+    group.wait(e2);
+    assert!(group.synced_epoch() >= e2);
+}
+
+#[test]
+fn acks_skipped_by_publish_rounds_are_synced_within_the_lazy_bound() {
+    let mem = MemBackend::new();
+    let backend = Arc::new(mem.clone());
+    let (s, _) = QueueStore::open_with("/q".as_ref(), opts(1 << 20), backend.clone()).unwrap();
+    let store: SharedStore = Arc::new(parking_lot::Mutex::new(s));
+    let group = SyncGroup::new(SyncPolicy::Always);
+    let acked = store.lock().append(&msg(1, 1)).unwrap();
+    group.wait(group.mark_dirty(&store));
+    store.lock().ack(acked).unwrap();
+    group.mark_dirty_lazy(&store);
+    // Publish rounds keep coming; each makes its own message durable at once, while the ack
+    // waits for its LAZY_SYNC turn, which these rounds must not postpone forever.
+    let deadline = std::time::Instant::now() + rill_store::LAZY_SYNC * 50;
+    let ack_durable = loop {
+        let last = store.lock().append(&msg(2, 1)).unwrap();
+        group.wait(group.mark_dirty(&store));
+        let after_crash = mem.snapshot_after_crash();
+        let (_, recovered) =
+            QueueStore::open_with("/q".as_ref(), opts(1 << 20), Arc::new(after_crash)).unwrap();
+        assert!(
+            recovered.iter().any(|(p, _)| *p == last),
+            "a confirmed message was lost"
+        );
+        if recovered.iter().all(|(p, _)| *p != acked) {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(rill_store::LAZY_SYNC / 10);
+    };
+    assert!(
+        ack_durable,
+        "the ack was never synced while publish rounds ran"
+    );
+}

@@ -52,20 +52,41 @@ impl MemBackend {
     /// Simulates a power loss: each file's contents revert to what was last `sync_data`ed, and
     /// directory entries revert to what was last made durable by `sync_dir`.
     pub fn crash(&self) {
+        let files = self.survivors();
         let mut fs = self.inner.lock();
-        let durable = fs.durable_files.clone();
-        let mut files = BTreeMap::new();
-        for (path, file) in durable {
-            let synced = file.durable.lock().clone();
-            // Give the survivor a fresh identity so stale handles cannot touch it.
-            let fresh = Arc::new(MemFile {
-                data: Mutex::new(synced.clone()),
-                durable: Mutex::new(synced),
-            });
-            files.insert(path, fresh);
-        }
         fs.durable_files = files.clone();
         fs.files = files;
+    }
+
+    /// A separate file system holding what a power loss now would leave, this one untouched
+    /// (for checking durability while writers carry on).
+    pub fn snapshot_after_crash(&self) -> MemBackend {
+        let files = self.survivors();
+        let dirs = self.inner.lock().dirs.clone();
+        MemBackend {
+            inner: Arc::new(Mutex::new(MemFs {
+                durable_files: files.clone(),
+                files,
+                dirs,
+            })),
+        }
+    }
+
+    /// The durable directory entries with their durable contents, as fresh files so that
+    /// stale handles cannot touch them.
+    fn survivors(&self) -> BTreeMap<PathBuf, Arc<MemFile>> {
+        let fs = self.inner.lock();
+        fs.durable_files
+            .iter()
+            .map(|(path, file)| {
+                let synced = file.durable.lock().clone();
+                let fresh = Arc::new(MemFile {
+                    data: Mutex::new(synced.clone()),
+                    durable: Mutex::new(synced),
+                });
+                (path.clone(), fresh)
+            })
+            .collect()
     }
 
     /// Current contents of a file (for tests).
