@@ -61,6 +61,9 @@ pub struct AmqpArgs {
     /// Ack each delivery (1), or every N deliveries with `multiple`.
     #[arg(long, default_value_t = 1)]
     ack_every: u64,
+    /// Queue name (default `rill-bench-<kind>`); it is deleted and declared afresh.
+    #[arg(long)]
+    queue: Option<String>,
     /// Which client library drives the broker.
     #[arg(long, value_enum, default_value = "wire")]
     client: Client,
@@ -96,7 +99,10 @@ pub fn run(args: AmqpArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
-    let queue = format!("rill-bench-{:?}", args.kind).to_lowercase();
+    let queue = args
+        .queue
+        .clone()
+        .unwrap_or_else(|| format!("rill-bench-{:?}", args.kind).to_lowercase());
     let mut qargs = FieldTable::default();
     match args.kind {
         QueueKind::Classic => {}
@@ -290,16 +296,27 @@ async fn lapin_consume(
         .await?;
     let ack_every = args.ack_every.max(1);
     let mut n = 0u64;
+    // Single acks are not awaited one by one: each await is a round trip to lapin's I/O
+    // thread, which would cap the consumer far below the broker (amqp-load avoids it too).
+    // `multiple` acks are awaited: lapin may send concurrent ones out of order, and a late
+    // lower tag is then unknown to the broker.
+    let mut acks = tokio::task::JoinSet::new();
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery?;
         n += 1;
         counters.done.fetch_add(1, Ordering::Relaxed);
         if n.is_multiple_of(ack_every) {
-            delivery
-                .ack(BasicAckOptions {
-                    multiple: ack_every > 1,
-                })
-                .await?;
+            let multiple = ack_every > 1;
+            let acker = delivery.acker;
+            let ack = async move { acker.ack(BasicAckOptions { multiple }).await };
+            if multiple {
+                ack.await?;
+            } else {
+                acks.spawn(ack);
+                while let Some(done) = acks.try_join_next() {
+                    done??;
+                }
+            }
         }
         if stop.load(Ordering::Relaxed) {
             break;

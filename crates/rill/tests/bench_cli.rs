@@ -4,13 +4,15 @@
 
 mod common;
 
-use common::Broker;
+use common::{unique, Broker};
 use std::process::Command;
 
-fn bench(broker: &Broker, kind: &str, client: &str, size: usize) -> String {
+fn bench(broker: &Broker, kind: &str, client: &str, size: usize, ack_every: u64) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_rill"))
         .args(["bench", "amqp", "--duration", "1", "--kind", kind])
         .args(["--client", client, "--size", &size.to_string()])
+        .args(["--ack-every", &ack_every.to_string()])
+        .args(["--queue", &unique("bench")])
         .args(["--uri", &broker.uri()])
         .output()
         .expect("run rill bench amqp");
@@ -50,16 +52,19 @@ fn assert_traffic(json: &str) {
 fn wire_client_on_every_queue_kind() {
     let broker = Broker::start();
     for kind in ["classic", "priority", "stream"] {
-        assert_traffic(&bench(&broker, kind, "wire", 16));
+        assert_traffic(&bench(&broker, kind, "wire", 16, 1));
     }
     // Bodies larger than frame_max are split into several body frames.
-    assert_traffic(&bench(&broker, "classic", "wire", 300_000));
+    assert_traffic(&bench(&broker, "classic", "wire", 300_000, 1));
+    assert_traffic(&bench(&broker, "stream", "wire", 16, 100));
 }
 
 #[test]
-fn lapin_client_on_streams_and_classic_queues() {
+fn lapin_client_on_streams_and_classic_queues_single_and_multiple_acks() {
     let broker = Broker::start();
     for kind in ["classic", "stream"] {
-        assert_traffic(&bench(&broker, kind, "lapin", 16));
+        assert_traffic(&bench(&broker, kind, "lapin", 16, 1));
     }
+    // `multiple` acks: they must reach the broker in order.
+    assert_traffic(&bench(&broker, "classic", "lapin", 16, 100));
 }

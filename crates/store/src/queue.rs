@@ -752,8 +752,8 @@ impl QueueStore {
         Ok(())
     }
 
-    /// Reads a record back (from the append buffer or with pread).
-    pub fn read(&self, pos: Position) -> Result<StoredMessage, StoreError> {
+    /// The segment holding the record that starts at `pos`, and the record's index in it.
+    fn record_at(&self, pos: Position) -> Result<(&Segment, usize), StoreError> {
         if self.destroyed {
             return Err(StoreError::Destroyed {
                 path: self.dir.clone(),
@@ -763,7 +763,13 @@ impl QueueStore {
             .segments
             .get(&pos.segment)
             .ok_or(StoreError::NotFound(pos))?;
-        seg.index_of(pos.offset).ok_or(StoreError::NotFound(pos))?;
+        let index = seg.index_of(pos.offset).ok_or(StoreError::NotFound(pos))?;
+        Ok((seg, index))
+    }
+
+    /// Reads a record back (from the append buffer or with pread).
+    pub fn read(&self, pos: Position) -> Result<StoredMessage, StoreError> {
+        let (seg, _) = self.record_at(pos)?;
         let corrupt = |detail: String| {
             StoreError::corrupt(
                 &seg.path,
@@ -811,16 +817,7 @@ impl QueueStore {
         pos: Position,
         max_bytes: usize,
     ) -> Result<Vec<(Position, StoredMessage)>, StoreError> {
-        if self.destroyed {
-            return Err(StoreError::Destroyed {
-                path: self.dir.clone(),
-            });
-        }
-        let seg = self
-            .segments
-            .get(&pos.segment)
-            .ok_or(StoreError::NotFound(pos))?;
-        let first = seg.index_of(pos.offset).ok_or(StoreError::NotFound(pos))?;
+        let (seg, first) = self.record_at(pos)?;
         // Appends reach the file a whole buffer at a time, so `wbuf_start` is a record boundary.
         let on_file = if self.active == Some(pos.segment) {
             self.wbuf_start
