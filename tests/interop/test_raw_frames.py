@@ -191,6 +191,50 @@ def test_second_channel_open_is_504(raw):
     assert c.expect_connection_close() == (504, "CHANNEL_ERROR - second 'channel.open' seen", 20, 10)
 
 
+def test_channel_max_limits_open_channels_not_channel_numbers(raw):
+    # RabbitMQ counts open channels against channel_max; any channel number may be used.
+    c = raw().handshake(channel_max=3)
+    for ch in (10, 2, 3000):
+        c.open_channel(ch)
+    c.send(method(1, S.Channel.Close(200, "bye", 0, 0)))  # channel 1 was never opened
+    assert c.expect_connection_close() == (504, "CHANNEL_ERROR - expected 'channel.open'", 20, 40)
+    c = raw().handshake(channel_max=3)
+    for ch in (1, 2, 3):
+        c.open_channel(ch)
+    c.send(method(4, S.Channel.Open()))
+    assert c.expect_connection_close() == (
+        530, "NOT_ALLOWED - number of channels opened (3) has reached the negotiated channel_max (3)", 0, 0)
+    # A closed channel frees its place.
+    c = raw().handshake(channel_max=2)
+    c.open_channel(1)
+    c.send(method(1, S.Channel.Close(200, "bye", 0, 0)))
+    c.expect(S.Channel.CloseOk)
+    for ch in (2, 7):
+        c.open_channel(ch)
+
+
+@pytest.mark.parametrize("channel_max, frame_max", [(0, 131072), (2048, 131072), (2047, 0), (2047, 131073), (2047, 4095)],
+                         ids=["channel_max-0", "channel_max-too-high", "frame_max-0", "frame_max-too-high", "frame_max-too-low"])
+def test_tune_ok_beyond_the_servers_limits_ends_the_connection(raw, channel_max, frame_max):
+    # RabbitMQ refuses "no limit" (0) and anything above what it offered; it closes the socket.
+    c = raw()
+    c.send(PROTOCOL_HEADER)
+    c.expect(S.Connection.Start)
+    c.send(method(0, S.Connection.StartOk(client_properties={}, mechanism="PLAIN",
+                                          response=plain_response(), locale="en_US")))
+    c.expect(S.Connection.Tune)
+    c.send(method(0, S.Connection.TuneOk(channel_max, frame_max, 0)))
+    c.send(method(0, S.Connection.Open("/")))
+    got = []
+    try:
+        while (f := c.read_frame(10)) is not None:
+            got.append(getattr(f, "method", f))
+    except (ConnectionError, OSError):
+        pass
+    assert not any(isinstance(m, S.Connection.OpenOk) for m in got), got
+    assert all(isinstance(m, S.Connection.Close) and m.reply_code == 530 for m in got), got
+
+
 def test_body_without_publish_is_505(raw):
     c = opened(raw)
     c.send(body(1, b"abc"))

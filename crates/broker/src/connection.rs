@@ -477,29 +477,17 @@ impl Connection {
             }
             (State::AwaitTuneOk, amqp_conn::AMQPMethod::TuneOk(ok)) => {
                 let c = self.broker.config();
-                if ok.frame_max != 0 && ok.frame_max < FRAME_MIN_SIZE {
-                    return Err(with(AmqpError::new(
-                        ReplyCode::NotAllowed,
-                        format!("frame_max={} < {FRAME_MIN_SIZE} min size", ok.frame_max),
-                    )));
-                }
-                if ok.frame_max > c.frame_max {
-                    return Err(with(AmqpError::new(
-                        ReplyCode::NotAllowed,
-                        format!("frame_max={} > {} max size", ok.frame_max, c.frame_max),
-                    )));
-                }
+                negotiated("frame_max", ok.frame_max, FRAME_MIN_SIZE, c.frame_max).map_err(with)?;
+                negotiated(
+                    "channel_max",
+                    u32::from(ok.channel_max),
+                    1,
+                    u32::from(c.channel_max),
+                )
+                .map_err(with)?;
                 self.tuning = Tuning {
-                    channel_max: if ok.channel_max == 0 {
-                        c.channel_max
-                    } else {
-                        ok.channel_max.min(c.channel_max)
-                    },
-                    frame_max: if ok.frame_max == 0 {
-                        c.frame_max
-                    } else {
-                        ok.frame_max
-                    },
+                    channel_max: ok.channel_max,
+                    frame_max: ok.frame_max,
                     heartbeat: ok.heartbeat,
                 };
                 self.state = State::AwaitOpen;
@@ -629,21 +617,27 @@ impl Connection {
             ));
         }
         if let Method::Other(AMQPClass::Channel(amqp_channel::AMQPMethod::Open(_))) = method {
-            if channel > self.tuning.channel_max {
-                return Err((
-                    0,
-                    AmqpError::new(
-                        ReplyCode::ChannelError,
-                        format!("channel number {channel} exceeds channel_max"),
-                    )
-                    .with_method(class_id, method_id),
-                ));
-            }
             if self.channels.contains_key(&channel) {
                 return Err((
                     0,
                     AmqpError::new(ReplyCode::ChannelError, "second 'channel.open' seen")
                         .with_method(class_id, method_id),
+                ));
+            }
+            // channel_max bounds how many channels are open, not their numbers (as RabbitMQ),
+            // and RabbitMQ names no method in this error.
+            let open = self.channels.len();
+            let max = self.tuning.channel_max;
+            if max != 0 && open >= usize::from(max) {
+                return Err((
+                    0,
+                    AmqpError::new(
+                        ReplyCode::NotAllowed,
+                        format!(
+                            "number of channels opened ({open}) has reached the negotiated channel_max ({})",
+                            self.tuning.channel_max
+                        ),
+                    ),
                 ));
             }
             self.channels.insert(channel, Channel::new(channel));
@@ -723,6 +717,25 @@ fn unexpected_frame() -> AmqpError {
         ReplyCode::UnexpectedFrame,
         "expected method frame, got non method frame instead",
     )
+}
+
+/// A value the client chose in connection.tune-ok, checked as RabbitMQ does: not below `min`
+/// and, if the server has a limit (`server_max` not 0), neither 0 ("no limit") nor above it.
+fn negotiated(field: &str, value: u32, min: u32, server_max: u32) -> Result<(), AmqpError> {
+    let detail = if value == 0 { " (no limit)" } else { "" };
+    let refuse = |how: &str, bound: u32| {
+        Err(AmqpError::new(
+            ReplyCode::NotAllowed,
+            format!("negotiated {field} = {value}{detail} is {how} allowed value ({bound})"),
+        ))
+    };
+    if value != 0 && value < min {
+        return refuse("lower than the minimum", min);
+    }
+    if server_max != 0 && (value == 0 || value > server_max) {
+        return refuse("higher than the maximum", server_max);
+    }
+    Ok(())
 }
 
 fn refused(mechanism: &str) -> AmqpError {
