@@ -634,8 +634,7 @@ impl Connection {
                     AmqpError::new(
                         ReplyCode::NotAllowed,
                         format!(
-                            "number of channels opened ({open}) has reached the negotiated channel_max ({})",
-                            self.tuning.channel_max
+                            "number of channels opened ({open}) has reached the negotiated channel_max ({max})"
                         ),
                     ),
                 ));

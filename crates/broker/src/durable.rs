@@ -45,12 +45,6 @@ impl Durable {
     /// Writes the message (page cache, no fsync) and returns its position and the sync epoch
     /// after which it is durable.
     pub(crate) fn append(&self, msg: &Message) -> Result<(Position, u64), StoreError> {
-        let pos = self.write(msg)?;
-        Ok((pos, self.request_sync()))
-    }
-
-    /// Writes the message (page cache, no fsync); [`Durable::request_sync`] must follow.
-    pub(crate) fn write(&self, msg: &Message) -> Result<Position, StoreError> {
         let record = StoredMessage {
             exchange: msg.exchange.to_string(),
             routing_key: msg.routing_key_str().to_owned(),
@@ -59,12 +53,8 @@ impl Durable {
             timestamp_ms: now_ms(),
             flags: 0,
         };
-        self.store.lock().append(&record)
-    }
-
-    /// Asks for a sync round covering everything written so far; returns its epoch.
-    pub(crate) fn request_sync(&self) -> u64 {
-        self.sync.mark_dirty(&self.store)
+        let pos = self.store.lock().append(&record)?;
+        Ok((pos, self.sync.mark_dirty(&self.store)))
     }
 
     /// Records settled messages; they are synced with the next round, nobody waits for it.

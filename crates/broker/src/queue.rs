@@ -347,9 +347,13 @@ impl Queue {
             self.has_expiring.store(true, Ordering::Relaxed);
         }
         let mut pos = None;
+        let mut durable_at = None;
         if let (true, Some(d)) = (msg.persistent, &self.durable) {
-            match d.write(&msg) {
-                Ok(p) => pos = Some(p),
+            match d.append(&msg) {
+                Ok((p, epoch)) => {
+                    pos = Some(p);
+                    durable_at = Some(epoch);
+                }
                 Err(e) => {
                     tracing::error!(queue = %self.config.name, error = %e, "cannot write message; refusing it");
                     return refused;
@@ -372,9 +376,6 @@ impl Queue {
         if !st.consumers.is_empty() {
             self.dispatch_locked(&mut st, dead);
         }
-        // The sync thread is woken only after the message went out to its consumer: on a
-        // busy machine the wake-up can take the core the delivery needs.
-        let durable_at = pos.and(self.durable.as_ref()).map(Durable::request_sync);
         st.page_out_tail(level);
         while self.args.exceeded(st.ready.len, st.ready_bytes) {
             match st.pop_ready() {
@@ -400,9 +401,10 @@ impl Queue {
         let mut st = self.state.lock();
         let mut n = 0;
         // The index has no properties: a priority queue reads each record's priority back.
-        let mut priorities = (st.ready.levels.len() > 1)
-            .then_some(self.durable.as_ref())
-            .flatten()
+        let mut priorities = self
+            .durable
+            .as_ref()
+            .filter(|_| self.args.max_priority.is_some())
             .map(|d| (d, ReadAhead::default()));
         for r in records {
             let priority = match &mut priorities {

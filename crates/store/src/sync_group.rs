@@ -131,12 +131,8 @@ impl SyncGroup {
     pub fn mark_dirty(&self, store: &SharedStore) -> u64 {
         let sh = &self.handle.shared;
         let mut st = sh.state.lock();
-        let key = Arc::as_ptr(store) as usize;
-        if st.seen.insert(key) {
-            st.dirty.push(store.clone());
-            if st.dirty.len() == 1 && !defer_start(self) {
-                sh.work.notify_one();
-            }
+        if st.add_dirty(store) && st.dirty.len() == 1 && !defer_start(self) {
+            sh.work.notify_one();
         }
         st.collecting
     }
@@ -169,13 +165,9 @@ impl SyncGroup {
     pub fn mark_dirty_lazy(&self, store: &SharedStore) {
         let sh = &self.handle.shared;
         let mut st = sh.state.lock();
-        let key = Arc::as_ptr(store) as usize;
-        if !st.seen.contains(&key) && st.lazy_seen.insert(key) {
-            st.lazy.push(store.clone());
-            if st.lazy.len() == 1 && st.dirty.is_empty() {
-                // Let the thread start its LAZY_SYNC timer.
-                sh.work.notify_one();
-            }
+        if st.add_lazy(store) && st.lazy.len() == 1 && st.dirty.is_empty() {
+            // Let the thread start its LAZY_SYNC timer.
+            sh.work.notify_one();
         }
     }
 
@@ -226,6 +218,27 @@ impl Drop for Handle {
                 let _ = t.join();
             }
         }
+    }
+}
+
+impl State {
+    /// Puts `store` in the round being collected; false if it already is.
+    fn add_dirty(&mut self, store: &SharedStore) -> bool {
+        let added = self.seen.insert(Arc::as_ptr(store) as usize);
+        if added {
+            self.dirty.push(store.clone());
+        }
+        added
+    }
+
+    /// Puts `store` on the lazy list unless it is in the round or on the list already.
+    fn add_lazy(&mut self, store: &SharedStore) -> bool {
+        let key = Arc::as_ptr(store) as usize;
+        let added = !self.seen.contains(&key) && self.lazy_seen.insert(key);
+        if added {
+            self.lazy.push(store.clone());
+        }
+        added
     }
 }
 
@@ -306,10 +319,7 @@ fn run(sh: &Shared) {
             let all_acks = st.dirty.is_empty() || st.shutdown;
             // Lazily dirtied stores ride along with this round.
             for store in std::mem::take(&mut st.lazy) {
-                let key = Arc::as_ptr(&store) as usize;
-                if st.seen.insert(key) {
-                    st.dirty.push(store);
-                }
+                st.add_dirty(&store);
             }
             st.lazy_seen.clear();
             if st.dirty.is_empty() {
@@ -366,11 +376,8 @@ fn run(sh: &Shared) {
             let mut st = sh.state.lock();
             sh.synced.store(epoch, Ordering::Release);
             sh.done.notify_all();
-            for store in acks_left {
-                let key = Arc::as_ptr(&store) as usize;
-                if !st.seen.contains(&key) && st.lazy_seen.insert(key) {
-                    st.lazy.push(store);
-                }
+            for store in &acks_left {
+                st.add_lazy(store);
             }
         }
         let subs: Vec<Subscriber> = sh.subscribers.lock().clone();
