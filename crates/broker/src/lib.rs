@@ -4,9 +4,10 @@
 //! - [`broker`]: the [`Broker`] handle (vhosts, users, limits); clone it to share.
 //! - [`vhost`]: a virtual host's exchanges and queues, declaration rules and routing.
 //! - [`exchange`]: bindings and the matching rules of direct, fanout, topic and headers exchanges.
-//! - [`queue`]: a queue's messages, unacked deliveries and consumers; dispatch with prefetch,
-//!   priorities, TTL, length limits, single active consumer.
-//! - [`stream`]: stream queues: an append-only log read from offsets, with retention.
+//! - [`queue`]: what every queue shares, and its kinds: [`queue::classic`] (messages, unacked
+//!   deliveries and consumers; dispatch with prefetch, priorities, TTL, length limits, single
+//!   active consumer) and [`queue::stream`] (an append-only log read from offsets, with
+//!   retention).
 //! - [`args`]: queue arguments (`x-...`), validated at declaration.
 //! - [`deadletter`]: the `x-death` history of dead-lettered messages.
 //! - [`consumer`]: consumers, their credit, and the [`Outlet`] a queue delivers through.
@@ -29,7 +30,6 @@ pub mod durable;
 pub mod exchange;
 pub mod message;
 pub mod queue;
-pub mod stream;
 pub mod vhost;
 
 pub use broker::{Broker, BrokerConfig};

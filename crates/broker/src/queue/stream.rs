@@ -19,11 +19,11 @@
 //! when a consumer reaches them. Messages dropped by retention are acked in the store, which
 //! deletes its segment files once they are fully acked.
 
+use super::{now_ms, ConsumeError, PublishOutcome, Queue, MEMORY_WINDOW};
 use crate::args::QueueArgs;
 use crate::consumer::{ConnEvent, Consumer, Delivery};
 use crate::durable::{Durable, ReadAhead};
 use crate::message::{Message, QueuedMessage};
-use crate::queue::{now_ms, ConsumeError, PublishOutcome, Queue, MEMORY_WINDOW};
 use parking_lot::Mutex;
 use rill_codec::{AMQPValue, FieldTable, PropertiesView};
 use rill_store::{Position, RecoveredRecord};
@@ -56,7 +56,7 @@ impl OffsetSpec {
     /// Reads a consumer's `x-stream-offset` argument; absent or unrecognised means `next`.
     ///
     /// ```
-    /// use rill_broker::stream::OffsetSpec;
+    /// use rill_broker::queue::stream::OffsetSpec;
     /// use rill_codec::{field_table_insert, AMQPValue, FieldTable};
     /// let mut args = FieldTable::default();
     /// field_table_insert(&mut args, "x-stream-offset", AMQPValue::LongInt(7));
@@ -366,7 +366,7 @@ struct StreamState {
 /// consumer change, like a classic queue's (see [`crate::queue`]); lock order is stream, then
 /// the store.
 #[derive(Debug)]
-pub(crate) struct Stream {
+pub struct StreamQueue {
     durable: Option<Durable>,
     state: Mutex<StreamState>,
 }
@@ -383,9 +383,9 @@ fn stamped_offset(properties: &[u8]) -> Option<u64> {
     u64::try_from(rill_codec::value_as_i64(v)?).ok()
 }
 
-impl Stream {
-    pub fn new(args: &QueueArgs, durable: Option<Durable>) -> Stream {
-        Stream {
+impl StreamQueue {
+    pub(super) fn new(args: &QueueArgs, durable: Option<Durable>) -> StreamQueue {
+        StreamQueue {
             durable,
             state: Mutex::new(StreamState {
                 log: StreamLog::new(Retention::from_args(args)),
@@ -395,17 +395,32 @@ impl Stream {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.state.lock().log.len()
     }
 
-    pub fn consumer_count(&self) -> usize {
+    pub(super) fn is_persistent(&self) -> bool {
+        self.durable.is_some()
+    }
+
+    pub(super) fn is_deleted(&self) -> bool {
+        self.state.lock().deleted
+    }
+
+    /// Acks, nacks and rejects are flow control: the credit is back, read on.
+    pub(super) fn settle(&self, queue: &Arc<Queue>, seqs: impl IntoIterator<Item = u64>) {
+        let n = seqs.into_iter().count() as u64;
+        queue.counters().acked.fetch_add(n, Ordering::Relaxed);
+        self.dispatch(queue);
+    }
+
+    pub(super) fn consumer_count(&self) -> usize {
         self.state.lock().cursors.len()
     }
 
     /// Appends a message (to disk too when durable, whatever its delivery mode: a stream is a
     /// log) and serves consumers waiting at the tail.
-    pub fn publish(&self, queue: &Arc<Queue>, msg: Arc<Message>) -> PublishOutcome {
+    pub(super) fn publish(&self, queue: &Arc<Queue>, msg: Arc<Message>) -> PublishOutcome {
         let mut st = self.state.lock();
         if st.deleted {
             return PublishOutcome {
@@ -457,7 +472,7 @@ impl Stream {
 
     /// Rebuilds the index from the log at start-up. Offsets come from the stamped header of
     /// each record (read back once); records without one follow the previous offset.
-    pub fn restore(
+    pub(super) fn restore(
         &self,
         queue: &Queue,
         records: impl IntoIterator<Item = RecoveredRecord>,
@@ -497,7 +512,7 @@ impl Stream {
         }
     }
 
-    pub fn add_consumer(
+    pub(super) fn add_consumer(
         &self,
         queue: &Arc<Queue>,
         consumer: Arc<Consumer>,
@@ -516,7 +531,7 @@ impl Stream {
     }
 
     /// Returns whether it was a consumer of this stream.
-    pub fn remove_consumer(&self, queue: &Queue, consumer: &Arc<Consumer>) -> bool {
+    pub(super) fn remove_consumer(&self, queue: &Queue, consumer: &Arc<Consumer>) -> bool {
         let mut st = self.state.lock();
         let before = st.cursors.len();
         st.cursors.retain(|c| !Arc::ptr_eq(&c.consumer, consumer));
@@ -525,7 +540,7 @@ impl Stream {
     }
 
     /// Lets consumers with credit read on.
-    pub fn dispatch(&self, queue: &Arc<Queue>) {
+    pub(super) fn dispatch(&self, queue: &Arc<Queue>) {
         let mut st = self.state.lock();
         if !st.cursors.is_empty() {
             self.dispatch_locked(&mut st, queue);
@@ -580,7 +595,7 @@ impl Stream {
     }
 
     /// The queue is being deleted: its consumers are cancelled and its files removed.
-    pub fn mark_deleted(&self, queue: &Queue) -> (u32, Vec<Arc<Consumer>>) {
+    pub(super) fn mark_deleted(&self, queue: &Queue) -> (u32, Vec<Arc<Consumer>>) {
         let mut st = self.state.lock();
         if st.deleted {
             return (0, Vec::new());

@@ -1,11 +1,5 @@
-//! A queue: its messages in FIFO order (per priority), the deliveries awaiting acknowledgement,
-//! and its consumers.
-//!
-//! Each queue owns its state behind one short mutex. Publishers, ackers and consumers'
-//! connections each take it for the length of one enqueue, settle or dispatch pass, never across
-//! an `.await` (the core has none), so no global lock sits on the publish path: two queues never
-//! contend. Dispatch runs in whichever thread changed the queue (the publisher's connection, the
-//! acker's, or a consumer whose credit came back), which saves a hop through a queue task.
+//! Classic queues: messages in FIFO order (per priority), the deliveries awaiting
+//! acknowledgement, and consumers served round robin within priority groups.
 //!
 //! A durable queue also appends persistent messages to its on-disk log ([`Durable`]). Only the
 //! first [`MEMORY_WINDOW`] bytes of ready bodies stay in memory; the rest are read back from
@@ -15,82 +9,27 @@
 //! delivery limit) are collected under the lock and dead-lettered after it is released
 //! (see [`crate::deadletter`]), since that publishes into other queues.
 
+use super::{now_ms, ConsumeError, PublishOutcome, Queue, MEMORY_WINDOW};
 use crate::args::{Overflow, QueueArgs, QueueType};
 use crate::consumer::{ConnEvent, Consumer, Delivery};
 use crate::deadletter::{is_cycle, record_death, Death, Reason};
 use crate::durable::{Durable, ReadAhead};
 use crate::message::{Message, QueuedMessage};
-use crate::stream::Stream;
-use crate::vhost::VHost;
 use parking_lot::Mutex;
-use rill_codec::FieldTable;
+use rill_store::{Position, RecoveredRecord};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-pub use rill_store::Position;
-use rill_store::RecoveredRecord;
-
-/// Ready messages above which a consumed queue asks its publishers to pause.
-const FLOW_HIGH: u64 = 20_000;
-/// ... and below which they resume.
-const FLOW_LOW: u64 = 10_000;
-
-/// Body bytes of ready persistent messages a durable queue keeps in memory; beyond this, bodies
-/// live only on disk until delivered.
-pub const MEMORY_WINDOW: u64 = 4 * 1024 * 1024;
-
-/// Milliseconds since the Unix epoch: the clock for TTLs and x-expires.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Declared properties of a queue, compared on redeclaration.
-#[derive(Debug, Clone, PartialEq)]
-pub struct QueueConfig {
-    pub name: String,
-    pub durable: bool,
-    pub auto_delete: bool,
-    /// The connection an exclusive queue belongs to.
-    pub exclusive_owner: Option<u64>,
-    pub arguments: FieldTable,
-}
-
+/// A classic (or single-node quorum) queue's messages and consumers.
 #[derive(Debug)]
-pub struct Queue {
-    pub config: QueueConfig,
-    args: QueueArgs,
+pub struct Classic {
     /// The on-disk log of a durable queue (None for transient queues or a broker without a
     /// data directory).
     durable: Option<Durable>,
-    /// Where dead letters are routed.
-    vhost: Weak<VHost>,
-    /// For x-expires: when it was last used (declared, consumed from, got from), ms.
-    last_used: AtomicU64,
     /// Some ready message has a per-message expiry: the ticker must look at this queue.
     has_expiring: AtomicBool,
     state: Mutex<QueueState>,
-    /// A stream queue's log and cursors (`x-queue-type=stream`); its public methods branch
-    /// here once, so the classic path below never sees streams.
-    stream: Option<Stream>,
-    stats: QueueCounters,
-}
-
-/// Monotonic counters readable without taking the queue lock (management API, metrics).
-#[derive(Debug, Default)]
-pub struct QueueCounters {
-    pub published: AtomicU64,
-    pub delivered: AtomicU64,
-    pub acked: AtomicU64,
-    pub ready: AtomicU64,
-    pub unacked: AtomicU64,
-    pub consumers: AtomicU64,
-    /// Ready body bytes held in memory.
-    pub memory_bytes: AtomicU64,
 }
 
 /// A message's place in the queue.
@@ -186,160 +125,72 @@ struct QueueState {
     delivery_marks: Vec<Position>,
 }
 
-/// What happened to a consumer registration.
-#[derive(Debug, PartialEq, Eq)]
-pub enum ConsumeError {
-    /// Someone consumes exclusively, or we want exclusivity and others consume.
-    ExclusiveConflict,
-    Deleted,
-}
-
-/// The result of offering a message to a queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PublishOutcome {
-    /// False when the queue refused it (full with `x-overflow=reject-publish`, or the disk
-    /// write failed): the publisher gets a nack.
-    pub accepted: bool,
-    /// The sync epoch that makes it durable, when it was written to disk.
-    pub durable_at: Option<u64>,
-}
-
 /// Messages leaving the queue for its dead-letter exchange, gathered under the lock.
 type DeadLetters = Vec<(Arc<Message>, Reason)>;
 
-impl Queue {
-    /// A queue whose messages live in memory only, with its arguments taken as given.
-    pub fn new(config: QueueConfig) -> Arc<Queue> {
-        let args = QueueArgs::parse(&config.arguments, &config.name, "/", true, false, false)
-            .unwrap_or_default();
-        Self::build(config, args, None, Weak::new())
-    }
-
-    /// A queue with validated arguments, an optional on-disk log for persistent messages, and
-    /// the vhost its dead letters are routed in.
-    pub fn build(
-        config: QueueConfig,
-        args: QueueArgs,
-        durable: Option<Durable>,
-        vhost: Weak<VHost>,
-    ) -> Arc<Queue> {
+impl Classic {
+    pub(super) fn new(args: &QueueArgs, durable: Option<Durable>) -> Classic {
         let levels = args.max_priority.map_or(1, |p| usize::from(p) + 1);
-        let stream =
-            (args.queue_type == QueueType::Stream).then(|| Stream::new(&args, durable.clone()));
-        Arc::new(Queue {
-            config,
-            stream,
+        Classic {
             durable,
-            vhost,
-            last_used: AtomicU64::new(now_ms()),
             has_expiring: AtomicBool::new(false),
             state: Mutex::new(QueueState {
                 ready: Ready::new(levels),
                 ..QueueState::default()
             }),
-            stats: QueueCounters::default(),
-            args,
-        })
+        }
     }
 
-    pub fn name(&self) -> &str {
-        &self.config.name
-    }
-
-    pub fn args(&self) -> &QueueArgs {
-        &self.args
-    }
-
-    pub fn counters(&self) -> &QueueCounters {
-        &self.stats
-    }
-
-    pub fn is_persistent(&self) -> bool {
+    pub(super) fn is_persistent(&self) -> bool {
         self.durable.is_some()
     }
 
-    /// Marks the queue used now (x-expires counts from the last use).
-    pub fn touch(&self) {
-        self.last_used.store(now_ms(), Ordering::Relaxed);
+    pub(super) fn len(&self) -> usize {
+        self.state.lock().ready.len
     }
 
-    /// Publisher flow control, like RabbitMQ's credit flow: while consumers are attached and
-    /// cannot keep up, publishers into this queue should pause reading their sockets. A queue
-    /// without consumers is buffering by design and never holds publishers back.
-    pub fn wants_publishers_paused(&self) -> bool {
-        // A stream's "ready" count is its whole log, which consumers never drain.
-        self.stream.is_none()
-            && self.stats.consumers.load(Ordering::Relaxed) > 0
-            && self.stats.ready.load(Ordering::Relaxed) > FLOW_HIGH
+    pub(super) fn consumer_count(&self) -> usize {
+        self.state.lock().consumers.len()
     }
 
-    /// Publishers paused by this queue may resume.
-    pub fn lets_publishers_resume(&self) -> bool {
-        self.stats.consumers.load(Ordering::Relaxed) == 0
-            || self.stats.ready.load(Ordering::Relaxed) < FLOW_LOW
-            || self.is_deleted()
+    pub(super) fn is_deleted(&self) -> bool {
+        self.state.lock().deleted
     }
 
-    pub fn message_count(&self) -> u32 {
-        let n = match &self.stream {
-            Some(s) => s.len(),
-            None => self.state.lock().ready.len,
-        };
-        u32::try_from(n).unwrap_or(u32::MAX)
+    pub(super) fn has_expiring(&self, q: &Queue) -> bool {
+        q.args.message_ttl.is_some() || self.has_expiring.load(Ordering::Relaxed)
     }
 
-    pub fn consumer_count(&self) -> u32 {
-        let n = match &self.stream {
-            Some(s) => s.consumer_count(),
-            None => self.state.lock().consumers.len(),
-        };
-        u32::try_from(n).unwrap_or(u32::MAX)
-    }
-
-    pub fn is_stream(&self) -> bool {
-        self.stream.is_some()
-    }
-
-    /// Appends a message and hands it to a consumer if one has credit. A persistent message in a
-    /// durable queue is written to the queue's log first.
-    pub fn publish(self: &Arc<Self>, msg: Arc<Message>) -> PublishOutcome {
-        if let Some(s) = &self.stream {
-            return s.publish(self, msg);
-        }
+    pub(super) fn publish(&self, q: &Arc<Queue>, msg: Arc<Message>) -> PublishOutcome {
         let mut dead = DeadLetters::new();
-        let outcome = self.publish_locked(msg, &mut dead);
-        self.dead_letter(dead);
+        let outcome = self.publish_locked(q, msg, &mut dead);
+        self.dead_letter(q, dead);
         outcome
     }
 
     fn publish_locked(
-        self: &Arc<Self>,
+        &self,
+        q: &Arc<Queue>,
         msg: Arc<Message>,
         dead: &mut DeadLetters,
     ) -> PublishOutcome {
         let mut st = self.state.lock();
-        let refused = PublishOutcome {
-            accepted: false,
-            durable_at: None,
-        };
         if st.deleted {
-            return PublishOutcome {
-                accepted: true,
-                durable_at: None,
-            };
+            return PublishOutcome::ACCEPTED;
         }
+        let args = &q.args;
         let size = msg.size() as u64;
-        if self.args.overflow != Overflow::DropHead
-            && self.args.exceeded(st.ready.len + 1, st.ready_bytes + size)
+        if args.overflow != Overflow::DropHead
+            && args.exceeded(st.ready.len + 1, st.ready_bytes + size)
         {
-            if self.args.overflow == Overflow::RejectPublishDlx {
+            if args.overflow == Overflow::RejectPublishDlx {
                 dead.push((msg, Reason::Maxlen));
             }
-            return refused;
+            return PublishOutcome::REFUSED;
         }
         let priority = msg.priority;
         let per_message = msg.expiration_ms;
-        let ttl = match (self.args.message_ttl, per_message) {
+        let ttl = match (args.message_ttl, per_message) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -355,8 +206,8 @@ impl Queue {
                     durable_at = Some(epoch);
                 }
                 Err(e) => {
-                    tracing::error!(queue = %self.config.name, error = %e, "cannot write message; refusing it");
-                    return refused;
+                    tracing::error!(queue = %q.config.name, error = %e, "cannot write message; refusing it");
+                    return PublishOutcome::REFUSED;
                 }
             }
         }
@@ -372,46 +223,45 @@ impl Queue {
             priority,
             deliveries: 0,
         });
-        self.stats.published.fetch_add(1, Ordering::Relaxed);
+        q.stats.published.fetch_add(1, Ordering::Relaxed);
         if !st.consumers.is_empty() {
-            self.dispatch_locked(&mut st, dead);
+            self.dispatch_locked(q, &mut st, dead);
         }
         st.page_out_tail(level);
-        while self.args.exceeded(st.ready.len, st.ready_bytes) {
+        while args.exceeded(st.ready.len, st.ready_bytes) {
             match st.pop_ready() {
-                Some(dropped) => self.leave(dropped, Reason::Maxlen, dead),
+                Some(dropped) => self.leave(q, dropped, Reason::Maxlen, dead),
                 None => break,
             }
         }
         // A TTL of 0 means "now or never": what no consumer took at once expires.
-        self.expire_head(&mut st, now_ms(), dead);
-        self.sync_gauges(&st);
+        self.expire_head(q, &mut st, now_ms(), dead);
+        sync_gauges(q, &st);
         PublishOutcome {
             accepted: true,
             durable_at,
         }
     }
 
-    /// Messages recovered from the log at start-up, in log order, as an index: bodies are read
-    /// back when delivered. Those delivered before the restart come back redelivered.
-    pub fn restore(&self, records: impl IntoIterator<Item = RecoveredRecord>) -> usize {
-        if let Some(s) = &self.stream {
-            return s.restore(self, records);
-        }
+    pub(super) fn restore(
+        &self,
+        q: &Queue,
+        records: impl IntoIterator<Item = RecoveredRecord>,
+    ) -> usize {
         let mut st = self.state.lock();
         let mut n = 0;
         // The index has no properties: a priority queue reads each record's priority back.
         let mut priorities = self
             .durable
             .as_ref()
-            .filter(|_| self.args.max_priority.is_some())
+            .filter(|_| q.args.max_priority.is_some())
             .map(|d| (d, ReadAhead::default()));
         for r in records {
             let priority = match &mut priorities {
                 Some((d, reader)) => match reader.read(d, r.position) {
                     Ok(m) => m.priority,
                     Err(e) => {
-                        tracing::error!(queue = %self.config.name, pos = ?r.position, error = %e, "cannot read a recovered message's priority; it goes to level 0");
+                        tracing::error!(queue = %q.config.name, pos = ?r.position, error = %e, "cannot read a recovered message's priority; it goes to level 0");
                         0
                     }
                 },
@@ -426,56 +276,49 @@ impl Queue {
                 // The record's size stands in for the body's until it is read back.
                 size: u64::from(r.encoded_len),
                 redelivered: r.delivered,
-                expires_at: self
-                    .args
-                    .message_ttl
-                    .map(|t| r.timestamp_ms.saturating_add(t)),
+                expires_at: q.args.message_ttl.map(|t| r.timestamp_ms.saturating_add(t)),
                 priority,
                 deliveries: u32::from(r.delivered),
             });
             n += 1;
         }
-        self.sync_gauges(&st);
+        sync_gauges(q, &st);
         n
     }
 
-    /// Lets consumers with fresh credit take waiting messages.
-    pub fn dispatch(self: &Arc<Self>) {
-        if let Some(s) = &self.stream {
-            return s.dispatch(self);
-        }
+    pub(super) fn dispatch(&self, q: &Arc<Queue>) {
         let mut dead = DeadLetters::new();
         {
             let mut st = self.state.lock();
             if !st.consumers.is_empty() && st.ready.len > 0 {
-                self.dispatch_locked(&mut st, &mut dead);
-                self.sync_gauges(&st);
+                self.dispatch_locked(q, &mut st, &mut dead);
+                sync_gauges(q, &st);
             }
         }
-        self.dead_letter(dead);
+        self.dead_letter(q, dead);
     }
 
-    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, dead: &mut DeadLetters) {
+    fn dispatch_locked(&self, q: &Arc<Queue>, st: &mut QueueState, dead: &mut DeadLetters) {
         let now = now_ms();
         loop {
-            self.expire_head(st, now, dead);
+            self.expire_head(q, st, now, dead);
             if st.ready.len == 0 {
                 break;
             }
-            let Some(idx) = st.pick_consumer(self.args.single_active_consumer) else {
+            let Some(idx) = st.pick_consumer(q.args.single_active_consumer) else {
                 break;
             };
             st.next_consumer = st.next_consumer.wrapping_add(1);
             let consumer = Arc::clone(&st.consumers[idx]);
-            let Some(item) = self.take_head(st, !consumer.no_ack, false) else {
+            let Some(item) = self.take_head(q, st, !consumer.no_ack, false) else {
                 consumer.release(1);
                 continue;
             };
-            self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            q.stats.delivered.fetch_add(1, Ordering::Relaxed);
             let outlet = Arc::clone(&consumer.outlet);
             outlet.push(ConnEvent::Deliver(Delivery {
                 consumer,
-                queue: Arc::clone(self),
+                queue: Arc::clone(q),
                 item,
             }));
         }
@@ -492,7 +335,13 @@ impl Queue {
 
     /// Pops the head for delivery, loading its body from disk if needed, and keeps it as
     /// unacked when `ack` is set. A body that cannot be read is logged and dropped.
-    fn take_head(&self, st: &mut QueueState, ack: bool, via_get: bool) -> Option<QueuedMessage> {
+    fn take_head(
+        &self,
+        q: &Queue,
+        st: &mut QueueState,
+        ack: bool,
+        via_get: bool,
+    ) -> Option<QueuedMessage> {
         let mut entry = st.pop_ready()?;
         if let (true, false, true, Some(pos)) =
             (ack, entry.redelivered, self.durable.is_some(), entry.pos)
@@ -501,7 +350,7 @@ impl Queue {
         }
         let msg = match entry.msg.take() {
             Some(m) => m,
-            None => match self.load(&entry, Some(&mut st.read_ahead)) {
+            None => match self.load(q, &entry, Some(&mut st.read_ahead)) {
                 Some(m) => m,
                 None => {
                     self.forget(&entry);
@@ -510,7 +359,7 @@ impl Queue {
             },
         };
         entry.deliveries += 1;
-        let delivered = self.with_delivery_count(&msg, entry.deliveries, via_get);
+        let delivered = with_delivery_count(q, &msg, entry.deliveries, via_get);
         if ack {
             // A persisted message can be read back if it is requeued; keep only its place.
             let keep = entry.pos.is_none().then(|| msg.clone());
@@ -532,26 +381,14 @@ impl Queue {
         })
     }
 
-    /// Quorum queues tell consumers how often a message was delivered before
-    /// (`x-delivery-count`): on redeliveries, and on every basic.get.
-    fn with_delivery_count(
-        &self,
-        msg: &Arc<Message>,
-        deliveries: u32,
-        via_get: bool,
-    ) -> Arc<Message> {
-        if self.args.queue_type != QueueType::Quorum || (deliveries <= 1 && !via_get) {
-            return msg.clone();
-        }
-        match msg.with_header_long("x-delivery-count", i64::from(deliveries) - 1) {
-            Some(m) => Arc::new(m),
-            None => msg.clone(),
-        }
-    }
-
     /// Reads a paged-out body back: through `read_ahead` for the head of the queue, alone for
     /// a message leaving from elsewhere.
-    fn load(&self, entry: &Entry, read_ahead: Option<&mut ReadAhead>) -> Option<Arc<Message>> {
+    fn load(
+        &self,
+        q: &Queue,
+        entry: &Entry,
+        read_ahead: Option<&mut ReadAhead>,
+    ) -> Option<Arc<Message>> {
         let (Some(d), Some(pos)) = (&self.durable, entry.pos) else {
             return None;
         };
@@ -562,7 +399,7 @@ impl Queue {
         match read {
             Ok(m) => Some(m),
             Err(e) => {
-                tracing::error!(queue = %self.config.name, ?pos, error = %e, "cannot read message back; dropping it");
+                tracing::error!(queue = %q.config.name, ?pos, error = %e, "cannot read message back; dropping it");
                 None
             }
         }
@@ -577,9 +414,9 @@ impl Queue {
 
     /// The message leaves without being consumed: settled in the log and, if the queue has a
     /// dead-letter exchange, queued for dead-lettering.
-    fn leave(&self, entry: Entry, reason: Reason, dead: &mut DeadLetters) {
-        if self.args.dead_letter_exchange.is_some() {
-            let msg = entry.msg.clone().or_else(|| self.load(&entry, None));
+    fn leave(&self, q: &Queue, entry: Entry, reason: Reason, dead: &mut DeadLetters) {
+        if q.args.dead_letter_exchange.is_some() {
+            let msg = entry.msg.clone().or_else(|| self.load(q, &entry, None));
             if let Some(m) = msg {
                 dead.push((m, reason));
             }
@@ -588,54 +425,39 @@ impl Queue {
     }
 
     /// Drops expired messages at the head (RabbitMQ expires only there), dead-lettering them.
-    fn expire_head(&self, st: &mut QueueState, now: u64, dead: &mut DeadLetters) {
+    fn expire_head(&self, q: &Queue, st: &mut QueueState, now: u64, dead: &mut DeadLetters) {
         while st
             .ready
             .head()
             .is_some_and(|e| e.expires_at.is_some_and(|t| t <= now))
         {
             if let Some(e) = st.pop_ready() {
-                self.leave(e, Reason::Expired, dead);
+                self.leave(q, e, Reason::Expired, dead);
             }
         }
     }
 
-    /// Periodic work: expiring messages and, with x-expires, the queue itself. Returns true
-    /// when the queue has expired and should be deleted.
-    pub fn tick(self: &Arc<Self>, now: u64) -> bool {
-        if self.args.message_ttl.is_some() || self.has_expiring.load(Ordering::Relaxed) {
-            let mut dead = DeadLetters::new();
-            {
-                let mut st = self.state.lock();
-                self.expire_head(&mut st, now, &mut dead);
-                self.sync_gauges(&st);
-            }
-            self.dead_letter(dead);
+    /// The ticker's part: expires messages at the head.
+    pub(super) fn expire(&self, q: &Arc<Queue>, now: u64) {
+        if !self.has_expiring(q) {
+            return;
         }
-        match self.args.expires {
-            Some(ttl) => {
-                self.stats.consumers.load(Ordering::Relaxed) == 0
-                    && now.saturating_sub(self.last_used.load(Ordering::Relaxed)) >= ttl
-            }
-            None => false,
+        let mut dead = DeadLetters::new();
+        {
+            let mut st = self.state.lock();
+            self.expire_head(q, &mut st, now, &mut dead);
+            sync_gauges(q, &st);
         }
-    }
-
-    /// Whether [`Queue::tick`] has anything to do for this queue.
-    pub fn needs_tick(&self) -> bool {
-        self.args.message_ttl.is_some()
-            || self.args.expires.is_some()
-            || self.has_expiring.load(Ordering::Relaxed)
+        self.dead_letter(q, dead);
     }
 
     /// Republishes dead letters to the dead-letter exchange (after the queue lock is released:
     /// this publishes into other queues, maybe this one).
-    fn dead_letter(self: &Arc<Self>, dead: DeadLetters) {
+    fn dead_letter(&self, q: &Queue, dead: DeadLetters) {
         if dead.is_empty() {
             return;
         }
-        let (Some(dlx), Some(vhost)) = (&self.args.dead_letter_exchange, self.vhost.upgrade())
-        else {
+        let (Some(dlx), Some(vhost)) = (&q.args.dead_letter_exchange, q.vhost()) else {
             return;
         };
         // A missing dead-letter exchange drops the message silently, as in RabbitMQ.
@@ -646,7 +468,7 @@ impl Queue {
         let mut targets = Vec::new();
         for (msg, reason) in dead {
             let death = Death {
-                queue: &self.config.name,
+                queue: &q.config.name,
                 reason,
                 exchange: &msg.exchange,
                 routing_key: msg.routing_key_str(),
@@ -655,7 +477,7 @@ impl Queue {
             let Ok(properties) = record_death(&msg.properties, &death) else {
                 continue;
             };
-            let routing_key = match &self.args.dead_letter_routing_key {
+            let routing_key = match &q.args.dead_letter_routing_key {
                 Some(k) => bytes::Bytes::from(k.clone().into_bytes()),
                 None => msg.routing_key.clone(),
             };
@@ -667,66 +489,50 @@ impl Queue {
             ));
             targets.clear();
             vhost.route_message(&exchange, &letter, &mut targets);
-            for q in targets.drain(..) {
-                if is_cycle(&letter.properties, reason, q.name()) {
-                    tracing::debug!(queue = %q.name(), "dead-letter cycle: message dropped");
+            for target in targets.drain(..) {
+                if is_cycle(&letter.properties, reason, target.name()) {
+                    tracing::debug!(queue = %target.name(), "dead-letter cycle: message dropped");
                     continue;
                 }
-                q.publish(letter.clone());
+                target.publish(letter.clone());
             }
         }
     }
 
-    /// basic.get: takes the head message. With `ack` it stays unacked until settled.
-    /// Returns the message and the number of messages left ready.
-    pub fn get(self: &Arc<Self>, ack: bool) -> Option<(QueuedMessage, u32)> {
-        self.touch();
-        if self.stream.is_some() {
-            // The channel refuses basic.get on streams before asking.
-            return None;
-        }
+    pub(super) fn get(&self, q: &Arc<Queue>, ack: bool) -> Option<(QueuedMessage, u32)> {
         let mut dead = DeadLetters::new();
         let got = {
             let mut st = self.state.lock();
             let now = now_ms();
             let item = loop {
-                self.expire_head(&mut st, now, &mut dead);
+                self.expire_head(q, &mut st, now, &mut dead);
                 if st.ready.len == 0 {
                     break None;
                 }
-                if let Some(item) = self.take_head(&mut st, ack, true) {
+                if let Some(item) = self.take_head(q, &mut st, ack, true) {
                     break Some(item);
                 }
             };
             self.record_delivery_marks(&mut st);
             if item.is_some() {
-                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                q.stats.delivered.fetch_add(1, Ordering::Relaxed);
             }
             let left = u32::try_from(st.ready.len).unwrap_or(u32::MAX);
-            self.sync_gauges(&st);
+            sync_gauges(q, &st);
             item.map(|i| (i, left))
         };
-        self.dead_letter(dead);
+        self.dead_letter(q, dead);
         got
     }
 
-    /// Forgets acknowledged messages, then lets consumers use the credit that freed.
-    pub fn ack(self: &Arc<Self>, seqs: impl IntoIterator<Item = u64>) {
-        self.settle(seqs, None);
-    }
-
-    /// Rejected without requeue: gone, dead-lettered if the queue has a dead-letter exchange.
-    pub fn discard(self: &Arc<Self>, seqs: impl IntoIterator<Item = u64>) {
-        self.settle(seqs, Some(Reason::Rejected));
-    }
-
-    fn settle(self: &Arc<Self>, seqs: impl IntoIterator<Item = u64>, dead_reason: Option<Reason>) {
-        if let Some(s) = &self.stream {
-            // Stream acks (and rejects) are flow control: the credit is back, read on.
-            let n = seqs.into_iter().count() as u64;
-            self.stats.acked.fetch_add(n, Ordering::Relaxed);
-            return s.dispatch(self);
-        }
+    /// Forgets settled messages (dead-lettering them with `dead_reason`), then lets consumers
+    /// use the credit that freed.
+    pub(super) fn settle(
+        &self,
+        q: &Arc<Queue>,
+        seqs: impl IntoIterator<Item = u64>,
+        dead_reason: Option<Reason>,
+    ) {
         let mut dead = DeadLetters::new();
         {
             let mut st = self.state.lock();
@@ -736,8 +542,8 @@ impl Queue {
                 if let Some(e) = st.unacked.remove(&seq) {
                     n += 1;
                     if let Some(reason) = dead_reason {
-                        if self.args.dead_letter_exchange.is_some() {
-                            if let Some(m) = e.msg.clone().or_else(|| self.load(&e, None)) {
+                        if q.args.dead_letter_exchange.is_some() {
+                            if let Some(m) = e.msg.clone().or_else(|| self.load(q, &e, None)) {
                                 dead.push((m, reason));
                             }
                         }
@@ -748,33 +554,26 @@ impl Queue {
             if let (Some(d), false) = (&self.durable, positions.is_empty()) {
                 d.ack(&positions);
             }
-            self.stats.acked.fetch_add(n, Ordering::Relaxed);
+            q.stats.acked.fetch_add(n, Ordering::Relaxed);
             if !st.consumers.is_empty() && st.ready.len > 0 {
-                self.dispatch_locked(&mut st, &mut dead);
+                self.dispatch_locked(q, &mut st, &mut dead);
             }
-            self.sync_gauges(&st);
+            sync_gauges(q, &st);
         }
-        self.dead_letter(dead);
+        self.dead_letter(q, dead);
     }
 
-    /// Puts delivered messages back at their original positions, marked redelivered, and
-    /// dispatches them again. Past x-delivery-limit a message is dead-lettered instead.
-    pub fn requeue(self: &Arc<Self>, seqs: impl IntoIterator<Item = u64>) {
-        if let Some(s) = &self.stream {
-            // Nothing left a stream, so nothing goes back; the credit does.
-            return s.dispatch(self);
-        }
+    pub(super) fn requeue(&self, q: &Arc<Queue>, seqs: impl IntoIterator<Item = u64>) {
         let mut dead = DeadLetters::new();
         {
             let mut st = self.state.lock();
             for seq in seqs {
                 if let Some(mut e) = st.unacked.remove(&seq) {
-                    if self
-                        .args
+                    if q.args
                         .delivery_limit
                         .is_some_and(|limit| u64::from(e.deliveries) > limit)
                     {
-                        self.leave(e, Reason::DeliveryLimit, &mut dead);
+                        self.leave(q, e, Reason::DeliveryLimit, &mut dead);
                         continue;
                     }
                     e.redelivered = true;
@@ -782,19 +581,14 @@ impl Queue {
                 }
             }
             if !st.consumers.is_empty() {
-                self.dispatch_locked(&mut st, &mut dead);
+                self.dispatch_locked(q, &mut st, &mut dead);
             }
-            self.sync_gauges(&st);
+            sync_gauges(q, &st);
         }
-        self.dead_letter(dead);
+        self.dead_letter(q, dead);
     }
 
-    /// A delivery that never reached the client (its consumer was cancelled before the frame
-    /// was written): back to its place, with its redelivered flag unchanged.
-    pub fn return_undelivered(self: &Arc<Self>, item: QueuedMessage) {
-        if let Some(s) = &self.stream {
-            return s.dispatch(self);
-        }
+    pub(super) fn return_undelivered(&self, q: &Arc<Queue>, item: QueuedMessage) {
         let mut dead = DeadLetters::new();
         {
             let mut st = self.state.lock();
@@ -815,27 +609,27 @@ impl Queue {
                 deliveries: previous.map_or(0, |e| e.deliveries.saturating_sub(1)),
             });
             if !st.consumers.is_empty() {
-                self.dispatch_locked(&mut st, &mut dead);
+                self.dispatch_locked(q, &mut st, &mut dead);
             }
-            self.sync_gauges(&st);
+            sync_gauges(q, &st);
         }
-        self.dead_letter(dead);
+        self.dead_letter(q, dead);
     }
 
-    pub fn add_consumer(self: &Arc<Self>, consumer: Arc<Consumer>) -> Result<(), ConsumeError> {
-        self.touch();
-        if let Some(s) = &self.stream {
-            return s.add_consumer(self, consumer);
-        }
+    pub(super) fn add_consumer(
+        &self,
+        q: &Arc<Queue>,
+        consumer: Arc<Consumer>,
+    ) -> Result<(), ConsumeError> {
         let mut dead = DeadLetters::new();
         {
             let mut st = self.state.lock();
             if st.deleted {
                 return Err(ConsumeError::Deleted);
             }
+            let single_active = q.args.single_active_consumer;
             if st.consumers.iter().any(|c| c.exclusive)
-                || (consumer.exclusive
-                    && (!st.consumers.is_empty() || self.args.single_active_consumer))
+                || (consumer.exclusive && (!st.consumers.is_empty() || single_active))
             {
                 return Err(ConsumeError::ExclusiveConflict);
             }
@@ -843,26 +637,18 @@ impl Queue {
                 .consumers
                 .partition_point(|c| c.priority >= consumer.priority);
             st.consumers.insert(pos, consumer.clone());
-            if self.args.single_active_consumer {
+            if single_active {
                 st.registration.push(consumer);
             }
             st.had_consumer = true;
-            self.dispatch_locked(&mut st, &mut dead);
-            self.sync_gauges(&st);
+            self.dispatch_locked(q, &mut st, &mut dead);
+            sync_gauges(q, &st);
         }
-        self.dead_letter(dead);
+        self.dead_letter(q, dead);
         Ok(())
     }
 
-    /// Removes a consumer. Returns true when the queue is auto-delete and this was its last
-    /// consumer, i.e. the caller should delete the queue.
-    pub fn remove_consumer(self: &Arc<Self>, consumer: &Arc<Consumer>) -> bool {
-        self.touch();
-        if let Some(s) = &self.stream {
-            // Streams are never auto-delete.
-            s.remove_consumer(self, consumer);
-            return false;
-        }
+    pub(super) fn remove_consumer(&self, q: &Arc<Queue>, consumer: &Arc<Consumer>) -> bool {
         let mut dead = DeadLetters::new();
         let delete = {
             let mut st = self.state.lock();
@@ -873,24 +659,16 @@ impl Queue {
             }
             // Credit freed up elsewhere may let the remaining consumers take more.
             if !st.consumers.is_empty() {
-                self.dispatch_locked(&mut st, &mut dead);
+                self.dispatch_locked(q, &mut st, &mut dead);
             }
-            self.sync_gauges(&st);
-            self.config.auto_delete && st.had_consumer && st.consumers.is_empty() && !st.deleted
+            sync_gauges(q, &st);
+            q.config.auto_delete && st.had_consumer && st.consumers.is_empty() && !st.deleted
         };
-        self.dead_letter(dead);
+        self.dead_letter(q, dead);
         delete
     }
 
-    pub fn has_consumers(&self) -> bool {
-        self.consumer_count() > 0
-    }
-
-    /// Drops all ready messages; returns how many. A stream is never purged.
-    pub fn purge(&self) -> u32 {
-        if self.stream.is_some() {
-            return 0;
-        }
+    pub(super) fn purge(&self, q: &Queue) -> u32 {
         let mut st = self.state.lock();
         let n = st.ready.len;
         let positions: Vec<Position> = st.ready.iter().filter_map(|e| e.pos).collect();
@@ -901,17 +679,11 @@ impl Queue {
         st.read_ahead.clear();
         st.ready_bytes = 0;
         st.memory_bytes = 0;
-        self.sync_gauges(&st);
+        sync_gauges(q, &st);
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
-    /// Marks the queue deleted (its log is removed) and returns (ready message count,
-    /// consumers to notify).
-    pub fn mark_deleted(&self) -> (u32, Vec<Arc<Consumer>>) {
-        if let Some(s) = &self.stream {
-            self.state.lock().deleted = true;
-            return s.mark_deleted(self);
-        }
+    pub(super) fn mark_deleted(&self, q: &Queue) -> (u32, Vec<Arc<Consumer>>) {
         let mut st = self.state.lock();
         if st.deleted {
             return (0, Vec::new());
@@ -930,28 +702,38 @@ impl Queue {
         for c in &consumers {
             c.cancel();
         }
-        self.sync_gauges(&st);
+        sync_gauges(q, &st);
         (n, consumers)
     }
+}
 
-    pub fn is_deleted(&self) -> bool {
-        self.state.lock().deleted
+/// Quorum queues tell consumers how often a message was delivered before
+/// (`x-delivery-count`): on redeliveries, and on every basic.get.
+fn with_delivery_count(
+    q: &Queue,
+    msg: &Arc<Message>,
+    deliveries: u32,
+    via_get: bool,
+) -> Arc<Message> {
+    if q.args.queue_type != QueueType::Quorum || (deliveries <= 1 && !via_get) {
+        return msg.clone();
     }
+    match msg.with_header_long("x-delivery-count", i64::from(deliveries) - 1) {
+        Some(m) => Arc::new(m),
+        None => msg.clone(),
+    }
+}
 
-    fn sync_gauges(&self, st: &QueueState) {
-        self.stats
-            .ready
-            .store(st.ready.len as u64, Ordering::Relaxed);
-        self.stats
-            .unacked
-            .store(st.unacked.len() as u64, Ordering::Relaxed);
-        self.stats
-            .consumers
-            .store(st.consumers.len() as u64, Ordering::Relaxed);
-        self.stats
-            .memory_bytes
-            .store(st.memory_bytes, Ordering::Relaxed);
-    }
+fn sync_gauges(q: &Queue, st: &QueueState) {
+    let stats = &q.stats;
+    stats.ready.store(st.ready.len as u64, Ordering::Relaxed);
+    stats
+        .unacked
+        .store(st.unacked.len() as u64, Ordering::Relaxed);
+    stats
+        .consumers
+        .store(st.consumers.len() as u64, Ordering::Relaxed);
+    stats.memory_bytes.store(st.memory_bytes, Ordering::Relaxed);
 }
 
 impl QueueState {
@@ -1040,7 +822,9 @@ impl QueueState {
 mod tests {
     use super::*;
     use crate::consumer::{ChannelCredit, Outlet};
+    use crate::queue::QueueConfig;
     use bytes::Bytes;
+    use rill_codec::FieldTable;
 
     #[derive(Debug, Default)]
     struct Sink(parking_lot::Mutex<Vec<ConnEvent>>);
