@@ -5,8 +5,9 @@
 //! decision when to write; this type never blocks and never sees I/O.
 
 use crate::broker::{Broker, LoginError};
-use crate::channel::{Channel, Ctx};
+use crate::channel::Channel;
 use crate::consumer::{ConnEvent, Outlet};
+use crate::session::{poll_confirm_passes, Session, SessionCtx};
 use bytes::BytesMut;
 use rill_codec::amq_protocol::protocol::{channel as amqp_channel, connection as amqp_conn};
 use rill_codec::{
@@ -57,8 +58,14 @@ pub struct Tuning {
 pub struct Connection {
     broker: Broker,
     peer: Option<IpAddr>,
-    /// Connection id, user, vhost and limits, as the channels see them.
-    ctx: Ctx,
+    /// This connection's id in the broker.
+    id: u64,
+    /// The authenticated user (after start-ok).
+    user: String,
+    /// Where queues deliver to this connection.
+    outlet: Arc<dyn Outlet>,
+    /// Who the channels act for, fixed at connection.open.
+    session_ctx: Option<Arc<SessionCtx>>,
     state: State,
     tuning: Tuning,
     client_properties: FieldTable,
@@ -117,14 +124,10 @@ impl Connection {
     pub fn new(broker: Broker, outlet: Arc<dyn Outlet>, peer: Option<IpAddr>) -> Connection {
         let config = broker.config().clone();
         Connection {
-            ctx: Ctx {
-                vhost: None,
-                connection: broker.next_connection_id(),
-                user: String::new(),
-                outlet,
-                frame_max: config.frame_max,
-                max_message_size: config.max_message_size,
-            },
+            id: broker.next_connection_id(),
+            user: String::new(),
+            outlet,
+            session_ctx: None,
             broker,
             peer,
             state: State::AwaitStartOk,
@@ -144,7 +147,7 @@ impl Connection {
     }
 
     pub fn id(&self) -> u64 {
-        self.ctx.connection
+        self.id
     }
 
     /// The tuning in force. Before tune-ok, frame_max is our proposal (the handshake must fit).
@@ -153,7 +156,7 @@ impl Connection {
     }
 
     pub fn user(&self) -> &str {
-        &self.ctx.user
+        &self.user
     }
 
     pub fn client_properties(&self) -> &FieldTable {
@@ -241,7 +244,7 @@ impl Connection {
                 let frame_max = self.tuning.frame_max;
                 match self.channels.get_mut(&d.consumer.channel) {
                     Some(ch) if self.state == State::Open => ch.deliver(d, frame_max, out),
-                    _ => Channel::bounce(d),
+                    _ => d.bounce(),
                 }
             }
             ConnEvent::ConsumerCancelled {
@@ -316,25 +319,17 @@ impl Connection {
     /// Sends what was held back to coalesce (publisher confirms). Call after each batch of
     /// input frames.
     pub fn flush(&mut self, out: &mut BytesMut) {
-        self.broker.save_definitions_if_dirty();
-        let persistence = self.broker.persistence().cloned();
-        let synced = || persistence.as_ref().map_or(u64::MAX, |p| p.synced_epoch());
-        let round_failed = |epoch: u64| persistence.as_ref().is_some_and(|p| p.round_failed(epoch));
-        let mut waiting = false;
         let mut failures = Vec::new();
-        for (&id, ch) in self.channels.iter_mut() {
-            let f = ch.flush_confirms(synced(), &round_failed, out);
-            waiting |= f.waiting;
-            failures.extend(f.failed.map(|e| (id, e)));
-        }
-        if let (true, Some(p)) = (waiting, &persistence) {
-            // Register, then look again: a round that ended in between must not be missed.
-            p.notify_when_synced(&self.ctx.outlet);
-            for (&id, ch) in self.channels.iter_mut() {
-                let f = ch.flush_confirms(synced(), &round_failed, out);
+        let channels = &mut self.channels;
+        poll_confirm_passes(&self.broker, &self.outlet, |clock| {
+            let mut waiting = false;
+            for (&id, ch) in channels.iter_mut() {
+                let f = ch.flush_confirms(clock, out);
+                waiting |= f.waiting;
                 failures.extend(f.failed.map(|e| (id, e)));
             }
-        }
+            waiting
+        });
         for (id, e) in failures {
             self.fail(id, e, out);
         }
@@ -342,13 +337,13 @@ impl Connection {
 
     fn fail(&mut self, channel: u16, err: AmqpError, out: &mut BytesMut) {
         if err.is_hard() || channel == 0 {
-            tracing::debug!(connection = self.ctx.connection, code = err.code.code(), text = %err.text, "closing connection");
+            tracing::debug!(connection = self.id, code = err.code.code(), text = %err.text, "closing connection");
             self.close_channels();
             encode_method(out, 0, &err.to_connection_close());
             self.state = State::Closing;
         } else if let Some(ch) = self.channels.get_mut(&channel) {
-            tracing::debug!(connection = self.ctx.connection, channel, code = err.code.code(), text = %err.text, "closing channel");
-            ch.close(self.ctx.vhost.as_ref());
+            tracing::debug!(connection = self.id, channel, code = err.code.code(), text = %err.text, "closing channel");
+            ch.close();
             encode_method(out, channel, &err.to_close());
         }
     }
@@ -411,7 +406,7 @@ impl Connection {
                 if channel == 0 {
                     return Err((0, unexpected_frame()));
                 }
-                let ctx = &self.ctx;
+                let frame_max = self.tuning.frame_max;
                 let Some(ch) = self.channels.get_mut(&channel) else {
                     return Err((
                         0,
@@ -431,9 +426,9 @@ impl Connection {
                     );
                 }
                 let r = if frame.kind == FRAME_HEADER {
-                    ch.content_header(ctx, frame.payload, out)
+                    ch.content_header(frame.payload, frame_max, out)
                 } else {
-                    ch.content_body(ctx, frame.payload, out)
+                    ch.content_body(frame.payload, frame_max, out)
                 };
                 r.map_err(|e| (channel, e))
             }
@@ -501,11 +496,17 @@ impl Connection {
                         format!("vhost {name} not found"),
                     )));
                 };
-                self.ctx.vhost = Some(vh);
-                self.ctx.frame_max = self.tuning.frame_max;
+                self.session_ctx = Some(Arc::new(SessionCtx {
+                    broker: self.broker.clone(),
+                    vhost: vh,
+                    connection: self.id,
+                    user: self.user.clone(),
+                    outlet: self.outlet.clone(),
+                    max_message_size: self.broker.config().max_message_size,
+                }));
                 self.state = State::Open;
                 self.broker
-                    .register_connection(self.ctx.connection, self.ctx.outlet.clone());
+                    .register_connection(self.id, self.outlet.clone());
                 encode_method(
                     out,
                     0,
@@ -571,7 +572,7 @@ impl Connection {
         }
         .ok_or_else(|| refused(mechanism))?;
         match self.broker.login(&user, &pass, self.peer) {
-            Ok(u) => self.ctx.user = u.name,
+            Ok(u) => self.user = u.name,
             Err(why) => {
                 tracing::warn!(user = %user, reason = ?why, "login refused");
                 return Err(match why {
@@ -639,7 +640,14 @@ impl Connection {
                     ),
                 ));
             }
-            self.channels.insert(channel, Channel::new(channel));
+            let Some(ctx) = &self.session_ctx else {
+                return Err((
+                    0,
+                    AmqpError::new(ReplyCode::InternalError, "connection has no vhost"),
+                ));
+            };
+            self.channels
+                .insert(channel, Channel::new(Session::new(ctx.clone(), channel)));
             encode_method(
                 out,
                 channel,
@@ -669,12 +677,12 @@ impl Connection {
             return Ok(());
         }
         if let Method::Other(AMQPClass::Channel(amqp_channel::AMQPMethod::Close(_))) = method {
-            ch.close(self.ctx.vhost.as_ref());
+            ch.close();
             self.channels.remove(&channel);
             encode_method(out, channel, &channel_close_ok());
             return Ok(());
         }
-        let r = ch.handle_method(&self.ctx, method, out);
+        let r = ch.handle_method(method, self.tuning.frame_max, out);
         r.map_err(|e| {
             let e = if e.class_id == 0 {
                 e.with_method(class_id, method_id)
@@ -687,17 +695,17 @@ impl Connection {
 
     fn close_channels(&mut self) {
         for (_, mut ch) in self.channels.drain() {
-            ch.close(self.ctx.vhost.as_ref());
+            ch.close();
         }
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.broker.deregister_connection(self.ctx.connection);
+        self.broker.deregister_connection(self.id);
         self.close_channels();
-        if let Some(vh) = &self.ctx.vhost {
-            vh.connection_closed(self.ctx.connection);
+        if let Some(ctx) = &self.session_ctx {
+            ctx.vhost.connection_closed(self.id);
         }
         self.broker.save_definitions_if_dirty();
     }

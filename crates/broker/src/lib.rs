@@ -13,7 +13,11 @@
 //! - [`consumer`]: consumers, their credit, and the [`Outlet`] a queue delivers through.
 //! - [`message`]: the shared, immutable message.
 //! - [`durable`]: the bridge to `rill-store`: queue logs, group commit, definitions.
-//! - [`connection`] / `channel`: the AMQP state machines: frames in, frames out.
+//! - [`session`]: one channel's semantics as a typed API (declare, publish with confirms,
+//!   consume with prefetch, get, ack/nack/requeue, transactions, close); in-process users
+//!   such as embedded stream jobs drive it directly.
+//! - [`connection`] / `channel`: the AMQP state machines: frames in, frames out; a channel is
+//!   the wire adapter over a [`session::Session`].
 //!
 //! This crate knows nothing of sockets or runtimes (files only through `rill-store`): the server feeds it frames and
 //! writes the bytes it produces; queues hand deliveries to connections through an [`Outlet`].
@@ -30,8 +34,10 @@ pub mod durable;
 pub mod exchange;
 pub mod message;
 pub mod queue;
+pub mod session;
 pub mod vhost;
 
 pub use broker::{Broker, BrokerConfig};
 pub use connection::{Connection, Status, Tuning};
 pub use consumer::{ConnEvent, Outlet};
+pub use session::{Inbox, Session};

@@ -72,6 +72,43 @@ pub struct QueueDeclare<'a> {
     pub arguments: FieldTable,
 }
 
+impl<'a> QueueDeclare<'a> {
+    /// A durable, non-exclusive, non-auto-delete queue without arguments.
+    pub fn durable(name: &'a str) -> QueueDeclare<'a> {
+        QueueDeclare {
+            name,
+            passive: false,
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: FieldTable::default(),
+        }
+    }
+
+    /// Checks that a queue exists without changing anything (`passive`).
+    pub fn passive(name: &'a str) -> QueueDeclare<'a> {
+        QueueDeclare {
+            passive: true,
+            ..QueueDeclare::durable(name)
+        }
+    }
+}
+
+impl<'a> ExchangeDeclare<'a> {
+    /// A durable exchange of `kind` without arguments.
+    pub fn durable(name: &'a str, kind: &'a str) -> ExchangeDeclare<'a> {
+        ExchangeDeclare {
+            name,
+            kind,
+            passive: false,
+            durable: true,
+            auto_delete: false,
+            internal: false,
+            arguments: FieldTable::default(),
+        }
+    }
+}
+
 fn bool_word(b: bool) -> &'static str {
     if b {
         "true"
