@@ -1,0 +1,117 @@
+//! Messages as connectors move them: what a source read ([`Incoming`]) and what a sink
+//! publishes ([`Outgoing`]), the same for the in-process and the TCP transport.
+
+use bytes::Bytes;
+use rill_broker::message::Message;
+use rill_codec::{AMQPValue, BasicProperties, FieldTable};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// Identifies a delivery on a transport. `generation` counts reconnections: a tag from an
+/// earlier connection must never be acked on a later one (it would settle another message),
+/// so transports ignore settlements of stale generations; the broker has requeued those
+/// deliveries anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeliveryTag {
+    pub generation: u32,
+    pub tag: u64,
+}
+
+/// A message read from a queue, with the delivery it came in.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub tag: DeliveryTag,
+    /// The broker delivered it before (to this job or another consumer).
+    pub redelivered: bool,
+    pub content: Content,
+}
+
+/// A message's content, as the transport got it.
+#[derive(Debug, Clone)]
+pub enum Content {
+    /// From the in-process broker: the broker's own message, shared, not copied.
+    Local(Arc<Message>),
+    /// From a broker over TCP.
+    Remote {
+        exchange: String,
+        routing_key: String,
+        properties: Box<BasicProperties>,
+        body: Bytes,
+    },
+}
+
+impl Incoming {
+    /// A message without a transport behind it (tests, examples): delivery tag 0.
+    pub fn detached(routing_key: &str, properties: BasicProperties, body: Bytes) -> Incoming {
+        Incoming {
+            tag: DeliveryTag {
+                generation: 0,
+                tag: 0,
+            },
+            redelivered: false,
+            content: Content::Remote {
+                exchange: String::new(),
+                routing_key: routing_key.to_owned(),
+                properties: Box::new(properties),
+                body,
+            },
+        }
+    }
+
+    pub fn body(&self) -> &[u8] {
+        match &self.content {
+            Content::Local(m) => &m.body,
+            Content::Remote { body, .. } => body,
+        }
+    }
+
+    /// The body as shared bytes (no copy).
+    pub fn body_bytes(&self) -> Bytes {
+        match &self.content {
+            Content::Local(m) => m.body.clone(),
+            Content::Remote { body, .. } => body.clone(),
+        }
+    }
+
+    pub fn exchange(&self) -> &str {
+        match &self.content {
+            Content::Local(m) => &m.exchange,
+            Content::Remote { exchange, .. } => exchange,
+        }
+    }
+
+    pub fn routing_key(&self) -> &str {
+        match &self.content {
+            Content::Local(m) => m.routing_key_str(),
+            Content::Remote { routing_key, .. } => routing_key,
+        }
+    }
+
+    /// The message's properties (decoded on demand for in-process messages, which keep them
+    /// as published).
+    pub fn properties(&self) -> Cow<'_, BasicProperties> {
+        match &self.content {
+            Content::Local(m) => {
+                Cow::Owned(rill_codec::decode_properties(&m.properties).unwrap_or_default())
+            }
+            Content::Remote { properties, .. } => Cow::Borrowed(properties),
+        }
+    }
+
+    /// One header's value.
+    pub fn header(&self, name: &str) -> Option<AMQPValue> {
+        self.properties()
+            .headers()
+            .as_ref()
+            .and_then(|h: &FieldTable| h.inner().get(name).cloned())
+    }
+}
+
+/// A message a sink publishes.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub exchange: Arc<str>,
+    pub routing_key: String,
+    pub properties: BasicProperties,
+    pub body: Bytes,
+}
