@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`server`]: the listener, the connection cap, signal handling and orderly shutdown.
 //! - [`alarms`]: memory and free-disk sampling that raises the broker's resource alarms.
+//! - [`jobs`]: jobs attached to the broker process, started after recovery and stopped
+//!   before connections close.
 //! - [`conn`]: one connection task: socket bytes ↔ frames ↔ the broker core's state machine,
 //!   heartbeats, batched writes.
 //!
@@ -10,7 +12,9 @@
 
 pub mod alarms;
 mod conn;
+pub mod jobs;
 pub mod server;
 
 pub use alarms::AlarmConfig;
-pub use server::{run_blocking, serve, ServerConfig, ServerError};
+pub use jobs::{EmbeddedJob, RunningJob};
+pub use server::{run_blocking, serve, Server, ServerConfig, ServerError};

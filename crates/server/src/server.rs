@@ -1,6 +1,7 @@
 //! Listener, connection cap, signals and shutdown.
 
 use crate::conn;
+use crate::jobs::EmbeddedJob;
 use rill_broker::{Broker, BrokerConfig};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -50,48 +51,99 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Starts a runtime and serves until SIGINT or SIGTERM.
 pub fn run_blocking(config: ServerConfig) -> Result<(), ServerError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
-    check_writable(&config.data_dir)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("rill-io")
-        .build()
-        .map_err(ServerError::Runtime)?;
-    runtime.block_on(async move {
-        let addr = SocketAddr::new(config.bind, config.port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })?;
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "rill broker listening");
-        let started = std::time::Instant::now();
-        let broker = Broker::open(BrokerConfig::default(), &config.data_dir, config.sync)?;
-        tracing::info!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "data directory loaded"
-        );
-        // Message TTLs and x-expires: a few ticks a second keep expiry within ~25 ms.
-        let ticking = broker.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_millis(25));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                ticking.tick();
-            }
-        });
-        tokio::spawn(crate::alarms::watch(
-            broker.clone(),
-            crate::alarms::AlarmConfig {
-                memory_high_watermark: config.memory_high_watermark,
-                disk_free_limit: config.disk_free_limit,
-                data_dir: config.data_dir.clone(),
-            },
-        ));
-        serve(listener, broker, config.max_connections, shutdown_signal()).await
-    })
+    Server::new(config).run_blocking()
+}
+
+/// The broker process: its configuration and the jobs it runs inside.
+///
+/// ```no_run
+/// # fn job() -> Box<dyn rill_server::EmbeddedJob> { unimplemented!() }
+/// let config = rill_server::ServerConfig {
+///     bind: "127.0.0.1".parse().unwrap(),
+///     port: 5672,
+///     data_dir: "./rill-data".into(),
+///     max_connections: 65_536,
+///     memory_high_watermark: 0.4,
+///     disk_free_limit: 50_000_000,
+///     sync: rill_store::SyncPolicy::Always,
+/// };
+/// rill_server::Server::new(config).job(job()).run_blocking().unwrap();
+/// ```
+pub struct Server {
+    config: ServerConfig,
+    jobs: Vec<Box<dyn EmbeddedJob>>,
+}
+
+impl Server {
+    pub fn new(config: ServerConfig) -> Server {
+        Server {
+            config,
+            jobs: Vec::new(),
+        }
+    }
+
+    /// Attaches a job: started once the data directory is recovered, stopped (and waited for)
+    /// before connections close at shutdown.
+    pub fn job(mut self, job: Box<dyn EmbeddedJob>) -> Server {
+        self.jobs.push(job);
+        self
+    }
+
+    /// Starts a runtime and serves until SIGINT or SIGTERM.
+    pub fn run_blocking(self) -> Result<(), ServerError> {
+        let Server { config, jobs } = self;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        check_writable(&config.data_dir)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("rill-io")
+            .build()
+            .map_err(ServerError::Runtime)?;
+        runtime.block_on(async move {
+            let addr = SocketAddr::new(config.bind, config.port);
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            tracing::info!(%addr, data_dir = %config.data_dir.display(), "rill broker listening");
+            let started = std::time::Instant::now();
+            let broker = Broker::open(BrokerConfig::default(), &config.data_dir, config.sync)?;
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "data directory loaded"
+            );
+            // Message TTLs and x-expires: a few ticks a second keep expiry within ~25 ms.
+            let ticking = broker.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_millis(25));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    ticking.tick();
+                }
+            });
+            tokio::spawn(crate::alarms::watch(
+                broker.clone(),
+                crate::alarms::AlarmConfig {
+                    memory_high_watermark: config.memory_high_watermark,
+                    disk_free_limit: config.disk_free_limit,
+                    data_dir: config.data_dir.clone(),
+                },
+            ));
+            let running = crate::jobs::start_all(jobs, &broker);
+            let stop_jobs = async move {
+                shutdown_signal().await;
+                if !running.is_empty() {
+                    tracing::info!(jobs = running.len(), "shutting down: stopping jobs");
+                    let _ =
+                        tokio::task::spawn_blocking(move || crate::jobs::stop_all(running)).await;
+                }
+            };
+            serve(listener, broker, config.max_connections, stop_jobs).await
+        })
+    }
 }
 
 fn check_writable(dir: &std::path::Path) -> Result<(), ServerError> {

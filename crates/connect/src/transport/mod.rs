@@ -68,7 +68,7 @@ pub struct PublishSpec {
 
 /// How a transport logs in and where: `amqp://user:pass@host:port/vhost` over TCP, or the
 /// same credentials and vhost in-process.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub user: String,
     pub password: String,

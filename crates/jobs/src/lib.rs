@@ -1,0 +1,12 @@
+//! Built-in stream jobs over queues, job files, and the two ways to run a job: as its own
+//! process against any AMQP 0-9-1 broker (`rill job run`), or inside `rill server`
+//! (`--job FILE`) over in-process sessions.
+//!
+//! # Layout
+//! - [`spec`]: what to run ([`JobSpec`]: a built-in job and its options).
+//! - [`jobfile`]: job files (TOML) and their errors, which name the bad key and its line.
+
+pub mod jobfile;
+pub mod spec;
+
+pub use spec::{BuiltinJob, JobOptions, JobSpec};
