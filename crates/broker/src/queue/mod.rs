@@ -194,20 +194,27 @@ impl Queue {
         self.last_used.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// Publisher flow control, like RabbitMQ's credit flow: while consumers are attached and
-    /// cannot keep up, publishers into this queue should pause reading their sockets. A queue
-    /// without consumers is buffering by design and never holds publishers back.
+    /// Publisher flow control for backlogs that cannot leave memory. A queue is a buffer:
+    /// a durable queue pages persistent messages beyond [`MEMORY_WINDOW`] out to disk, so a
+    /// slow consumer never holds its publishers back (as in RabbitMQ; only resource alarms
+    /// block publishers). Transient messages have nowhere to go but memory, so while a
+    /// consumed queue holds more than the window of them and its consumers cannot keep up,
+    /// publishers into it pause reading their sockets, long before the memory alarm would
+    /// block every publisher of the broker. A queue without consumers is buffering by design
+    /// and never holds publishers back.
     pub fn wants_publishers_paused(&self) -> bool {
         // A stream's "ready" count is its whole log, which consumers never drain.
         !self.is_stream()
             && self.stats.consumers.load(Ordering::Relaxed) > 0
             && self.stats.ready.load(Ordering::Relaxed) > FLOW_HIGH
+            && self.stats.memory_bytes.load(Ordering::Relaxed) > MEMORY_WINDOW
     }
 
     /// Publishers paused by this queue may resume.
     pub fn lets_publishers_resume(&self) -> bool {
         self.stats.consumers.load(Ordering::Relaxed) == 0
             || self.stats.ready.load(Ordering::Relaxed) < FLOW_LOW
+            || self.stats.memory_bytes.load(Ordering::Relaxed) <= MEMORY_WINDOW / 2
             || self.is_deleted()
     }
 
