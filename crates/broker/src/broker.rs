@@ -3,6 +3,7 @@
 
 use crate::consumer::{ConnEvent, Outlet};
 use crate::durable::Persistence;
+use crate::jobs::JobCounters;
 use crate::vhost::VHost;
 use parking_lot::{Mutex, RwLock};
 use rill_store::{Definitions, StoreError, SyncPolicy, VhostDef};
@@ -62,6 +63,8 @@ struct Inner {
     alarms: Mutex<Vec<String>>,
     /// The data directory, when the broker keeps durable state.
     persistence: Option<Arc<Persistence>>,
+    /// Stream jobs running inside the broker process, by name.
+    jobs: Mutex<Vec<Arc<JobCounters>>>,
 }
 
 /// Why a login was refused (the wire reply is the same for all: 403).
@@ -157,6 +160,7 @@ impl Broker {
                 next_connection_id: AtomicU64::new(1),
                 connections: Mutex::new(HashMap::new()),
                 alarms: Mutex::new(Vec::new()),
+                jobs: Mutex::new(Vec::new()),
             }),
         };
         b.add_vhost("/");
@@ -266,6 +270,23 @@ impl Broker {
             Some(a) if a == "disk" => Some("low on disk".to_owned()),
             Some(a) => Some(format!("low on {a}")),
         }
+    }
+
+    /// Registers the counters of a job running inside the broker process (replacing a job's
+    /// of the same name).
+    pub fn register_job(&self, counters: Arc<JobCounters>) {
+        let mut jobs = self.inner.jobs.lock();
+        jobs.retain(|j| j.name() != counters.name());
+        jobs.push(counters);
+    }
+
+    pub fn deregister_job(&self, name: &str) {
+        self.inner.jobs.lock().retain(|j| j.name() != name);
+    }
+
+    /// The jobs running inside the broker process.
+    pub fn jobs(&self) -> Vec<Arc<JobCounters>> {
+        self.inner.jobs.lock().clone()
     }
 
     pub(crate) fn next_connection_id(&self) -> u64 {

@@ -12,6 +12,7 @@
 //! - [`deadletter`]: the `x-death` history of dead-lettered messages.
 //! - [`consumer`]: consumers, their credit, and the [`Outlet`] a queue delivers through.
 //! - [`message`]: the shared, immutable message.
+//! - [`jobs`]: progress counters of the stream jobs attached to the broker.
 //! - [`durable`]: the bridge to `rill-store`: queue logs, group commit, definitions.
 //! - [`session`]: one channel's semantics as a typed API (declare, publish with confirms,
 //!   consume with prefetch, get, ack/nack/requeue, transactions, close); in-process users
@@ -32,6 +33,7 @@ pub mod consumer;
 pub mod deadletter;
 pub mod durable;
 pub mod exchange;
+pub mod jobs;
 pub mod message;
 pub mod queue;
 pub mod session;

@@ -5,8 +5,10 @@
 //! # Layout
 //! - [`spec`]: what to run ([`JobSpec`]: a built-in job and its options).
 //! - [`jobfile`]: job files (TOML) and their errors, which name the bad key and its line.
+//! - [`progress`]: the progress line every job logs every few seconds.
 
 pub mod jobfile;
+pub mod progress;
 pub mod spec;
 
 pub use spec::{BuiltinJob, JobOptions, JobSpec};
