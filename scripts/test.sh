@@ -2,7 +2,8 @@
 # The one test command: README.md and .ci/run call exactly this.
 #
 # Installs what the interop suite needs (a Python venv at .venv with the pinned
-# clients from tests/interop/requirements.txt), builds the `rill` binary, runs
+# clients from tests/interop/requirements.txt, and Debian's rabbitmq-server, which
+# some tests run as a private node to compare with), builds the `rill` binary, runs
 # fmt/clippy/cargo tests, then drives the real binary with pika, aio-pika and
 # kombu (tests/interop). Works as root on a fresh Debian box with Rust and
 # python3 installed; never reads stdin. Any failing step fails the script, and
@@ -37,6 +38,19 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     -r tests/interop/requirements.txt </dev/null
+
+step "rabbitmq-server (the reference broker some interop tests compare with)"
+if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq </dev/null
+        # The Debian package starts no service here (no systemd); tests run private nodes.
+        apt-get install -y -qq rabbitmq-server </dev/null
+    else
+        echo "rabbitmq-server is missing and apt-get is unavailable" >&2
+        exit 1
+    fi
+fi
 
 step "cargo build -p rill"
 cargo build -p rill
