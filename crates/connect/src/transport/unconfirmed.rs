@@ -100,7 +100,6 @@ impl Unconfirmed {
     }
 
     /// The channel is gone: everything unconfirmed goes out again on the next one.
-    #[allow(dead_code)] // the TCP transport (being written) reconnects
     pub(crate) fn reset(&mut self) {
         self.by_wire.clear();
         for e in &mut self.entries {
