@@ -17,7 +17,7 @@ pub mod raw;
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -54,18 +54,7 @@ impl Broker {
         let data_dir = base.join("data");
         fs::create_dir_all(&data_dir).expect("create temp data dir");
         let stderr_path = base.join("stderr.log");
-        let stderr = fs::File::create(&stderr_path).expect("create stderr log");
-        let child = Command::new(env!("CARGO_BIN_EXE_rill"))
-            .arg("server")
-            .arg("--port")
-            .arg(port.to_string())
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn rill server");
+        let child = spawn_server(port, &data_dir, &stderr_path);
         let mut broker = Broker {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child: Some(child),
@@ -98,6 +87,45 @@ impl Broker {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether this is the broker named by `AMQP_TEST_ADDR`, which tests cannot kill or
+    /// restart.
+    pub fn is_external(&self) -> bool {
+        self.child.is_none()
+    }
+
+    /// Kills the `rill server` child with SIGKILL (no clean shutdown: sockets reset, nothing
+    /// flushed beyond what was synced) and waits for it to exit.
+    pub fn kill(&mut self) {
+        let child = self
+            .child
+            .as_mut()
+            .expect("an external broker cannot be killed");
+        child.kill().expect("kill rill server");
+        child.wait().expect("reap rill server");
+    }
+
+    /// Starts `rill server` again on the same port and data directory (after [`Broker::kill`])
+    /// and waits until it listens.
+    pub fn revive(&mut self) {
+        let base = self
+            .data_dir
+            .as_ref()
+            .expect("an external broker cannot be revived");
+        let stderr_path = self.stderr_path.clone().expect("a child broker logs");
+        self.child = Some(spawn_server(
+            self.addr.port(),
+            &base.join("data"),
+            &stderr_path,
+        ));
+        self.wait_until_listening();
+    }
+
+    /// [`Broker::kill`], then [`Broker::revive`].
+    pub fn restart(&mut self) {
+        self.kill();
+        self.revive();
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -146,6 +174,27 @@ impl Drop for Broker {
             let _ = fs::remove_dir_all(dir);
         }
     }
+}
+
+/// Runs `rill server` on `port` with `data_dir`, appending its stderr to `stderr_path` (a
+/// restarted broker keeps one log).
+fn spawn_server(port: u16, data_dir: &Path, stderr_path: &Path) -> Child {
+    let stderr = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stderr_path)
+        .expect("open stderr log");
+    Command::new(env!("CARGO_BIN_EXE_rill"))
+        .arg("server")
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn rill server")
 }
 
 /// A port that was free a moment ago. The broker binds it right after; the tiny race with other
