@@ -183,6 +183,12 @@ impl Endpoint {
         let parsed: AMQPUri = uri
             .parse()
             .map_err(|e: String| ConnectError::Config(format!("bad AMQP URI: {e}")))?;
+        if parsed.scheme == lapin::uri::AMQPScheme::AMQPS {
+            // Said now rather than after start_timeout of failing connection attempts.
+            return Err(ConnectError::Config(
+                "amqps:// is not supported: the workspace builds lapin without TLS".into(),
+            ));
+        }
         let shown = format!(
             "amqp://{}@{}:{}/{}",
             parsed.authority.userinfo.username,
@@ -1433,10 +1439,15 @@ mod tests {
         let ep = Endpoint::parse("amqp://guest:guest@localhost:5672/%2f", "n".into())
             .expect("a valid URI");
         assert_eq!(ep.shown, "amqp://guest@localhost:5672/%2f");
-        assert!(matches!(
-            Endpoint::parse("http://nope", "n".into()),
-            Err(ConnectError::Config(_))
-        ));
+        for bad in ["http://nope", "amqps://guest:guest@localhost:5671/%2f"] {
+            assert!(
+                matches!(
+                    Endpoint::parse(bad, "n".into()),
+                    Err(ConnectError::Config(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
