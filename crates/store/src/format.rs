@@ -1,11 +1,12 @@
 //! The on-disk encoding: file headers and records. Every integer is explicitly little-endian.
 //!
 //! ```text
-//! file header   magic[8] ("RILLSEG\0" | "RILLACK\0" | "RILLDEF\0")  version u32
+//! file header   magic[8] ("RILLSEG\0" | "RILLACK\0" | "RILLDEF\0" | "RILLKEY\0")  version u32
 //! record        len u32  crc32c(payload) u32  payload[len]
 //! payload       timestamp_ms u64  flags u8  exchange_len u8  exchange
 //!               routing_key_len u8  routing_key  properties_len u32  properties  body (rest)
 //! ack entry     record offset u32
+//! key payload   kind u8  value u64  key (rest)   (in `.keys` files; see `keylog`)
 //! ```
 
 use std::path::Path;
@@ -17,6 +18,7 @@ use crate::{StoreError, StoredMessage};
 pub(crate) const SEG_MAGIC: &[u8; 8] = b"RILLSEG\0";
 pub(crate) const ACK_MAGIC: &[u8; 8] = b"RILLACK\0";
 pub(crate) const DEF_MAGIC: &[u8; 8] = b"RILLDEF\0";
+pub(crate) const KEY_MAGIC: &[u8; 8] = b"RILLKEY\0";
 /// The format version this build reads and writes.
 pub const VERSION: u32 = 1;
 /// Bytes of a file header.
@@ -80,7 +82,7 @@ pub(crate) fn le_u32(b: &[u8]) -> u32 {
     u32::from_le_bytes(a)
 }
 
-fn le_u64(b: &[u8]) -> u64 {
+pub(crate) fn le_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_le_bytes(a)

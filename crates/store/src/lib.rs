@@ -4,9 +4,12 @@
 //! # Layout
 //! - [`queue`]: [`QueueStore`], one durable queue's log: append, ack, read, sync, recovery.
 //! - [`sync_group`]: [`SyncGroup`], the background thread that fsyncs dirty stores in rounds.
+//! - [`keylog`]: [`KeyLog`], remembered keys with expiry times (message deduplication), an
+//!   append-only log written after the data it depends on and rewritten when mostly dead.
 //! - [`definitions`]: [`DefinitionsFile`], vhosts/users/exchanges/queues/bindings, saved
 //!   atomically.
-//! - [`layout`]: where each queue lives in the data directory ([`queue_dir`]).
+//! - [`layout`]: where each queue and exchange lives in the data directory ([`queue_dir`],
+//!   [`exchange_dir`]).
 //! - [`backend`]: the storage seam ([`backend::StorageBackend`]) with file, in-memory
 //!   (power-loss simulating) and fault-injecting implementations.
 //! - `format`, `segment`: the byte layout (all little-endian) and per-segment bookkeeping.
@@ -21,6 +24,7 @@ pub mod backend;
 pub mod definitions;
 mod error;
 mod format;
+pub mod keylog;
 pub mod layout;
 pub mod queue;
 mod segment;
@@ -32,7 +36,8 @@ pub use definitions::{
 };
 pub use error::StoreError;
 pub use format::{HEADER_LEN, MAX_PAYLOAD, RECORD_HEADER_LEN, VERSION};
-pub use layout::{ensure_queue_dir, queue_dir};
+pub use keylog::{KeyLog, KeyRecord, SharedKeyLog};
+pub use layout::{ensure_exchange_dir, ensure_queue_dir, exchange_dir, queue_dir};
 pub use queue::{
     Position, QueueStore, RecoveredRecord, StoreOptions, StoreStats, StoredMessage, SyncBatch,
     SyncPolicy, FLAG_DELIVERED,

@@ -193,6 +193,26 @@ pub struct SyncBatch {
 }
 
 impl SyncBatch {
+    /// A batch for the files of another kind of log in `dir` (see [`crate::KeyLog`]).
+    pub(crate) fn new(
+        dir: &Path,
+        files: Vec<(PathBuf, Arc<dyn StorageFile>)>,
+        sync_dir: bool,
+        fsync: bool,
+        backend: Arc<dyn StorageBackend>,
+        failure: Arc<OnceLock<String>>,
+    ) -> SyncBatch {
+        SyncBatch {
+            dir: dir.to_path_buf(),
+            files,
+            sync_dir,
+            fsync,
+            acks_deferred: false,
+            backend,
+            failure,
+        }
+    }
+
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
         self.files.is_empty() && !self.sync_dir

@@ -8,6 +8,10 @@
 //! `mark_dirty` returned `e` is durable once `synced_epoch() >= e`, unless the store reports a
 //! [`QueueStore::failure`](crate::QueueStore::failure).
 //!
+//! Key logs ([`KeyLog`](crate::KeyLog), marked with [`SyncGroup::mark_keys_dirty`]) are
+//! written in a second stage of each round, after the queue logs' fdatasyncs: a remembered
+//! deduplication key must never be on disk before the message it stands for.
+//!
 //! A caller that appends a batch (a connection handling one read's worth of publishes) holds a
 //! [`DeferredStart`] meanwhile: the round then starts once, when the batch is done, instead of
 //! at its first message, so one fdatasync covers the batch and does not compete for a core
@@ -23,7 +27,7 @@ use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::{SharedStore, StoreError, SyncPolicy};
+use crate::{SharedKeyLog, SharedStore, StoreError, SyncPolicy};
 
 type Subscriber = Arc<dyn Fn(u64) + Send + Sync>;
 
@@ -88,6 +92,9 @@ struct State {
     /// Epoch of the round being collected.
     collecting: u64,
     dirty: Vec<SharedStore>,
+    /// Key logs in the round, written after `dirty` is synced.
+    keys: Vec<SharedKeyLog>,
+    /// `dirty` and `keys`, by address.
     seen: HashSet<usize>,
     /// Dirty stores nobody waits on (see [`SyncGroup::mark_dirty_lazy`]).
     lazy: Vec<SharedStore>,
@@ -103,6 +110,7 @@ impl SyncGroup {
             state: Mutex::new(State {
                 collecting: 1,
                 dirty: Vec::new(),
+                keys: Vec::new(),
                 seen: HashSet::new(),
                 lazy: Vec::new(),
                 lazy_seen: HashSet::new(),
@@ -131,8 +139,25 @@ impl SyncGroup {
     pub fn mark_dirty(&self, store: &SharedStore) -> u64 {
         let sh = &self.handle.shared;
         let mut st = sh.state.lock();
-        if st.add_dirty(store) && st.dirty.len() == 1 && !defer_start(self) {
+        if st.add_dirty(store) && st.pending() == 1 && !defer_start(self) {
             sh.work.notify_one();
+        }
+        st.collecting
+    }
+
+    /// [`SyncGroup::mark_dirty`] for a key log: puts it in the round being collected and
+    /// returns that round's epoch. The round writes the log's records whose `after_epoch` it
+    /// has reached, after the queue logs' fdatasyncs, so a record appended with
+    /// `after_epoch <= e` before this returned `e` is durable once `e` is synced.
+    pub fn mark_keys_dirty(&self, log: &SharedKeyLog) -> u64 {
+        let sh = &self.handle.shared;
+        let mut st = sh.state.lock();
+        let added = st.seen.insert(Arc::as_ptr(log) as usize);
+        if added {
+            st.keys.push(log.clone());
+            if st.pending() == 1 && !defer_start(self) {
+                sh.work.notify_one();
+            }
         }
         st.collecting
     }
@@ -154,7 +179,7 @@ impl SyncGroup {
     fn start_pending(&self) {
         let sh = &self.handle.shared;
         let st = sh.state.lock();
-        if !st.dirty.is_empty() {
+        if st.pending() > 0 {
             sh.work.notify_one();
         }
     }
@@ -165,7 +190,7 @@ impl SyncGroup {
     pub fn mark_dirty_lazy(&self, store: &SharedStore) {
         let sh = &self.handle.shared;
         let mut st = sh.state.lock();
-        if st.add_lazy(store) && st.lazy.len() == 1 && st.dirty.is_empty() {
+        if st.add_lazy(store) && st.lazy.len() == 1 && st.pending() == 0 {
             // Let the thread start its LAZY_SYNC timer.
             sh.work.notify_one();
         }
@@ -222,6 +247,11 @@ impl Drop for Handle {
 }
 
 impl State {
+    /// Stores and key logs in the round being collected.
+    fn pending(&self) -> usize {
+        self.dirty.len() + self.keys.len()
+    }
+
     /// Puts `store` in the round being collected; false if it already is.
     fn add_dirty(&mut self, store: &SharedStore) -> bool {
         let added = self.seen.insert(Arc::as_ptr(store) as usize);
@@ -298,10 +328,10 @@ impl Drop for DeferredStart {
 fn run(sh: &Shared) {
     let mut last_round: Option<Instant> = None;
     loop {
-        let (epoch, stores, all_acks) = {
+        let (epoch, stores, key_logs, all_acks) = {
             let mut st = sh.state.lock();
             let mut lazy_since: Option<Instant> = None;
-            while st.dirty.is_empty() && !st.shutdown {
+            while st.pending() == 0 && !st.shutdown {
                 if st.lazy.is_empty() {
                     lazy_since = None;
                     sh.work.wait(&mut st);
@@ -316,13 +346,13 @@ fn run(sh: &Shared) {
             }
             // A round of its own for lazy writes (or the last one) syncs all ack files; a
             // round for publishes syncs only those whose acks have waited LAZY_SYNC.
-            let all_acks = st.dirty.is_empty() || st.shutdown;
+            let all_acks = st.pending() == 0 || st.shutdown;
             // Lazily dirtied stores ride along with this round.
             for store in std::mem::take(&mut st.lazy) {
                 st.add_dirty(&store);
             }
             st.lazy_seen.clear();
-            if st.dirty.is_empty() {
+            if st.pending() == 0 {
                 return; // shutdown with nothing pending
             }
             if let (SyncPolicy::Interval(d), Some(last)) = (sh.policy, last_round) {
@@ -334,7 +364,12 @@ fn run(sh: &Shared) {
             let epoch = st.collecting;
             st.collecting += 1;
             st.seen.clear();
-            (epoch, std::mem::take(&mut st.dirty), all_acks)
+            (
+                epoch,
+                std::mem::take(&mut st.dirty),
+                std::mem::take(&mut st.keys),
+                all_acks,
+            )
         };
         last_round = Some(Instant::now());
         let fsync = sh.policy != SyncPolicy::Never;
@@ -371,6 +406,20 @@ fn run(sh: &Shared) {
         if prepare_failed || failed.load(Ordering::Relaxed) {
             sh.failed_rounds.lock().insert(epoch);
         }
+        // Phase 3: key logs, now that the messages their records stand for are on disk. A
+        // record whose message's round failed is never written (the log fails instead).
+        let round_failed = |e: u64| sh.failed_rounds.lock().contains(&e);
+        for log in &key_logs {
+            let prepared = log.lock().prepare_round(epoch, fsync, &round_failed);
+            match prepared.and_then(|b| b.run()) {
+                Ok(()) => {}
+                Err(e) => {
+                    sh.failed_rounds.lock().insert(epoch);
+                    tracing::error!(error = %e, "key log write or fdatasync failed; the log refuses further writes");
+                }
+            }
+        }
+        drop(key_logs);
         {
             // Publish under the lock so a waiter cannot miss the notification.
             let mut st = sh.state.lock();
