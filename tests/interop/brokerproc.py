@@ -23,6 +23,7 @@ import signal
 import subprocess
 import threading
 import time
+from typing import Callable
 
 import pika
 import pika.exceptions
@@ -228,14 +229,15 @@ class ConfirmingPublisher(threading.Thread):
 
     Runs a pika SelectConnection on its own thread so confirms are pipelined (the
     broker can group-commit them) and the test thread is free to kill the broker.
-    Message n has body ``numbered_body(n, body_size)``. Stops after `count` messages
+    Message n has body ``numbered_body(n, body_size)`` and properties `properties`, or
+    `properties(n)` if that is callable. Stops after `count` messages
     are confirmed, when `stop()` is called, or when the connection drops (a killed
     broker): `confirmed`/`nacked` hold the numbers the broker settled by then.
     """
 
     def __init__(self, url: str, routing_key: str, *, first: int = 0, count: int | None = None,
                  window: int = 256, body_size: int = 32, exchange: str = "",
-                 properties: pika.BasicProperties = PERSISTENT):
+                 properties: pika.BasicProperties | Callable[[int], pika.BasicProperties] = PERSISTENT):
         super().__init__(daemon=True)
         self.url, self.routing_key, self.exchange = url, routing_key, exchange
         self.next, self.end = first, None if count is None else first + count
@@ -311,8 +313,9 @@ class ConfirmingPublisher(threading.Thread):
             self.next += 1
             self._tag += 1
             self._pending[self._tag] = n
+            props = self.properties(n) if callable(self.properties) else self.properties
             self._ch.basic_publish(self.exchange, self.routing_key, numbered_body(n, self.body_size),
-                                   self.properties)
+                                   props)
             self.published += 1
         if self.end is not None and self.next >= self.end and not self._pending:
             self._close()

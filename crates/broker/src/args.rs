@@ -1,6 +1,7 @@
 //! Queue arguments (`x-...`) that change a queue's behaviour, parsed and validated once at
 //! declaration with RabbitMQ's error texts.
 
+use crate::dedup::DedupArgs;
 use crate::vhost::type_name;
 use rill_codec::{AMQPValue, AmqpError, FieldTable, ReplyCode};
 
@@ -51,6 +52,8 @@ pub struct QueueArgs {
     pub max_age_ms: Option<u64>,
     /// `x-stream-max-segment-size-bytes` (streams): retention works a segment at a time.
     pub stream_segment_bytes: Option<u64>,
+    /// `x-message-deduplication` and its cache arguments.
+    pub dedup: Option<DedupArgs>,
 }
 
 impl Default for QueueArgs {
@@ -69,6 +72,7 @@ impl Default for QueueArgs {
             queue_type: QueueType::Classic,
             max_age_ms: None,
             stream_segment_bytes: None,
+            dedup: None,
         }
     }
 }
@@ -248,6 +252,7 @@ impl QueueArgs {
         };
         a.dead_letter_exchange = get("x-dead-letter-exchange").and_then(text);
         a.dead_letter_routing_key = get("x-dead-letter-routing-key").and_then(text);
+        a.dedup = DedupArgs::for_queue(args, a.queue_type, &what)?;
         Ok(a)
     }
 

@@ -1,5 +1,5 @@
 //! The broker's use of `rill-store`: a durable queue's log, group commit for publisher
-//! confirms, and the definitions file.
+//! confirms, deduplication key logs, and the definitions file.
 //!
 //! Only this module turns broker types into stored records and back, so the rest of the core
 //! sees messages and positions, never files.
@@ -9,8 +9,8 @@ use crate::message::Message;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use rill_store::{
-    Definitions, DefinitionsFile, Position, QueueStore, RecoveredRecord, SharedStore, StoreError,
-    StoreOptions, StoredMessage, SyncGroup, SyncPolicy,
+    Definitions, DefinitionsFile, KeyLog, KeyRecord, Position, QueueStore, RecoveredRecord,
+    SharedKeyLog, SharedStore, StoreError, StoreOptions, StoredMessage, SyncGroup, SyncPolicy,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,6 +103,57 @@ impl Durable {
     pub(crate) fn destroy(&self) {
         if let Err(e) = self.store.lock().destroy_in_place() {
             tracing::error!(error = %e, "cannot remove a deleted queue's files");
+        }
+    }
+}
+
+/// The key log of a durable deduplicating queue or exchange plus the group commit it syncs
+/// through (after the queue logs of each round: see [`rill_store::KeyLog`]).
+#[derive(Clone)]
+pub struct DurableKeys {
+    log: SharedKeyLog,
+    sync: SyncGroup,
+}
+
+impl std::fmt::Debug for DurableKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableKeys").finish_non_exhaustive()
+    }
+}
+
+impl DurableKeys {
+    /// Buffers a key to be written once round `after_epoch` (its message's) is synced; returns
+    /// the record's sequence number and the sync epoch after which the key is durable.
+    pub(crate) fn append(
+        &self,
+        key: &[u8],
+        expires_at_ms: Option<u64>,
+        after_epoch: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        let seq = self.log.lock().append(key, expires_at_ms, after_epoch)?;
+        Ok((seq, self.sync.mark_keys_dirty(&self.log)))
+    }
+
+    /// Records in the log's current generation, live or dead.
+    pub(crate) fn records(&self) -> u64 {
+        self.log.lock().records()
+    }
+
+    /// Starts a compacted generation from the live keys (buffer only; written by the next
+    /// round). See [`rill_store::KeyLog::rewrite`].
+    pub(crate) fn rewrite<'a>(
+        &self,
+        live: impl IntoIterator<Item = (&'a [u8], Option<u64>, u64)>,
+    ) -> Result<(), StoreError> {
+        self.log.lock().rewrite(live)?;
+        self.sync.mark_keys_dirty(&self.log);
+        Ok(())
+    }
+
+    /// The queue or exchange was deleted: its keys go.
+    pub(crate) fn destroy(&self) {
+        if let Err(e) = self.log.lock().destroy_in_place() {
+            tracing::error!(error = %e, "cannot remove a deleted deduplication cache's files");
         }
     }
 }
@@ -243,6 +294,36 @@ impl Persistence {
         let (store, recovered) = QueueStore::open_index(&dir, self.options)?;
         let durable = Durable::new(Arc::new(Mutex::new(store)), self.sync.clone());
         Ok((durable, recovered))
+    }
+
+    /// Opens (or creates) the deduplication key log kept in a durable queue's directory and
+    /// returns the keys it remembers, oldest first.
+    pub fn open_queue_keys(
+        &self,
+        vhost: &str,
+        queue: &str,
+    ) -> Result<(DurableKeys, Vec<KeyRecord>), StoreError> {
+        let dir = rill_store::ensure_queue_dir(&self.data_dir, vhost, queue)?;
+        self.open_keys(&dir)
+    }
+
+    /// The same for a durable deduplicating exchange (`<data_dir>/exchanges/<hash>/`).
+    pub fn open_exchange_keys(
+        &self,
+        vhost: &str,
+        exchange: &str,
+    ) -> Result<(DurableKeys, Vec<KeyRecord>), StoreError> {
+        let dir = rill_store::ensure_exchange_dir(&self.data_dir, vhost, exchange)?;
+        self.open_keys(&dir)
+    }
+
+    fn open_keys(&self, dir: &Path) -> Result<(DurableKeys, Vec<KeyRecord>), StoreError> {
+        let (log, recovered) = KeyLog::open(dir, self.options.sync)?;
+        let keys = DurableKeys {
+            log: Arc::new(Mutex::new(log)),
+            sync: self.sync.clone(),
+        };
+        Ok((keys, recovered))
     }
 
     pub fn synced_epoch(&self) -> u64 {

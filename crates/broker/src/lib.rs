@@ -10,10 +10,13 @@
 //!   retention).
 //! - [`args`]: queue arguments (`x-...`), validated at declaration.
 //! - [`deadletter`]: the `x-death` history of dead-lettered messages.
+//! - [`dedup`]: message deduplication (queue argument and exchange type, as the RabbitMQ
+//!   plugin and LavinMQ define it): arguments, message keys, the key cache.
 //! - [`consumer`]: consumers, their credit, and the [`Outlet`] a queue delivers through.
 //! - [`message`]: the shared, immutable message.
 //! - [`jobs`]: progress counters of the stream jobs attached to the broker.
-//! - [`durable`]: the bridge to `rill-store`: queue logs, group commit, definitions.
+//! - [`durable`]: the bridge to `rill-store`: queue logs, deduplication key logs, group
+//!   commit, definitions.
 //! - [`session`]: one channel's semantics as a typed API (declare, publish with confirms,
 //!   consume with prefetch, get, ack/nack/requeue, transactions, close); in-process users
 //!   such as embedded stream jobs drive it directly.
@@ -31,6 +34,7 @@ mod channel;
 pub mod connection;
 pub mod consumer;
 pub mod deadletter;
+pub mod dedup;
 pub mod durable;
 pub mod exchange;
 pub mod jobs;

@@ -587,14 +587,15 @@ impl Session {
     ) -> PublishOutcome {
         let mut outcome = PublishOutcome::ACCEPTED;
         self.route_buf.clear();
-        self.ctx
+        let routed = self
+            .ctx
             .vhost
             .route_message(exchange, &msg, &mut self.route_buf);
         if self.route_buf.is_empty() {
             if mandatory {
                 *returned = Some(msg);
             }
-            return outcome;
+            return routed.finish(outcome);
         }
         for q in self.route_buf.drain(..) {
             let o = q.publish(msg.clone());
@@ -606,7 +607,7 @@ impl Session {
                 self.flow_paused_by.push(q);
             }
         }
-        outcome
+        routed.finish(outcome)
     }
 
     /// Whether a queue this session published to still wants publishers paused (credit flow:

@@ -2,6 +2,7 @@
 
 use crate::args::QueueArgs;
 use crate::consumer::ConnEvent;
+use crate::dedup::{DedupArgs, Routed};
 use crate::durable::Persistence;
 use crate::exchange::{Binding, Destination, Exchange, ExchangeConfig, ExchangeKind};
 use crate::message::Message;
@@ -34,6 +35,22 @@ const COMPARED_QUEUE_ARGS: &[&str] = &[
     "x-initial-cluster-size",
     "x-queue-leader-locator",
     "x-queue-master-locator",
+    // The deduplication plugin's (crate::dedup::COMPARED_ARGS).
+    "x-message-deduplication",
+    "x-cache-size",
+    "x-cache-ttl",
+    "x-cache-persistence",
+    "x-deduplication-header",
+];
+
+/// Exchange arguments compared on redeclaration.
+const COMPARED_EXCHANGE_ARGS: &[&str] = &[
+    "alternate-exchange",
+    "x-message-deduplication",
+    "x-cache-size",
+    "x-cache-ttl",
+    "x-cache-persistence",
+    "x-deduplication-header",
 ];
 
 #[derive(Debug)]
@@ -245,7 +262,7 @@ impl VHost {
                 ));
             }
             compare_args(
-                &["alternate-exchange"],
+                COMPARED_EXCHANGE_ARGS,
                 &d.arguments,
                 &c.arguments,
                 &format!("exchange '{}' in vhost '{}'", d.name, self.name),
@@ -262,15 +279,26 @@ impl VHost {
                 ),
             ));
         }
+        DedupArgs::for_exchange(kind == ExchangeKind::Deduplication, &d.arguments)?;
         let name: Arc<str> = d.name.into();
-        let x = Exchange::new(ExchangeConfig {
-            name: name.clone(),
-            kind,
-            durable: d.durable,
-            auto_delete: d.auto_delete,
-            internal: d.internal,
-            arguments: d.arguments,
-        });
+        let x = self
+            .make_exchange(ExchangeConfig {
+                name: name.clone(),
+                kind,
+                durable: d.durable,
+                auto_delete: d.auto_delete,
+                internal: d.internal,
+                arguments: d.arguments,
+            })
+            .map_err(|e| {
+                AmqpError::new(
+                    ReplyCode::InternalError,
+                    format!(
+                        "cannot create exchange '{name}' in vhost '{}': {e}",
+                        self.name
+                    ),
+                )
+            })?;
         map.insert(name, x.clone());
         if x.config.durable {
             self.durable_changed();
@@ -307,6 +335,9 @@ impl VHost {
             map.remove(name)
         };
         if let Some(x) = removed {
+            if let Some(d) = x.dedup() {
+                d.destroy();
+            }
             self.forget_destination(&Destination::Exchange(x.config.name.clone()));
             self.durable_changed();
         }
@@ -538,6 +569,19 @@ impl VHost {
         Ok(q)
     }
 
+    /// An exchange; a durable deduplicating one keeps its keys on disk (and gets back those a
+    /// previous run remembered).
+    fn make_exchange(&self, config: ExchangeConfig) -> Result<Arc<Exchange>, StoreError> {
+        let x = Exchange::new(config);
+        if let (Some(d), Some(p), true) = (x.dedup(), &self.persistence, x.config.durable) {
+            if d.args.persist {
+                let (keys, recovered) = p.open_exchange_keys(&self.name, &x.config.name)?;
+                d.attach_log(keys, recovered);
+            }
+        }
+        Ok(x)
+    }
+
     /// A queue, with an on-disk log if it is durable and the broker has a data directory.
     /// Messages left in an existing log are restored.
     fn make_queue(&self, config: QueueConfig, args: QueueArgs) -> Result<Arc<Queue>, StoreError> {
@@ -547,8 +591,13 @@ impl VHost {
         let started = std::time::Instant::now();
         let (log, messages) = p.open_queue_log(&self.name, &config.name)?;
         let name = config.name.clone();
+        let keep_keys = args.dedup.as_ref().is_some_and(|d| d.persist);
         let q = Queue::build(config, args, Some(log), self.me.clone());
         let n = q.restore(messages);
+        if keep_keys {
+            let (keys, recovered) = p.open_queue_keys(&self.name, &name)?;
+            q.restore_keys(keys, recovered);
+        }
         if n > 0 {
             tracing::info!(vhost = %self.name, queue = %name, messages = n, elapsed_ms = started.elapsed().as_millis() as u64, "recovered queue");
         }
@@ -563,17 +612,15 @@ impl VHost {
                 continue;
             };
             let name: Arc<str> = x.name.as_str().into();
-            self.exchanges.write().insert(
-                name.clone(),
-                Exchange::new(ExchangeConfig {
-                    name,
-                    kind,
-                    durable: true,
-                    auto_delete: x.auto_delete,
-                    internal: x.internal,
-                    arguments: table_from(&x.arguments),
-                }),
-            );
+            let exchange = self.make_exchange(ExchangeConfig {
+                name: name.clone(),
+                kind,
+                durable: true,
+                auto_delete: x.auto_delete,
+                internal: x.internal,
+                arguments: table_from(&x.arguments),
+            })?;
+            self.exchanges.write().insert(name, exchange);
         }
         for qd in defs.queues.iter().filter(|q| q.vhost == self.name) {
             let arguments = table_from(&qd.arguments);
@@ -781,35 +828,37 @@ impl VHost {
         }
     }
 
-    /// [`VHost::route`] for a whole message (headers decoded only if a headers exchange asks).
+    /// Finds the queues a message published to `exchange` reaches: follows exchange-to-exchange
+    /// bindings and alternate exchanges, visiting each exchange once, each queue once (headers
+    /// are decoded only if a headers exchange asks). A deduplicating exchange on the way may
+    /// drop the message (routing nothing further from there, not even to its alternate
+    /// exchange) or remember its key: publish to `out`, then pass the outcome to
+    /// [`Routed::finish`].
     pub fn route_message(
         &self,
         exchange: &Arc<Exchange>,
         msg: &Message,
         out: &mut Vec<Arc<Queue>>,
-    ) {
-        self.route(exchange, msg.routing_key_str(), &|| msg.headers(), out);
-    }
-
-    /// Finds the queues a message published to `exchange` reaches: follows exchange-to-exchange
-    /// bindings and alternate exchanges, visiting each exchange once, each queue once.
-    pub fn route(
-        &self,
-        exchange: &Arc<Exchange>,
-        routing_key: &str,
-        headers: &dyn Fn() -> Option<FieldTable>,
-        out: &mut Vec<Arc<Queue>>,
-    ) {
+    ) -> Routed {
+        let mut routed = Routed::default();
+        let routing_key = msg.routing_key_str();
         if exchange.config.name.is_empty() {
             if let Some(q) = self.queues.read().get(routing_key) {
                 out.push(q.clone());
             }
-            return;
+            return routed;
         }
+        let headers = || msg.headers();
+        let mut now = None;
         let mut visited: Vec<Arc<str>> = vec![exchange.config.name.clone()];
         let mut pending = vec![exchange.clone()];
         let mut dests = Vec::new();
         while let Some(x) = pending.pop() {
+            if x.dedup().is_some()
+                && !routed.admit(&x, msg, *now.get_or_insert_with(crate::queue::now_ms))
+            {
+                continue;
+            }
             dests.clear();
             x.route(routing_key, headers, &mut dests);
             if dests.is_empty() {
@@ -836,6 +885,7 @@ impl VHost {
                 }
             }
         }
+        routed
     }
 }
 

@@ -1,9 +1,11 @@
 //! Exchanges: bindings and routing. One module per matching rule (`topic`, `headers`); direct
-//! and fanout are small enough to live here.
+//! and fanout are small enough to live here, and so is the deduplication plugin's type, which
+//! routes like fanout (its cache lives in [`crate::dedup`]; any exchange may have one).
 
 pub mod headers;
 pub mod topic;
 
+use crate::dedup::{DedupArgs, SharedDeduplicator};
 use crate::queue::Queue;
 use parking_lot::RwLock;
 use rill_codec::FieldTable;
@@ -16,6 +18,9 @@ pub enum ExchangeKind {
     Fanout,
     Topic,
     Headers,
+    /// The message-deduplication plugin's `x-message-deduplication`: drops duplicates, then
+    /// routes like fanout.
+    Deduplication,
 }
 
 impl ExchangeKind {
@@ -26,6 +31,7 @@ impl ExchangeKind {
             "fanout" => Self::Fanout,
             "topic" => Self::Topic,
             "headers" => Self::Headers,
+            crate::dedup::EXCHANGE_TYPE => Self::Deduplication,
             _ => return None,
         })
     }
@@ -36,6 +42,7 @@ impl ExchangeKind {
             Self::Fanout => "fanout",
             Self::Topic => "topic",
             Self::Headers => "headers",
+            Self::Deduplication => crate::dedup::EXCHANGE_TYPE,
         }
     }
 }
@@ -99,6 +106,8 @@ impl Binding {
 pub struct Exchange {
     pub config: ExchangeConfig,
     bindings: RwLock<Bindings>,
+    /// Keys of recent messages, for the deduplication type or `x-message-deduplication`.
+    dedup: Option<SharedDeduplicator>,
 }
 
 /// Bindings of one exchange. Direct exchanges index by routing key so a publish costs one hash
@@ -110,11 +119,29 @@ struct Bindings {
 }
 
 impl Exchange {
+    /// An exchange; its deduplication settings come from its arguments, which a declaration
+    /// has validated ([`DedupArgs::for_exchange`]).
     pub fn new(config: ExchangeConfig) -> Arc<Exchange> {
+        let dedup = match DedupArgs::for_exchange(
+            config.kind == ExchangeKind::Deduplication,
+            &config.arguments,
+        ) {
+            Ok(d) => d.map(SharedDeduplicator::new),
+            Err(e) => {
+                tracing::warn!(exchange = %config.name, error = %e, "invalid deduplication arguments; not deduplicating");
+                None
+            }
+        };
         Arc::new(Exchange {
             config,
             bindings: RwLock::new(Bindings::default()),
+            dedup,
         })
+    }
+
+    /// Its deduplication cache, if it has one.
+    pub fn dedup(&self) -> Option<&SharedDeduplicator> {
+        self.dedup.as_ref()
     }
 
     pub fn name(&self) -> &str {
@@ -219,7 +246,9 @@ impl Exchange {
                     out.extend(list.iter().map(|x| x.destination.clone()));
                 }
             }
-            ExchangeKind::Fanout => out.extend(b.list.iter().map(|x| x.destination.clone())),
+            ExchangeKind::Fanout | ExchangeKind::Deduplication => {
+                out.extend(b.list.iter().map(|x| x.destination.clone()))
+            }
             ExchangeKind::Topic => out.extend(
                 b.list
                     .iter()

@@ -5,6 +5,10 @@
 //! first [`MEMORY_WINDOW`] bytes of ready bodies stay in memory; the rest are read back from
 //! disk when their turn comes, so a backlog of millions costs a few dozen bytes a message.
 //!
+//! With `x-message-deduplication` the queue drops a message whose key it remembers (see
+//! [`crate::dedup`]); the check and the remembering happen under the queue's lock, so two
+//! copies published at once cannot both get in.
+//!
 //! Messages that leave without being consumed (expired, dropped for length, rejected, over the
 //! delivery limit) are collected under the lock and dead-lettered after it is released
 //! (see [`crate::deadletter`]), since that publishes into other queues.
@@ -13,10 +17,11 @@ use super::{now_ms, ConsumeError, PublishOutcome, Queue, MEMORY_WINDOW};
 use crate::args::{Overflow, QueueArgs, QueueType};
 use crate::consumer::{ConnEvent, Consumer, Delivery};
 use crate::deadletter::{is_cycle, record_death, Death, Reason};
-use crate::durable::{Durable, ReadAhead};
+use crate::dedup::{Check, Deduplicator, MessageKey};
+use crate::durable::{Durable, DurableKeys, ReadAhead};
 use crate::message::{Message, QueuedMessage};
 use parking_lot::Mutex;
-use rill_store::{Position, RecoveredRecord};
+use rill_store::{KeyRecord, Position, RecoveredRecord};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -123,6 +128,8 @@ struct QueueState {
     /// Positions delivered with acks pending, recorded in the log together once a dispatch
     /// is done (before the queue's lock is released, so no ack can come first).
     delivery_marks: Vec<Position>,
+    /// The keys of `x-message-deduplication`.
+    dedup: Option<Deduplicator>,
 }
 
 /// Messages leaving the queue for its dead-letter exchange, gathered under the lock.
@@ -136,6 +143,7 @@ impl Classic {
             has_expiring: AtomicBool::new(false),
             state: Mutex::new(QueueState {
                 ready: Ready::new(levels),
+                dedup: args.dedup.as_ref().map(Deduplicator::new),
                 ..QueueState::default()
             }),
         }
@@ -163,7 +171,9 @@ impl Classic {
 
     pub(super) fn publish(&self, q: &Arc<Queue>, msg: Arc<Message>) -> PublishOutcome {
         let mut dead = DeadLetters::new();
-        let outcome = self.publish_locked(q, msg, &mut dead);
+        // Read before taking the lock; a queue without deduplication reads nothing.
+        let key = q.args.dedup.as_ref().and_then(|d| d.key_of(&msg));
+        let outcome = self.publish_locked(q, msg, key, &mut dead);
         self.dead_letter(q, dead);
         outcome
     }
@@ -172,11 +182,28 @@ impl Classic {
         &self,
         q: &Arc<Queue>,
         msg: Arc<Message>,
+        key: Option<MessageKey>,
         dead: &mut DeadLetters,
     ) -> PublishOutcome {
         let mut st = self.state.lock();
         if st.deleted {
             return PublishOutcome::ACCEPTED;
+        }
+        let now = now_ms();
+        if let (Some(k), Some(d)) = (&key, &st.dedup) {
+            match d.check(k, now) {
+                Check::New => {}
+                // Accepted and dropped: confirmed once the original is durable.
+                Check::Duplicate { durable_at } => {
+                    q.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
+                    return PublishOutcome {
+                        accepted: true,
+                        durable_at,
+                    };
+                }
+                // Only exchanges remember keys in two steps.
+                Check::InFlight => return PublishOutcome::REFUSED,
+            }
         }
         let args = &q.args;
         let size = msg.size() as u64;
@@ -211,6 +238,19 @@ impl Classic {
                 }
             }
         }
+        if let (Some(k), Some(d)) = (&key, st.dedup.as_mut()) {
+            // After the message: its key is written to disk only once the message is.
+            match d.remember(k, now, durable_at, msg.persistent) {
+                Ok(at) => durable_at = durable_at.max(at),
+                Err(e) => {
+                    tracing::error!(queue = %q.config.name, error = %e, "cannot write a deduplication key; refusing the message");
+                    if let (Some(d), Some(p)) = (&self.durable, pos) {
+                        d.ack(&[p]);
+                    }
+                    return PublishOutcome::REFUSED;
+                }
+            }
+        }
         let seq = st.next_seq;
         st.next_seq += 1;
         let level = st.push_ready(Entry {
@@ -219,7 +259,7 @@ impl Classic {
             pos,
             size,
             redelivered: false,
-            expires_at: ttl.map(|t| now_ms().saturating_add(t)),
+            expires_at: ttl.map(|t| now.saturating_add(t)),
             priority,
             deliveries: 0,
         });
@@ -235,7 +275,7 @@ impl Classic {
             }
         }
         // A TTL of 0 means "now or never": what no consumer took at once expires.
-        self.expire_head(q, &mut st, now_ms(), dead);
+        self.expire_head(q, &mut st, now, dead);
         sync_gauges(q, &st);
         PublishOutcome {
             accepted: true,
@@ -284,6 +324,13 @@ impl Classic {
         }
         sync_gauges(q, &st);
         n
+    }
+
+    /// Keeps the deduplication cache in `keys` from now on, with the keys it recovered.
+    pub(super) fn restore_keys(&self, keys: DurableKeys, recovered: Vec<KeyRecord>) {
+        if let Some(d) = self.state.lock().dedup.as_mut() {
+            d.attach_log(keys, recovered);
+        }
     }
 
     pub(super) fn dispatch(&self, q: &Arc<Queue>) {
@@ -488,14 +535,19 @@ impl Classic {
                 msg.body.clone(),
             ));
             targets.clear();
-            vhost.route_message(&exchange, &letter, &mut targets);
+            let routed = vhost.route_message(&exchange, &letter, &mut targets);
+            let mut outcome = PublishOutcome::ACCEPTED;
             for target in targets.drain(..) {
                 if is_cycle(&letter.properties, reason, target.name()) {
                     tracing::debug!(queue = %target.name(), "dead-letter cycle: message dropped");
                     continue;
                 }
-                target.publish(letter.clone());
+                let o = target.publish(letter.clone());
+                outcome.accepted &= o.accepted;
+                outcome.durable_at = outcome.durable_at.max(o.durable_at);
             }
+            // Nobody confirms dead letters; this settles deduplicating exchanges' keys.
+            let _ = routed.finish(outcome);
         }
     }
 
@@ -695,6 +747,9 @@ impl Classic {
         st.ready_bytes = 0;
         st.memory_bytes = 0;
         if let Some(d) = &self.durable {
+            d.destroy();
+        }
+        if let Some(d) = st.dedup.as_mut() {
             d.destroy();
         }
         st.registration.clear();

@@ -22,7 +22,7 @@ pub mod stream;
 
 use crate::args::{QueueArgs, QueueType};
 use crate::consumer::Consumer;
-use crate::durable::Durable;
+use crate::durable::{Durable, DurableKeys};
 use crate::message::{Message, QueuedMessage};
 use crate::vhost::VHost;
 use classic::Classic;
@@ -33,7 +33,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use stream::StreamQueue;
 
 pub use rill_store::Position;
-use rill_store::RecoveredRecord;
+use rill_store::{KeyRecord, RecoveredRecord};
 
 /// Ready messages above which a consumed queue asks its publishers to pause.
 const FLOW_HIGH: u64 = 20_000;
@@ -93,6 +93,8 @@ pub struct QueueCounters {
     pub consumers: AtomicU64,
     /// Ready body bytes held in memory.
     pub memory_bytes: AtomicU64,
+    /// Publishes dropped as duplicates (`x-message-deduplication`).
+    pub deduplicated: AtomicU64,
 }
 
 /// What happened to a consumer registration.
@@ -253,6 +255,15 @@ impl Queue {
         match &self.kind {
             QueueKind::Classic(c) => c.restore(self, records),
             QueueKind::Stream(s) => s.restore(self, records),
+        }
+    }
+
+    /// The deduplication keys a durable queue kept on disk, and where to keep new ones (a
+    /// queue declared with `x-message-deduplication` and disk persistence; streams have none).
+    pub fn restore_keys(&self, keys: DurableKeys, recovered: Vec<KeyRecord>) {
+        match &self.kind {
+            QueueKind::Classic(c) => c.restore_keys(keys, recovered),
+            QueueKind::Stream(_) => {}
         }
     }
 
