@@ -423,6 +423,39 @@ def test_only_persistent_keys_of_disk_caches_survive(make_broker):
     conn.close()
 
 
+def test_a_compacted_key_log_keeps_the_newest_keys(make_broker):
+    """Thousands of keys through a cache of 100: the key log is rewritten on the way (one
+    generation file is left, far smaller than every record), and after a kill -9 exactly the
+    newest 100 keys drop their copies."""
+    broker = make_broker()
+    q, n, size = "dedup.compact", 5000, 100
+    conn, ch = open_channel(broker)
+    ch.queue_declare(q, durable=True, arguments={**DEDUP, "x-cache-size": size})
+    conn.close()
+    pub = ConfirmingPublisher(broker.url, q, count=n, window=256,
+                              properties=lambda i: props(f"k{i}", persistent=True))
+    pub.start()
+    pub.finish(60)
+    assert pub.error is None and len(pub.confirmed) == n, (pub.error, len(pub.confirmed))
+    broker.kill()
+    key_logs = list(broker.data_dir.glob("queues/*/*.keys"))
+    assert len(key_logs) == 1, key_logs
+    assert key_logs[0].name != "0000000000.keys", "never rewritten"
+    # 23 bytes a record: all of them would be 115 kB.
+    assert key_logs[0].stat().st_size < n * 23 // 2, key_logs[0].stat().st_size
+    broker.start()
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    ch = conn.channel()
+    ch.queue_purge(q)
+    # Newest first: a copy of an older key, once accepted, would evict one of them.
+    for i in range(n - size, n):
+        ch.basic_publish("", q, b"copy", props(f"k{i}", persistent=True))
+    assert ready(ch, q) == 0
+    ch.basic_publish("", q, b"older", props(f"k{n - size - 1}", persistent=True))
+    assert bodies(ch, q) == ["older"]
+    conn.close()
+
+
 @pytest.mark.timeout(120)
 def test_kill_9_while_publishing_loses_no_message_and_duplicates_no_confirmed_one(make_broker):
     """Pipelined confirmed publishes of distinct keys, SIGKILL at a random moment, restart,

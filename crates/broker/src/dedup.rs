@@ -306,7 +306,7 @@ pub struct Entry {
     /// The sync round after which the original message (and its written key) is durable: a
     /// duplicate is confirmed only then.
     pub durable_at: Option<u64>,
-    /// The key log record's sequence number when the key was written to disk.
+    /// The sequence number of its key log record, for a key kept on disk.
     pub logged: Option<u64>,
     /// The original publish is still being routed through an exchange: whether it is
     /// accepted is not known yet.
@@ -417,16 +417,6 @@ impl Cache {
         Some(old)
     }
 
-    /// Changes `key`'s entry in place (its place in the order stays).
-    pub fn update(&mut self, key: &[u8], f: impl FnOnce(&mut Entry)) -> Option<Entry> {
-        let e = self.entries.get_mut(key)?;
-        let was_logged = e.logged.is_some();
-        f(e);
-        let e = *e;
-        self.logged = self.logged - usize::from(was_logged) + usize::from(e.logged.is_some());
-        Some(e)
-    }
-
     /// Entries written to the key log.
     pub fn logged(&self) -> usize {
         self.logged
@@ -512,9 +502,8 @@ impl Deduplicator {
         message_at: Option<u64>,
         persistent: bool,
     ) -> Result<Option<u64>, StoreError> {
-        self.cache
-            .insert(key.key.clone(), Entry::new(self.expiry(key, now), None));
-        self.settle(key, true, message_at, persistent)
+        let expires_at = self.expiry(key, now);
+        self.keep(key, expires_at, message_at, persistent)
     }
 
     /// First step at an exchange: remembers the key before the message reaches its queues,
@@ -525,9 +514,9 @@ impl Deduplicator {
         self.cache.insert(key.key.clone(), e);
     }
 
-    /// Completes a remembered key once its publish is decided: forgotten if it was refused
-    /// (the publisher will retry), else written to the log if `persistent` and confirmed
-    /// after `message_at` (and the key's own round). Returns that round.
+    /// Completes a key [`Deduplicator::remember_pending`] remembered, once its publish is
+    /// decided: forgotten if it was refused (the publisher will retry), else kept as with
+    /// [`Deduplicator::remember`]. Returns the round the publish may be confirmed after.
     pub fn settle(
         &mut self,
         key: &MessageKey,
@@ -535,37 +524,39 @@ impl Deduplicator {
         message_at: Option<u64>,
         persistent: bool,
     ) -> Result<Option<u64>, StoreError> {
-        let Some(entry) = self.cache.peek(&key.key).copied() else {
-            // Evicted meanwhile: there is nothing to keep.
+        let Some(entry) = self.cache.peek(&key.key).filter(|e| e.pending).copied() else {
+            // Evicted meanwhile (or expired and remembered again): nothing to keep.
             return Ok(message_at);
         };
+        self.cache.remove(&key.key);
         if !accepted {
-            self.cache.remove(&key.key);
             return Ok(message_at);
         }
-        let mut durable_at = message_at;
-        let mut logged = None;
+        // Kept as the newest entry: the order keys reach the log is the order a restart
+        // replays, and the cache evicts in the same order.
+        self.keep(key, entry.expires_at, message_at, persistent)
+    }
+
+    /// Remembers `key` as the newest entry, writing it to the log (after round `message_at`)
+    /// if `persistent`. On a log error nothing is remembered.
+    fn keep(
+        &mut self,
+        key: &MessageKey,
+        expires_at: Option<u64>,
+        message_at: Option<u64>,
+        persistent: bool,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut entry = Entry::new(expires_at, message_at);
         if let (true, Some(log)) = (persistent, &self.log) {
-            match log.append(&key.key, entry.expires_at, message_at.unwrap_or(0)) {
-                Ok((seq, epoch)) => {
-                    logged = Some(seq);
-                    durable_at = durable_at.max(Some(epoch));
-                }
-                Err(e) => {
-                    self.cache.remove(&key.key);
-                    return Err(e);
-                }
-            }
+            let (seq, epoch) = log.append(&key.key, expires_at, message_at.unwrap_or(0))?;
+            entry.logged = Some(seq);
+            entry.durable_at = entry.durable_at.max(Some(epoch));
         }
-        self.cache.update(&key.key, |e| {
-            e.pending = false;
-            e.durable_at = durable_at;
-            e.logged = logged;
-        });
-        if logged.is_some() {
+        self.cache.insert(key.key.clone(), entry);
+        if entry.logged.is_some() {
             self.maybe_rewrite();
         }
-        Ok(durable_at)
+        Ok(entry.durable_at)
     }
 
     /// Rewrites the key log once most of its records are dead (evicted or replaced keys).
@@ -783,10 +774,16 @@ mod tests {
         c.insert(key("a"), e);
         c.insert(key("b"), entry());
         assert_eq!(c.logged(), 1);
-        c.update(b"b", |e| e.logged = Some(2));
+        // Remembered again, now written to the log: it becomes the newest.
+        let mut e = entry();
+        e.logged = Some(2);
+        c.insert(key("b"), e);
         assert_eq!(c.logged(), 2);
         c.insert(key("c"), entry());
-        assert_eq!(c.logged(), 1);
+        assert_eq!(
+            (c.logged(), keys(&c)),
+            (1, vec!["b".to_owned(), "c".to_owned()])
+        );
         c.remove(b"b");
         assert_eq!(c.logged(), 0);
     }
