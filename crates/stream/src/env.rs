@@ -3,15 +3,26 @@
 //! A job is a closure that builds the dataflow; timely runs it once on every worker (thread),
 //! in every process, and each worker instantiates its own copy of every operator. Sources
 //! either split their input across workers (parallel) or run on worker 0 only (like Flink's
-//! non-parallel sources); `key_by` routes every key to exactly one worker.
+//! non-parallel sources); `key_by` routes every key to exactly one worker (through its key
+//! group, see [`crate::KeyGroups`]).
+//!
+//! The environment also sets the job's epoch interval (how often sources close an epoch, see
+//! the crate's "Time model"), the number of key groups, an optional checkpoint policy, and
+//! hands out the [`StopHandle`] that ends a running job cleanly.
 
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use timely::dataflow::Scope;
 
+use crate::checkpoint::{CheckpointPolicy, Checkpointing};
+use crate::completion::{self, Registry};
+use crate::epoch::{EpochClock, Time, DEFAULT_EPOCH_INTERVAL};
 use crate::error::StreamError;
+use crate::keygroup::{KeyGroups, DEFAULT_KEY_GROUPS};
+use crate::stop::{JobControl, StopHandle};
 
 /// Several cooperating processes: this process's index and every process's `host:port`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,10 +77,27 @@ impl ClusterConfig {
 /// }).unwrap();
 /// assert_eq!(out.take().iter().sum::<u64>(), 10100);
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct StreamExecutionEnvironment {
     parallelism: usize,
     cluster: Option<ClusterConfig>,
+    epoch_interval: Duration,
+    key_groups: u32,
+    checkpoint: Option<Arc<dyn CheckpointPolicy>>,
+    stop: StopHandle,
+}
+
+impl std::fmt::Debug for StreamExecutionEnvironment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamExecutionEnvironment")
+            .field("parallelism", &self.parallelism)
+            .field("cluster", &self.cluster)
+            .field("epoch_interval", &self.epoch_interval)
+            .field("key_groups", &self.key_groups)
+            .field("checkpointing", &self.checkpoint.is_some())
+            .field("stop", &self.stop)
+            .finish()
+    }
 }
 
 impl Default for StreamExecutionEnvironment {
@@ -95,6 +123,10 @@ impl StreamExecutionEnvironment {
         StreamExecutionEnvironment {
             parallelism: cores,
             cluster: None,
+            epoch_interval: DEFAULT_EPOCH_INTERVAL,
+            key_groups: DEFAULT_KEY_GROUPS,
+            checkpoint: None,
+            stop: StopHandle::new(),
         }
     }
 
@@ -126,6 +158,55 @@ impl StreamExecutionEnvironment {
     pub fn with_cluster(mut self, cluster: ClusterConfig) -> Self {
         self.set_cluster(cluster);
         self
+    }
+
+    /// How often sources close an epoch (default 100 ms, at least 1 ms).
+    ///
+    /// An epoch is the unit of progress that acks and checkpoints wait for: a queue
+    /// reader's deliveries are acked once their epoch has gone through every sink, and a
+    /// checkpoint is taken at an epoch's end. A shorter interval lowers that latency (and the
+    /// number of unacked deliveries in flight); a longer one sends fewer progress updates —
+    /// each source sends one per epoch, to every worker — and wakes idle sources less often.
+    pub fn set_epoch_interval(&mut self, interval: Duration) -> &mut Self {
+        self.epoch_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Builder form of [`Self::set_epoch_interval`].
+    pub fn with_epoch_interval(mut self, interval: Duration) -> Self {
+        self.set_epoch_interval(interval);
+        self
+    }
+
+    /// The epoch interval.
+    pub fn epoch_interval(&self) -> Duration {
+        self.epoch_interval
+    }
+
+    /// The number of key groups (Flink's max parallelism, default 128): keyed state is
+    /// routed and snapshotted in key groups, so a job can later be restored at any
+    /// parallelism up to this. Must be at least the parallelism.
+    pub fn set_max_parallelism(&mut self, key_groups: u32) -> &mut Self {
+        self.key_groups = key_groups.max(1);
+        self
+    }
+
+    /// The number of key groups.
+    pub fn max_parallelism(&self) -> u32 {
+        self.key_groups
+    }
+
+    /// Snapshots operator state at the epochs `policy` picks (default: never, at no cost).
+    pub fn set_checkpoint_policy(&mut self, policy: Arc<dyn CheckpointPolicy>) -> &mut Self {
+        self.checkpoint = Some(policy);
+        self
+    }
+
+    /// A handle that stops this environment's jobs cleanly: sources finish, the job drains,
+    /// sinks confirm, readers get their final epoch completion, and `execute` returns `Ok`.
+    /// A stopped environment stays stopped (a later job's sources finish at once).
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
     }
 
     fn timely_config(&self) -> Result<timely::Config, StreamError> {
@@ -168,9 +249,23 @@ impl StreamExecutionEnvironment {
         F: Fn(&JobEnv<'_>) + Send + Sync + 'static,
     {
         let config = self.timely_config()?;
+        if (self.key_groups as usize) < self.parallelism {
+            return Err(StreamError::Config(format!(
+                "max parallelism (key groups) {} is below the parallelism {}",
+                self.key_groups, self.parallelism
+            )));
+        }
         let errors: Arc<Mutex<Option<StreamError>>> = Arc::default();
-        let worker_errors = errors.clone();
+        let reporter = Reporter {
+            errors: errors.clone(),
+            control: JobControl {
+                stop: self.stop.clone(),
+                failed: Arc::new(AtomicBool::new(false)),
+            },
+        };
         let name = job_name.to_string();
+        let (interval, key_groups) = (self.epoch_interval, self.key_groups);
+        let checkpoint = self.checkpoint.clone();
         // Connecting the processes is start-up, not job time (Flink's net runtime also
         // excludes deployment).
         let (allocators, others) = config
@@ -178,27 +273,39 @@ impl StreamExecutionEnvironment {
             .try_build()
             .map_err(StreamError::Startup)?;
         let start = Instant::now();
+        let clock = EpochClock::new(start, interval);
         let guards =
             timely::execute::execute_from(allocators, others, config.worker, move |worker| {
                 let index = worker.index();
                 let peers = worker.peers();
-                let errors = worker_errors.clone();
-                let name = name.clone();
-                worker.dataflow::<u64, _, _>(|scope| {
-                    let env = JobEnv {
-                        scope,
-                        shared: Rc::new(Shared {
-                            index,
-                            peers,
-                            errors,
-                            job_name: name,
-                        }),
-                    };
-                    job(&env);
+                let shared = Rc::new(Shared {
+                    index,
+                    peers,
+                    reporter: reporter.clone(),
+                    job_name: name.clone(),
+                    clock,
+                    key_groups: KeyGroups::new(key_groups, peers),
+                    checkpoint: checkpoint.clone(),
+                });
+                // Timely's root scope needs a timestamp that refines `()`, which `Product`
+                // does not: the job runs in a child scope whose outer coordinate (the epoch)
+                // is the root's time.
+                worker.dataflow::<u64, _, _>(|root| {
+                    root.scoped::<Time, _, _>("Job", |scope| {
+                        let env = JobEnv {
+                            scope,
+                            shared,
+                            registry: Rc::new(Registry::default()),
+                        };
+                        job(&env);
+                        completion::build_tracker(&env);
+                    })
                 });
             })
             .map_err(StreamError::Startup)?;
-        for result in guards.join() {
+        let joined: Vec<_> = guards.join();
+        self.stop.clear();
+        for result in joined {
             result.map_err(StreamError::Worker)?;
         }
         let net_runtime = start.elapsed();
@@ -216,11 +323,15 @@ impl StreamExecutionEnvironment {
     }
 }
 
+/// One worker's view of the job, shared by everything built on it.
 pub(crate) struct Shared {
     pub(crate) index: usize,
     pub(crate) peers: usize,
-    pub(crate) errors: Arc<Mutex<Option<StreamError>>>,
+    pub(crate) reporter: Reporter,
     pub(crate) job_name: String,
+    pub(crate) clock: EpochClock,
+    pub(crate) key_groups: KeyGroups,
+    pub(crate) checkpoint: Option<Arc<dyn CheckpointPolicy>>,
 }
 
 /// One worker's handle on the job being built: create sources from it.
@@ -228,8 +339,10 @@ pub(crate) struct Shared {
 /// Cheap to clone; every [`crate::DataStream`] carries one.
 #[derive(Clone)]
 pub struct JobEnv<'s> {
-    pub(crate) scope: Scope<'s, u64>,
+    pub(crate) scope: Scope<'s, Time>,
     pub(crate) shared: Rc<Shared>,
+    /// What the epoch-completion tracker is built from once the job closure returns.
+    pub(crate) registry: Rc<Registry<'s>>,
 }
 
 impl<'s> JobEnv<'s> {
@@ -250,17 +363,51 @@ impl<'s> JobEnv<'s> {
 
     /// A `'static` handle for operators to report errors from inside their closures.
     pub(crate) fn reporter(&self) -> Reporter {
-        Reporter(self.shared.errors.clone())
+        self.shared.reporter.clone()
+    }
+
+    /// What sources check to know they must finish.
+    pub(crate) fn control(&self) -> &JobControl {
+        &self.shared.reporter.control
+    }
+
+    pub(crate) fn clock(&self) -> EpochClock {
+        self.shared.clock
+    }
+
+    pub(crate) fn key_groups(&self) -> KeyGroups {
+        self.shared.key_groups
+    }
+
+    /// Where an operator named `name` at `address` sends snapshots, if checkpointing is on.
+    pub(crate) fn checkpointing(&self, name: &str, address: &[usize]) -> Option<Checkpointing> {
+        self.shared.checkpoint.as_ref().map(|policy| Checkpointing {
+            policy: policy.clone(),
+            operator: format!("{name}@{address:?}"),
+            worker: self.shared.index,
+        })
     }
 }
 
-/// Reports a job error from inside an operator.
+/// Reports a job error from inside an operator. The first error is what `execute` returns;
+/// reporting also stops the job's sources, so that a failed job terminates instead of
+/// running on.
 #[derive(Clone)]
-pub(crate) struct Reporter(Arc<Mutex<Option<StreamError>>>);
+pub(crate) struct Reporter {
+    errors: Arc<Mutex<Option<StreamError>>>,
+    pub(crate) control: JobControl,
+}
 
 impl Reporter {
     pub(crate) fn report(&self, error: StreamError) {
-        report(&self.0, error);
+        report(&self.errors, error);
+        self.control.failed.store(true, Ordering::SeqCst);
+        self.control.stop.wake_sources();
+    }
+
+    /// True once any operator of this process reported an error.
+    pub(crate) fn failed(&self) -> bool {
+        self.control.failed.load(Ordering::SeqCst)
     }
 }
 

@@ -1,21 +1,24 @@
 //! [`KeyedStream`]: running aggregations and keyed process functions with state and timers.
 //!
-//! Each operator is fed through timely's `Exchange` channel, routing a record by the hash of
-//! its key, so a key's state lives on exactly one worker and sees that key's records in
-//! order. Running aggregations (`sum`, `reduce`, ...) emit the updated value for every input
-//! record, as Flink's do.
+//! Each operator is fed through timely's `Exchange` channel, routing a record to the worker
+//! that owns its key's key group, so a key's state lives on exactly one worker and sees that
+//! key's records in order. Running aggregations (`sum`, `reduce`, ...) emit the updated value
+//! for every input record, as Flink's do.
+//!
+//! Every operator here is an [`Operator`] run by the [`crate::driver`]: the driver aligns
+//! epochs, orders input, fires timers and takes snapshots; the operators below only say what
+//! a batch or a timer does to their state.
 
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 use std::ops::AddAssign;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Capability;
-
-use crate::hash::FxHashSet;
+use crate::driver::{keyed_operator, Ctx, Operator};
+use crate::error::StateError;
+use crate::keygroup::KeyGroups;
 use crate::state::{MemoryStateBackend, StateBackend};
-use crate::stream::{key_route, Builder, DataStream};
+use crate::stream::{key_route, DataStream};
+use crate::timers::{Timer, TimerService};
 use crate::types::{Data, Key};
 
 /// A stream partitioned by key `K` (extracted by `KF`). Created by
@@ -105,74 +108,15 @@ pub trait KeyedProcessFunction<K, I, O>: 'static {
     }
 }
 
-/// Registered timers of one operator, per key. Serialisable, to be snapshotted with the
-/// operator's state.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(bound(serialize = "K: Key", deserialize = "K: Key"))]
-pub(crate) struct Timers<K> {
-    by_time: BTreeMap<u64, Vec<K>>,
-    live: FxHashSet<(u64, K)>,
-}
-
-impl<K: Key> Default for Timers<K> {
-    fn default() -> Self {
-        Timers {
-            by_time: BTreeMap::new(),
-            live: FxHashSet::default(),
-        }
-    }
-}
-
-impl<K: Key> Timers<K> {
-    pub(crate) fn register(&mut self, ts: u64, key: &K) {
-        if self.live.insert((ts, key.clone())) {
-            self.by_time.entry(ts).or_default().push(key.clone());
-        }
-    }
-    fn delete(&mut self, ts: u64, key: &K) {
-        self.live.remove(&(ts, key.clone()));
-    }
-    /// Removes and returns one due timer (`ts < bound`), if any.
-    pub(crate) fn pop_before(&mut self, bound: Option<u64>) -> Option<(u64, K)> {
-        loop {
-            let mut entry = self.by_time.first_entry()?;
-            let ts = *entry.key();
-            if bound.is_some_and(|b| ts >= b) {
-                return None;
-            }
-            match entry.get_mut().pop() {
-                Some(k) => {
-                    if self.live.remove(&(ts, k.clone())) {
-                        return Some((ts, k));
-                    }
-                }
-                None => {
-                    entry.remove();
-                }
-            }
-        }
-    }
-    pub(crate) fn earliest(&self) -> Option<u64> {
-        self.by_time.keys().next().copied()
-    }
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// What a [`KeyedProcessFunction`] sees: the current key, its state, time, timers, output.
 pub struct ProcessContext<'a, K, S, O> {
     key: &'a K,
     state: &'a mut S,
     timestamp: u64,
     watermark: u64,
+    now: u64,
     clear: bool,
-    event_timers: &'a mut Timers<K>,
-    proc_timers: &'a mut Timers<K>,
+    timers: &'a mut TimerService<K, ()>,
     out: &'a mut Vec<(u64, O)>,
 }
 
@@ -197,26 +141,26 @@ impl<'a, K: Key, S, O> ProcessContext<'a, K, S, O> {
     pub fn current_watermark(&self) -> u64 {
         self.watermark
     }
-    /// Wall-clock time in ms since the epoch.
+    /// Wall-clock time in ms since the Unix epoch (read once per batch of work).
     pub fn current_processing_time(&self) -> u64 {
-        now_ms()
+        self.now
     }
     /// Calls `on_timer` once the watermark reaches `ts`.
     pub fn register_event_time_timer(&mut self, ts: u64) {
-        self.event_timers.register(ts, self.key);
+        self.timers.register_event(ts, self.key, ());
     }
     /// Cancels an event-time timer.
     pub fn delete_event_time_timer(&mut self, ts: u64) {
-        self.event_timers.delete(ts, self.key);
+        self.timers.delete_event(ts, self.key, ());
     }
     /// Calls `on_timer` once the wall clock reaches `ts` (ms since the epoch). Pending
     /// processing-time timers fire when the input ends.
     pub fn register_processing_time_timer(&mut self, ts: u64) {
-        self.proc_timers.register(ts, self.key);
+        self.timers.register_processing(ts, self.key, ());
     }
     /// Cancels a processing-time timer.
     pub fn delete_processing_time_timer(&mut self, ts: u64) {
-        self.proc_timers.delete(ts, self.key);
+        self.timers.delete_processing(ts, self.key, ());
     }
     /// Emits a record with the current timestamp.
     pub fn collect(&mut self, value: O) {
@@ -225,6 +169,212 @@ impl<'a, K: Key, S, O> ProcessContext<'a, K, S, O> {
     /// Emits a record with an explicit timestamp.
     pub fn collect_with_timestamp(&mut self, value: O, timestamp: u64) {
         self.out.push((timestamp, value));
+    }
+}
+
+/// A running aggregate per key (`sum`, `reduce`, `min`, ...): the first record of a key
+/// becomes its state, every later one is folded in with `update`; the state is emitted after
+/// each record.
+pub(crate) struct RunningOp<T, K, KF, U> {
+    key: KF,
+    update: U,
+    state: MemoryStateBackend<K, T>,
+}
+
+impl<T, K, KF, U> RunningOp<T, K, KF, U> {
+    pub(crate) fn new(key: KF, update: U) -> Self {
+        RunningOp {
+            key,
+            update,
+            state: MemoryStateBackend::default(),
+        }
+    }
+}
+
+impl<T, K, KF, U> Operator for RunningOp<T, K, KF, U>
+where
+    T: Data,
+    K: Key,
+    KF: Fn(&T) -> K + 'static,
+    U: FnMut(&mut T, T) + 'static,
+{
+    type In = T;
+    type Out = T;
+    type Key = K;
+    type Ns = ();
+    const ORDERED: bool = false;
+
+    #[inline]
+    fn element(&mut self, batch: &mut Vec<(u64, T)>, cx: &mut Ctx<'_, Self>) {
+        // The hot path of a keyed count: one hash lookup per record, no dynamic dispatch.
+        let map = self.state.map_mut();
+        let out = cx.out();
+        out.reserve(batch.len());
+        for (ts, d) in batch.drain(..) {
+            let k = (self.key)(&d);
+            match map.get_mut(&k) {
+                Some(state) => {
+                    (self.update)(state, d);
+                    out.push((ts, state.clone()));
+                }
+                None => {
+                    out.push((ts, d.clone()));
+                    map.insert(k, d);
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self, groups: &KeyGroups) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
+        self.state.snapshot_key_groups(groups)
+    }
+
+    fn restore(&mut self, group: &[u8]) -> Result<(), StateError> {
+        self.state.restore_key_group(group)
+    }
+}
+
+/// A running [`AggregateFunction`] per key: emits the result after every record.
+pub(crate) struct AggregateOp<T, K, KF, A, ACC, OUT> {
+    key: KF,
+    agg: A,
+    state: MemoryStateBackend<K, ACC>,
+    _t: PhantomData<(T, OUT)>,
+}
+
+impl<T, K, KF, A, ACC, OUT> AggregateOp<T, K, KF, A, ACC, OUT> {
+    pub(crate) fn new(key: KF, agg: A) -> Self {
+        AggregateOp {
+            key,
+            agg,
+            state: MemoryStateBackend::default(),
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T, K, KF, A, ACC, OUT> Operator for AggregateOp<T, K, KF, A, ACC, OUT>
+where
+    T: Data,
+    K: Key,
+    KF: Fn(&T) -> K + 'static,
+    A: AggregateFunction<T, ACC, OUT>,
+    ACC: Data,
+    OUT: Data,
+{
+    type In = T;
+    type Out = OUT;
+    type Key = K;
+    type Ns = ();
+    const ORDERED: bool = false;
+
+    fn element(&mut self, batch: &mut Vec<(u64, T)>, cx: &mut Ctx<'_, Self>) {
+        let map = self.state.map_mut();
+        let out = cx.out();
+        out.reserve(batch.len());
+        for (ts, d) in batch.drain(..) {
+            let k = (self.key)(&d);
+            let acc = map
+                .entry(k)
+                .or_insert_with(|| self.agg.create_accumulator());
+            self.agg.add(d, acc);
+            out.push((ts, self.agg.get_result(acc)));
+        }
+    }
+
+    fn snapshot(&self, groups: &KeyGroups) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
+        self.state.snapshot_key_groups(groups)
+    }
+
+    fn restore(&mut self, group: &[u8]) -> Result<(), StateError> {
+        self.state.restore_key_group(group)
+    }
+}
+
+/// Runs a [`KeyedProcessFunction`] over per-key state in a [`StateBackend`].
+pub(crate) struct ProcessOp<T, K, O, KF, F, B> {
+    key: KF,
+    f: F,
+    backend: B,
+    _t: PhantomData<(T, K, O)>,
+}
+
+impl<T, K, O, KF, F, B> ProcessOp<T, K, O, KF, F, B> {
+    pub(crate) fn new(key: KF, f: F, backend: B) -> Self {
+        ProcessOp {
+            key,
+            f,
+            backend,
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T, K, O, KF, F, B> Operator for ProcessOp<T, K, O, KF, F, B>
+where
+    T: Data,
+    K: Key,
+    O: Data,
+    KF: Fn(&T) -> K + 'static,
+    F: KeyedProcessFunction<K, T, O>,
+    B: StateBackend<K, F::State>,
+{
+    type In = T;
+    type Out = O;
+    type Key = K;
+    type Ns = ();
+    const ORDERED: bool = true;
+
+    fn element(&mut self, batch: &mut Vec<(u64, T)>, cx: &mut Ctx<'_, Self>) {
+        let (watermark, now) = (cx.watermark(), cx.now());
+        let (timers, out) = cx.timers_and_out();
+        for (ts, d) in batch.drain(..) {
+            let k = (self.key)(&d);
+            let state = self.backend.get_or_insert_with(&k, &mut Default::default);
+            let mut ctx = ProcessContext {
+                key: &k,
+                state,
+                timestamp: ts,
+                watermark,
+                now,
+                clear: false,
+                timers: &mut *timers,
+                out: &mut *out,
+            };
+            self.f.process_element(d, &mut ctx);
+            if ctx.clear {
+                self.backend.remove(&k);
+            }
+        }
+    }
+
+    fn timer(&mut self, timer: Timer<K, ()>, cx: &mut Ctx<'_, Self>) {
+        let (watermark, now) = (cx.watermark(), cx.now());
+        let (timers, out) = cx.timers_and_out();
+        let k = timer.key;
+        let state = self.backend.get_or_insert_with(&k, &mut Default::default);
+        let mut ctx = ProcessContext {
+            key: &k,
+            state,
+            timestamp: timer.ts,
+            watermark,
+            now,
+            clear: false,
+            timers,
+            out,
+        };
+        self.f.on_timer(timer.ts, &mut ctx);
+        if ctx.clear {
+            self.backend.remove(&k);
+        }
+    }
+
+    fn snapshot(&self, groups: &KeyGroups) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
+        self.backend.snapshot_key_groups(groups)
+    }
+
+    fn restore(&mut self, group: &[u8]) -> Result<(), StateError> {
+        self.backend.restore_key_group(group)
     }
 }
 
@@ -237,39 +387,19 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
         }
     }
 
+    /// Builds a keyed operator on this stream (exchanged by key group).
+    fn keyed<Op: Operator<In = T>>(self, name: &str, op: Op) -> DataStream<'s, Op::Out> {
+        let env = self.stream.env.clone();
+        let route = key_route(env.key_groups(), self.key);
+        let built = keyed_operator(&env, self.stream.inner, route, name, op, false);
+        DataStream::new(built.main, env)
+    }
+
     /// A running aggregate kept per key: the first record of a key becomes its state,
     /// every later record is folded in with `update`; the state is emitted after each record.
-    fn running(self, name: &str, mut update: impl FnMut(&mut T, T) + 'static) -> DataStream<'s, T> {
-        let kf = self.key.clone();
-        let pact = Exchange::new(key_route(self.key.clone()));
-        let env = self.stream.env.clone();
-        let inner = self
-            .stream
-            .inner
-            .unary::<Builder<T>, _, _, _>(pact, name, move |_, _| {
-                let mut backend = MemoryStateBackend::<K, T>::default();
-                move |input, output| {
-                    input.for_each(|cap, data| {
-                        let map = backend.map_mut();
-                        let mut out = Vec::with_capacity(data.len());
-                        for (ts, d) in data.drain(..) {
-                            let k = kf(&d);
-                            match map.get_mut(&k) {
-                                Some(state) => {
-                                    update(state, d);
-                                    out.push((ts, state.clone()));
-                                }
-                                None => {
-                                    out.push((ts, d.clone()));
-                                    map.insert(k, d);
-                                }
-                            }
-                        }
-                        output.session(&cap).give_container(&mut out);
-                    });
-                }
-            });
-        DataStream::new(inner, env)
+    fn running(self, name: &str, update: impl FnMut(&mut T, T) + 'static) -> DataStream<'s, T> {
+        let op = RunningOp::new(self.key.clone(), update);
+        self.keyed(name, op)
     }
 
     /// Running reduce: emits `f(previous, record)` for every record of a key.
@@ -365,29 +495,8 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
     where
         A: AggregateFunction<T, ACC, OUT>,
     {
-        let kf = self.key.clone();
-        let pact = Exchange::new(key_route(self.key.clone()));
-        let env = self.stream.env.clone();
-        let inner =
-            self.stream
-                .inner
-                .unary::<Builder<OUT>, _, _, _>(pact, "Aggregate", move |_, _| {
-                    let mut backend = MemoryStateBackend::<K, ACC>::default();
-                    move |input, output| {
-                        input.for_each(|cap, data| {
-                            let mut out = Vec::with_capacity(data.len());
-                            for (ts, d) in data.drain(..) {
-                                let k = kf(&d);
-                                let acc = backend
-                                    .get_or_insert_with(&k, &mut || agg.create_accumulator());
-                                agg.add(d, acc);
-                                out.push((ts, agg.get_result(acc)));
-                            }
-                            output.session(&cap).give_container(&mut out);
-                        });
-                    }
-                });
-        DataStream::new(inner, env)
+        let op = AggregateOp::new(self.key.clone(), agg);
+        self.keyed("Aggregate", op)
     }
 
     /// Runs a [`KeyedProcessFunction`] with per-key state and event/processing-time timers.
@@ -399,125 +508,12 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, 
     }
 
     /// [`Self::process`] with an explicit state backend.
-    pub fn process_with_backend<O: Data, F, B>(self, mut f: F, backend: B) -> DataStream<'s, O>
+    pub fn process_with_backend<O: Data, F, B>(self, f: F, backend: B) -> DataStream<'s, O>
     where
         F: KeyedProcessFunction<K, T, O>,
         B: StateBackend<K, F::State>,
     {
-        let kf = self.key.clone();
-        let pact = Exchange::new(key_route(self.key.clone()));
-        let env = self.stream.env.clone();
-        let scope = env.scope;
-        let inner = self.stream.inner.unary_frontier::<Builder<O>, _, _, _>(
-            pact,
-            "Process",
-            move |cap, info| {
-                let activator = scope.activator_for(info.address);
-                let mut cap: Option<Capability<u64>> = Some(cap);
-                let mut backend = backend;
-                let mut event_timers = Timers::<K>::default();
-                let mut proc_timers = Timers::<K>::default();
-                let mut out: Vec<(u64, O)> = Vec::new();
-                let mut stash: BTreeMap<u64, Vec<(u64, T)>> = BTreeMap::new();
-                move |(input, frontier), output| {
-                    let bound = frontier.frontier().iter().min().copied();
-                    // Input is handled in timestamp (watermark) order, with the event-time
-                    // timers that became due in between, as Flink interleaves records and
-                    // watermarks: what a timer sees does not depend on scheduling.
-                    input.for_each(|incap, data| {
-                        let t = incap.least().copied().unwrap_or(0);
-                        stash.entry(t).or_default().append(data);
-                    });
-                    let Some(c) = cap.as_mut() else {
-                        stash.clear();
-                        return;
-                    };
-                    let now = now_ms();
-                    loop {
-                        let next = stash
-                            .first_key_value()
-                            .map(|(t, _)| *t)
-                            .filter(|t| bound.is_none_or(|b| *t <= b));
-                        // Timers due before the next batch (or before the frontier).
-                        let timer_bound = match (next, bound) {
-                            (Some(t), _) => Some(t),
-                            (None, b) => b,
-                        };
-                        let watermark = timer_bound.map_or(u64::MAX, |f| f.saturating_sub(1));
-                        loop {
-                            let (ts, k) = if let Some(t) = event_timers.pop_before(timer_bound) {
-                                t
-                            } else if let Some(t) =
-                                proc_timers.pop_before(if bound.is_none() && next.is_none() {
-                                    None
-                                } else {
-                                    Some(now.saturating_add(1))
-                                })
-                            {
-                                t
-                            } else {
-                                break;
-                            };
-                            let state = backend.get_or_insert_with(&k, &mut Default::default);
-                            let mut ctx = ProcessContext {
-                                key: &k,
-                                state,
-                                timestamp: ts,
-                                watermark,
-                                clear: false,
-                                event_timers: &mut event_timers,
-                                proc_timers: &mut proc_timers,
-                                out: &mut out,
-                            };
-                            f.on_timer(ts, &mut ctx);
-                            if ctx.clear {
-                                backend.remove(&k);
-                            }
-                            for (ots, o) in out.drain(..) {
-                                let time = ots.max(*c.time());
-                                output.session(&c.delayed(&time)).give((ots, o));
-                            }
-                        }
-                        let Some(t) = next else { break };
-                        let Some(batch) = stash.remove(&t) else { break };
-                        for (ts, d) in batch {
-                            let k = kf(&d);
-                            let state = backend.get_or_insert_with(&k, &mut Default::default);
-                            let mut ctx = ProcessContext {
-                                key: &k,
-                                state,
-                                timestamp: ts,
-                                watermark,
-                                clear: false,
-                                event_timers: &mut event_timers,
-                                proc_timers: &mut proc_timers,
-                                out: &mut out,
-                            };
-                            f.process_element(d, &mut ctx);
-                            if ctx.clear {
-                                backend.remove(&k);
-                            }
-                        }
-                        if !out.is_empty() {
-                            let time = t.max(*c.time());
-                            output.session(&c.delayed(&time)).give_container(&mut out);
-                            out.clear();
-                        }
-                    }
-                    match bound {
-                        Some(b) => {
-                            c.downgrade(&b.max(*c.time()));
-                            if let Some(next) = proc_timers.earliest() {
-                                activator.activate_after(std::time::Duration::from_millis(
-                                    next.saturating_sub(now),
-                                ));
-                            }
-                        }
-                        None => cap = None,
-                    }
-                }
-            },
-        );
-        DataStream::new(inner, env)
+        let op = ProcessOp::new(self.key.clone(), f, backend);
+        self.keyed("Process", op)
     }
 }

@@ -1,14 +1,21 @@
 //! Sinks: print (Flink's format), collect into a `Vec`, text and JSON-lines files, and
 //! user [`SinkFunction`]s.
+//!
+//! These sinks write synchronously, so they count as confirming at once: an epoch is done
+//! with them when their input frontier passes it (their progress output tells the
+//! epoch-completion tracker so, see [`crate::completion`]). Sinks that confirm
+//! asynchronously implement [`crate::SinkWriter`].
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 
+use crate::completion::Notice;
 use crate::error::StreamError;
 use crate::stream::DataStream;
 use crate::types::{Data, ShortStr};
@@ -159,37 +166,65 @@ impl<T, F: FnMut(T, u64) + 'static> SinkFunction<T> for F {
 }
 
 impl<'s, T: Data> DataStream<'s, T> {
+    /// A sink operator: `on_batch` for every batch, `on_end` once the input has ended. Its
+    /// dataless progress output follows its input frontier (it holds no capability) and is
+    /// registered with the epoch-completion tracker.
+    fn terminal(
+        self,
+        name: &str,
+        mut on_batch: impl FnMut(&mut Vec<(u64, T)>) + 'static,
+        mut on_end: impl FnMut() + 'static,
+    ) {
+        let registry = self.env.registry.clone();
+        let mut ended = false;
+        let progress = self
+            .inner
+            .unary_frontier::<CapacityContainerBuilder<Vec<Notice>>, _, _, _>(
+                Pipeline,
+                name,
+                move |_cap, _| {
+                    move |(input, frontier), _| {
+                        input.for_each(|_, data| on_batch(data));
+                        if frontier.is_empty() && !ended {
+                            ended = true;
+                            on_end();
+                        }
+                    }
+                },
+            );
+        registry.add_progress(progress);
+    }
+
     /// Sends every record to `sink` (one instance per worker).
     pub fn add_sink(self, sink: impl SinkFunction<T>) {
-        let mut sink = Some(sink);
-        self.inner.sink(Pipeline, "Sink", move |(input, frontier)| {
-            input.for_each(|_, data| {
-                if let Some(s) = sink.as_mut() {
-                    for (ts, d) in data.drain(..) {
-                        s.invoke(d, ts);
-                    }
+        let sink = std::rc::Rc::new(std::cell::RefCell::new(sink));
+        let at_end = sink.clone();
+        self.terminal(
+            "Sink",
+            move |data| {
+                let mut s = sink.borrow_mut();
+                for (ts, d) in data.drain(..) {
+                    s.invoke(d, ts);
                 }
-            });
-            if frontier.is_empty() {
-                if let Some(mut s) = sink.take() {
-                    s.finish();
-                }
-            }
-        });
+            },
+            move || at_end.borrow_mut().finish(),
+        );
     }
 
     /// Collects records into `sink`.
     pub fn collect_into(self, sink: &CollectSink<T>) {
         let items = sink.items.clone();
-        self.inner.sink(Pipeline, "Collect", move |(input, _)| {
-            input.for_each(|_, data| {
+        self.terminal(
+            "Collect",
+            move |data| {
                 let mut guard = match items.lock() {
                     Ok(g) => g,
                     Err(p) => p.into_inner(),
                 };
                 guard.extend(data.drain(..).map(|(_, d)| d));
-            });
-        });
+            },
+            || {},
+        );
     }
 
     /// Prints records to stdout as Flink does: `N> record` with `N` the 1-based subtask,
@@ -203,8 +238,9 @@ impl<'s, T: Data> DataStream<'s, T> {
         let env = self.env.reporter();
         let mut line = String::new();
         let mut failed = false;
-        self.inner.sink(Pipeline, "Print", move |(input, _)| {
-            input.for_each(|_, data| {
+        self.terminal(
+            "Print",
+            move |data| {
                 line.clear();
                 for (_, d) in data.drain(..) {
                     if let Some(p) = &prefix {
@@ -226,8 +262,9 @@ impl<'s, T: Data> DataStream<'s, T> {
                         });
                     }
                 }
-            });
-        });
+            },
+            || {},
+        );
     }
 
     /// Writes records as lines of text (Flink's `writeAsText`): at parallelism 1 `path` is the
@@ -263,50 +300,67 @@ impl<'s, T: Data> DataStream<'s, T> {
         } else {
             path
         };
-        let mut writer: Option<std::io::BufWriter<std::fs::File>> = None;
-        let mut failed = false;
+        // Shared by the batch and end-of-input callbacks, which never run at the same time.
+        let state = std::rc::Rc::new(std::cell::RefCell::new(FileState {
+            writer: None,
+            failed: false,
+        }));
+        let at_end = state.clone();
+        let (env_end, path_end) = (env.clone(), file_path.clone());
         let mut line = String::new();
-        self.inner
-            .sink(Pipeline, "WriteFile", move |(input, frontier)| {
-                input.for_each(|_, data| {
-                    if failed {
-                        data.clear();
-                        return;
-                    }
-                    let result = (|| -> Result<(), StreamError> {
-                        if writer.is_none() {
-                            writer = Some(open(&file_path)?);
-                        }
-                        let w = writer
-                            .as_mut()
-                            .ok_or_else(|| StreamError::Config("no writer".into()))?;
-                        for (_, d) in data.drain(..) {
-                            line.clear();
-                            fmt(&d, &mut line)?;
-                            line.push('\n');
-                            w.write_all(line.as_bytes())
-                                .map_err(|source| io_err(&file_path, source))?;
-                        }
-                        Ok(())
-                    })();
-                    if let Err(e) = result {
-                        failed = true;
-                        env.report(e);
-                    }
-                });
-                if frontier.is_empty() && !failed {
-                    let result = match writer.take() {
-                        Some(mut w) => w.flush().map_err(|source| io_err(&file_path, source)),
-                        // Create the (empty) file even if this worker saw no records.
-                        None => open(&file_path).map(|_| ()),
-                    };
-                    if let Err(e) = result {
-                        env.report(e);
-                    }
-                    failed = true; // done: ignore further calls
+        self.terminal(
+            "WriteFile",
+            move |data| {
+                let mut st = state.borrow_mut();
+                if st.failed {
+                    data.clear();
+                    return;
                 }
-            });
+                let result = (|| -> Result<(), StreamError> {
+                    if st.writer.is_none() {
+                        st.writer = Some(open(&file_path)?);
+                    }
+                    let w = st
+                        .writer
+                        .as_mut()
+                        .ok_or_else(|| StreamError::Config("no writer".into()))?;
+                    for (_, d) in data.drain(..) {
+                        line.clear();
+                        fmt(&d, &mut line)?;
+                        line.push('\n');
+                        w.write_all(line.as_bytes())
+                            .map_err(|source| io_err(&file_path, source))?;
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = result {
+                    st.failed = true;
+                    env.report(e);
+                }
+            },
+            move || {
+                let mut st = at_end.borrow_mut();
+                if st.failed {
+                    return;
+                }
+                let result = match st.writer.take() {
+                    Some(mut w) => w.flush().map_err(|source| io_err(&path_end, source)),
+                    // Create the (empty) file even if this worker saw no records.
+                    None => open(&path_end).map(|_| ()),
+                };
+                if let Err(e) = result {
+                    env_end.report(e);
+                }
+                st.failed = true; // done: ignore further calls
+            },
+        );
     }
+}
+
+/// A file sink's writer, opened on the first record.
+struct FileState {
+    writer: Option<std::io::BufWriter<std::fs::File>>,
+    failed: bool,
 }
 
 fn io_err(path: &std::path::Path, source: std::io::Error) -> StreamError {

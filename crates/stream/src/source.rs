@@ -5,13 +5,21 @@
 //! A [`SourceFunction`] may block (sleep, read a socket); it therefore runs on a thread of its
 //! own and reaches the worker through a bounded queue — the bound is the source's
 //! backpressure — waking the worker with timely's `SyncActivator`.
+//!
+//! Every source holds one capability at `(epoch, frontier)`: the frontier follows its
+//! watermark strategy record by record, the epoch follows the job's epoch clock (checked at
+//! each activation; an idle source wakes itself at each epoch boundary to close the epoch).
+//! A stopped or failed job makes every source finish at its next activation.
+//! Connector sources ([`crate::SourceReader`]) live in [`crate::reader`].
 
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::generic::operator::source;
+use timely::order::Product;
 use timely::scheduling::SyncActivator;
 
 use crate::env::JobEnv;
@@ -114,6 +122,8 @@ impl<'s> JobEnv<'s> {
         I: Iterator<Item = (u64, T)> + 'static,
     {
         let scope = self.scope;
+        let clock = self.clock();
+        let control = self.control().clone();
         let stream = source::<_, Builder<T>, _, _>(scope, name, move |cap, info| {
             let activator = scope.activator_for(info.address);
             let mut iter = iter;
@@ -124,6 +134,17 @@ impl<'s> JobEnv<'s> {
                     cap = None;
                     return;
                 };
+                // Never registered with the stop handle: it re-activates itself until done,
+                // so it sees a stop at its next batch anyway.
+                if control.should_stop() {
+                    cap = None;
+                    iter = None;
+                    return;
+                }
+                let epoch = clock.epoch_at(Instant::now());
+                if epoch > c.outer {
+                    c.downgrade(&Product::new(epoch, c.inner));
+                }
                 let mut batch = Vec::with_capacity(SOURCE_BATCH);
                 let mut exhausted = false;
                 for _ in 0..SOURCE_BATCH {
@@ -134,10 +155,10 @@ impl<'s> JobEnv<'s> {
                     let ts = gen.stamp(&item, attached);
                     batch.push((ts, item));
                     let f = gen.frontier();
-                    if f > *c.time() {
+                    if f > c.inner {
                         output.session(&*c).give_container(&mut batch);
                         batch.clear();
-                        c.downgrade(&f);
+                        c.downgrade(&Product::new(c.outer, f));
                     }
                 }
                 if !batch.is_empty() {
@@ -170,23 +191,42 @@ impl<'s> JobEnv<'s> {
     ) -> DataStream<'s, T> {
         let scope = self.scope;
         let env = self.reporter();
+        let clock = self.clock();
+        let control = self.control().clone();
         let active = self.worker_index() == 0;
         let stream = source::<_, Builder<T>, _, _>(scope, name, move |cap, info| {
             let mut gen = WatermarkGen::new(strategy);
             let mut running = None;
+            let activator = scope.activator_for(info.address.clone());
             if active {
-                let activator = scope.worker().sync_activator_for(info.address.to_vec());
-                match spawn_source(source_fn, activator) {
+                let sync = scope.worker().sync_activator_for(info.address.to_vec());
+                control.stop.register(sync.clone());
+                match spawn_source(source_fn, sync) {
                     Ok(r) => running = Some(r),
                     Err(e) => env.report(e),
                 }
             }
             let mut cap = running.is_some().then_some(cap);
             let mut drained: Vec<SourceMsg<T>> = Vec::new();
+            // The epoch whose end a wake-up is already scheduled for.
+            let mut tick: Option<u64> = None;
             move |output| {
                 let (Some(c), Some(r)) = (cap.as_mut(), running.as_mut()) else {
                     return;
                 };
+                if control.should_stop() {
+                    // Dropping the source cancels it: `is_cancelled` turns true and a
+                    // blocked `collect` returns. Its thread is not joined (that could block
+                    // the worker); it ends on its own.
+                    cap = None;
+                    running = None;
+                    return;
+                }
+                let now = Instant::now();
+                let epoch = clock.epoch_at(now);
+                if epoch > c.outer {
+                    c.downgrade(&Product::new(epoch, c.inner));
+                }
                 let done = r.shared.drain_into(&mut drained);
                 let mut batch = Vec::with_capacity(drained.len());
                 for msg in drained.drain(..) {
@@ -195,21 +235,21 @@ impl<'s> JobEnv<'s> {
                             let ts = gen.stamp(&item, attached.unwrap_or(0));
                             batch.push((ts, item));
                             let f = gen.frontier();
-                            if f > *c.time() {
+                            if f > c.inner {
                                 output.session(&*c).give_container(&mut batch);
                                 batch.clear();
-                                c.downgrade(&f);
+                                c.downgrade(&Product::new(c.outer, f));
                             }
                         }
                         SourceMsg::Watermark(w) => {
                             gen.explicit_watermark(w);
                             let f = gen.frontier();
-                            if f > *c.time() {
+                            if f > c.inner {
                                 if !batch.is_empty() {
                                     output.session(&*c).give_container(&mut batch);
                                     batch.clear();
                                 }
-                                c.downgrade(&f);
+                                c.downgrade(&Product::new(c.outer, f));
                             }
                         }
                     }
@@ -229,6 +269,11 @@ impl<'s> JobEnv<'s> {
                     }
                     cap = None;
                     running = None;
+                } else if tick != Some(epoch) {
+                    // The thread wakes the worker only when it queues records: close epochs
+                    // while it is quiet.
+                    activator.activate_after(clock.until_after(epoch, now));
+                    tick = Some(epoch);
                 }
             }
         });

@@ -5,14 +5,18 @@
 //! [`crate::KeyedProcessFunction`], `S` is a user struct composed of the three state
 //! primitives below, so it is typed (no per-access (de)serialisation) yet serialisable as a
 //! whole — which is what the checkpointing work needs: `snapshot()` gives bytes, `restore()`
-//! takes them back.
+//! takes them back. Checkpoints use the per-key-group form
+//! ([`StateBackend::snapshot_key_groups`]), so that state can move between workers.
 
+use std::collections::BTreeMap;
 use std::hash::Hash;
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{decode_keyed, encode_keyed};
 use crate::error::StateError;
 use crate::hash::FxHashMap;
+use crate::keygroup::KeyGroups;
 use crate::types::{Data, Key};
 
 /// A single value per key (Flink's `ValueState`).
@@ -200,6 +204,25 @@ pub trait StateBackend<K: Key, S: Data>: 'static {
     fn snapshot(&self) -> Result<Vec<u8>, StateError>;
     /// Replaces all state with a snapshot.
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError>;
+
+    /// Serialises the state per key group (what checkpoints store): each group's bytes
+    /// decode with [`Self::restore_key_group`] on any backend for the same `K` and `S`.
+    fn snapshot_key_groups(
+        &self,
+        groups: &KeyGroups,
+    ) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
+        let mut entries: Vec<(K, S)> = Vec::with_capacity(self.len());
+        self.for_each(&mut |k, s| entries.push((k.clone(), s.clone())));
+        encode_keyed(groups, entries.iter().map(|(k, s)| (k, s)))
+    }
+
+    /// Adds the state of one key group written by [`Self::snapshot_key_groups`].
+    fn restore_key_group(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        for (k, s) in decode_keyed::<K, S>(bytes)? {
+            self.insert(k, s);
+        }
+        Ok(())
+    }
 }
 
 /// The in-memory backend: a hash map (Fx-hashed) from key to state.
@@ -266,5 +289,12 @@ impl<K: Key, S: Data> StateBackend<K, S> for MemoryStateBackend<K, S> {
             bincode::deserialize(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
         self.map = entries.into_iter().collect();
         Ok(())
+    }
+    fn snapshot_key_groups(
+        &self,
+        groups: &KeyGroups,
+    ) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
+        // Borrows the entries instead of cloning them as the default does.
+        encode_keyed(groups, self.map.iter())
     }
 }

@@ -2,6 +2,8 @@
 //!
 //! Stateless operators run on the worker that produced the record (timely's `Pipeline`
 //! channel: no copy, no serialisation) and process whole batches; only `key_by` moves data.
+//! They keep each batch's time, epoch included, so the epoch a record was read in follows it
+//! to the sinks.
 
 use std::cell::RefCell;
 use std::hash::Hash;
@@ -14,12 +16,17 @@ use timely::dataflow::operators::generic::{Operator, OutputBuilder};
 use timely::dataflow::operators::Concat;
 use timely::dataflow::StreamVec;
 
+use timely::order::Product;
+
 use crate::env::JobEnv;
+use crate::epoch::{meet, Time};
 use crate::keyed::KeyedStream;
+use crate::keygroup::KeyGroups;
 use crate::types::{Data, Key};
 use crate::watermark::{WatermarkGen, WatermarkStrategy};
 
-pub(crate) type Inner<'s, T> = StreamVec<'s, u64, (u64, T)>;
+/// The timely stream behind a [`DataStream`]: records with their event timestamps.
+pub(crate) type Inner<'s, T> = StreamVec<'s, Time, (u64, T)>;
 pub(crate) type Builder<T> = CapacityContainerBuilder<Vec<(u64, T)>>;
 
 /// A stream of records of type `T`, each with an event timestamp, partitioned over the
@@ -221,6 +228,8 @@ impl<'s, T: Data> DataStream<'s, T> {
         self,
         strategy: WatermarkStrategy<T>,
     ) -> DataStream<'s, T> {
+        // The capability's epoch follows the input frontier's (records keep the epoch they
+        // were read in); its frontier is the generated one.
         let inner = self.inner.unary_frontier::<Builder<T>, _, _, _>(
             Pipeline,
             "AssignTimestamps",
@@ -232,24 +241,36 @@ impl<'s, T: Data> DataStream<'s, T> {
                         input.for_each(|_, _| {});
                         return;
                     };
-                    input.for_each(|_, data| {
+                    input.for_each(|incap, data| {
+                        let epoch = incap
+                            .stamp()
+                            .iter()
+                            .map(|t| t.outer)
+                            .min()
+                            .unwrap_or(c.outer);
                         let mut batch = Vec::with_capacity(data.len());
+                        let mut at = c.delayed(&Product::new(epoch.max(c.outer), c.inner));
                         for (attached, item) in data.drain(..) {
                             let ts = gen.stamp(&item, attached);
                             batch.push((ts, item));
                             let f = gen.frontier();
-                            if f > *c.time() {
-                                output.session(&*c).give_container(&mut batch);
+                            if f > at.inner {
+                                output.session(&at).give_container(&mut batch);
                                 batch.clear();
-                                c.downgrade(&f);
+                                at.downgrade(&Product::new(at.outer, f));
+                                c.downgrade(&Product::new(c.outer, f));
                             }
                         }
                         if !batch.is_empty() {
-                            output.session(&*c).give_container(&mut batch);
+                            output.session(&at).give_container(&mut batch);
                         }
                     });
-                    if frontier.is_empty() {
-                        cap = None;
+                    match meet(frontier.frontier()) {
+                        Some(m) if m.outer > c.outer => {
+                            c.downgrade(&Product::new(m.outer, c.inner));
+                        }
+                        Some(_) => {}
+                        None => cap = None,
                     }
                 }
             },
@@ -387,9 +408,11 @@ impl<'s, T: Data> DataStream<'s, T> {
     }
 }
 
-/// Routing function shared by keyed operators.
+/// Routing function shared by keyed operators: to the worker that owns the key's key group
+/// (timely takes the returned index modulo the number of workers, which leaves it as is).
 pub(crate) fn key_route<T, K: Hash, KF: Fn(&T) -> K + 'static>(
+    groups: KeyGroups,
     kf: KF,
 ) -> impl Fn(&(u64, T)) -> u64 + 'static {
-    move |(_, d): &(u64, T)| crate::hash::route(&kf(d))
+    move |(_, d): &(u64, T)| groups.worker_of_key(&kf(d)) as u64
 }

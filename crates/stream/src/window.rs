@@ -18,19 +18,28 @@
 //!
 //! Processing-time windows are assigned by the wall clock on arrival and fire when the clock
 //! passes their end; when the input ends, all pending windows fire.
+//!
+//! # Firing with epochs
+//! The operator driver may handle a batch while its own frontier is still below the
+//! batch's (when sources disagree about epochs and watermarks, see [`crate::driver`]). Then
+//! lateness is still judged against the batch's frontier as above, but a window fires only
+//! once the operator's frontier has reached its end — a record for a window that has not
+//! fired yet just joins it. With one source feeding the operator the two frontiers are the
+//! same.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
-use timely::dataflow::operators::generic::{Operator, OutputBuilder};
-use timely::dataflow::operators::Capability;
 
-use crate::keyed::{now_ms, AggregateFunction, KeyedStream, Timers};
-use crate::state::MemoryStateBackend;
-use crate::stream::{key_route, Builder, DataStream, OutputTag};
+use crate::driver::{keyed_operator, Ctx, Operator};
+use crate::error::StateError;
+use crate::keyed::{AggregateFunction, KeyedStream};
+use crate::keygroup::KeyGroups;
+use crate::state::{MemoryStateBackend, StateBackend};
+use crate::stream::{key_route, DataStream, OutputTag};
+use crate::timers::Timer;
 use crate::types::{Data, Key};
 use crate::watermark::duration_ms;
 
@@ -215,7 +224,7 @@ impl<K, T, R, F: FnMut(&K, TimeWindow, &[T], &mut Vec<R>) + 'static> ProcessWind
 }
 
 /// How window contents are kept and turned into results.
-trait WinFn<K, T>: 'static {
+pub(crate) trait WinFn<K, T>: 'static {
     type Acc: Data;
     type Out: Data;
     fn create(&mut self) -> Self::Acc;
@@ -224,7 +233,7 @@ trait WinFn<K, T>: 'static {
     fn emit(&mut self, key: &K, window: TimeWindow, acc: &Self::Acc, out: &mut Vec<Self::Out>);
 }
 
-struct ReduceFn<F>(F);
+pub(crate) struct ReduceFn<F>(pub(crate) F);
 impl<K, T: Data, F: FnMut(T, T) -> T + 'static> WinFn<K, T> for ReduceFn<F> {
     type Acc = Option<T>;
     type Out = T;
@@ -250,7 +259,7 @@ impl<K, T: Data, F: FnMut(T, T) -> T + 'static> WinFn<K, T> for ReduceFn<F> {
     }
 }
 
-struct AggFn<A, ACC, OUT>(A, std::marker::PhantomData<(ACC, OUT)>);
+pub(crate) struct AggFn<A, ACC, OUT>(pub(crate) A, pub(crate) PhantomData<(ACC, OUT)>);
 impl<K, T, ACC: Data, OUT: Data, A: AggregateFunction<T, ACC, OUT>> WinFn<K, T>
     for AggFn<A, ACC, OUT>
 {
@@ -271,7 +280,7 @@ impl<K, T, ACC: Data, OUT: Data, A: AggregateFunction<T, ACC, OUT>> WinFn<K, T>
     }
 }
 
-struct ProcFn<P, R>(P, std::marker::PhantomData<R>);
+pub(crate) struct ProcFn<P, R>(pub(crate) P, pub(crate) PhantomData<R>);
 impl<K: 'static, T: Data, R: Data, P: ProcessWindowFunction<K, T, R>> WinFn<K, T> for ProcFn<P, R> {
     type Acc = Vec<T>;
     type Out = R;
@@ -373,15 +382,15 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> WindowedStream<'s, 
         self,
         agg: A,
     ) -> DataStream<'s, OUT> {
-        self.build("WindowAggregate", AggFn(agg, std::marker::PhantomData))
+        self.build("WindowAggregate", AggFn(agg, PhantomData))
     }
 
     /// Hands all of a window's records to a [`ProcessWindowFunction`] when it fires.
     pub fn process<R: Data, P: ProcessWindowFunction<K, T, R>>(self, f: P) -> DataStream<'s, R> {
-        self.build("WindowProcess", ProcFn(f, std::marker::PhantomData))
+        self.build("WindowProcess", ProcFn(f, PhantomData))
     }
 
-    fn build<W: WinFn<K, T>>(self, name: &str, mut wf: W) -> DataStream<'s, W::Out> {
+    fn build<W: WinFn<K, T>>(self, name: &str, wf: W) -> DataStream<'s, W::Out> {
         let WindowedStream {
             keyed,
             assigner,
@@ -389,223 +398,248 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> WindowedStream<'s, 
             late_tag,
         } = self;
         let env = keyed.stream.env.clone();
-        let scope = env.scope;
-        let kf = keyed.key.clone();
-        let mut builder = OperatorBuilder::new(name.to_owned(), scope);
-        let info = builder.operator_info();
-        let mut input = builder.new_input(keyed.stream.inner, Exchange::new(key_route(keyed.key)));
-        let (main_out, main_stream) = builder.new_output::<Vec<(u64, W::Out)>>();
-        let (late_out, late_stream) = builder.new_output::<Vec<(u64, T)>>();
-        let mut main_out = OutputBuilder::<_, Builder<W::Out>>::from(main_out);
-        let mut late_out = OutputBuilder::<_, Builder<T>>::from(late_out);
-        let activator = scope.activator_for(info.address);
-        let event = assigner.domain == TimeDomain::EventTime;
-        let session = assigner.is_session();
-        let want_late = late_tag.is_some();
+        let route = key_route(env.key_groups(), keyed.key.clone());
+        let op = WindowOp::new(keyed.key, assigner, lateness, wf, late_tag.is_some());
+        let built = keyed_operator(
+            &env,
+            keyed.stream.inner,
+            route,
+            name,
+            op,
+            late_tag.is_some(),
+        );
+        if let (Some(tag), Some(late)) = (late_tag.as_ref(), built.late) {
+            tag.attach(late);
+        }
+        DataStream::new(built.main, env)
+    }
+}
 
-        builder.build(move |caps| {
-            let mut caps = caps.into_iter();
-            let mut cap: Option<Capability<u64>> = caps.next();
-            let mut late_cap: Option<Capability<u64>> = caps.next();
-            // Window contents per key, behind the state backend (snapshot/restore); the hot
-            // path uses the map directly.
-            let mut backend = MemoryStateBackend::<K, Vec<(TimeWindow, W::Acc)>>::default();
-            let mut fire: Timers<(K, TimeWindow)> = Timers::default();
-            let mut cleanup: Timers<(K, TimeWindow)> = Timers::default();
-            let mut stash: BTreeMap<u64, Vec<(u64, T)>> = BTreeMap::new();
-            let mut results: Vec<W::Out> = Vec::new();
-            let mut fired: Vec<(u64, W::Out)> = Vec::new();
-            let mut late_batch: Vec<(u64, T)> = Vec::new();
-            move |frontiers| {
-                let state = backend.map_mut();
-                let bound = frontiers[0].frontier().iter().min().copied();
-                let mut main = main_out.activate();
-                let mut late = late_out.activate();
-                // Input is handled in watermark order, firing the windows that became due in
-                // between, as Flink interleaves records and watermarks.
-                input.for_each(|incap, data| {
-                    let t = incap.least().copied().unwrap_or(0);
-                    stash.entry(t).or_default().append(data);
-                });
-                let (Some(c), Some(lc)) = (cap.as_mut(), late_cap.as_mut()) else {
-                    stash.clear();
-                    return;
-                };
-                let now = now_ms();
-                loop {
-                    let next = stash
-                        .first_key_value()
-                        .map(|(t, _)| *t)
-                        .filter(|t| bound.is_none_or(|b| *t <= b));
-                    // Fire what is due before the next batch: event-time windows whose end the
-                    // watermark frontier has reached, processing-time ones the clock has;
-                    // everything once the input has ended.
-                    let frontier_now = next.or(bound);
-                    let due = if event {
-                        frontier_now.map(|f| f.saturating_add(1))
-                    } else if bound.is_none() && next.is_none() {
-                        None
+/// Which timer of a window: the one that fires it, or the one that drops its state once the
+/// allowed lateness has passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) struct WindowTimer {
+    window: TimeWindow,
+    cleanup: bool,
+}
+
+/// Time windows of one keyed stream (see the module docs for when they fire).
+pub(crate) struct WindowOp<T, K, KF, W: WinFn<K, T>> {
+    key: KF,
+    assigner: WindowAssigner,
+    lateness: u64,
+    wf: W,
+    want_late: bool,
+    /// Each key's open windows and their contents.
+    state: MemoryStateBackend<K, Vec<(TimeWindow, W::Acc)>>,
+    results: Vec<W::Out>,
+    _t: PhantomData<T>,
+}
+
+impl<T, K: Key, KF, W: WinFn<K, T>> WindowOp<T, K, KF, W> {
+    pub(crate) fn new(
+        key: KF,
+        assigner: WindowAssigner,
+        lateness: u64,
+        wf: W,
+        want_late: bool,
+    ) -> Self {
+        WindowOp {
+            key,
+            assigner,
+            lateness,
+            wf,
+            want_late,
+            state: MemoryStateBackend::default(),
+            results: Vec::new(),
+            _t: PhantomData,
+        }
+    }
+
+    fn event(&self) -> bool {
+        self.assigner.domain == TimeDomain::EventTime
+    }
+}
+
+impl<T, K, KF, W> Operator for WindowOp<T, K, KF, W>
+where
+    T: Data,
+    K: Key,
+    KF: Fn(&T) -> K + 'static,
+    W: WinFn<K, T>,
+{
+    type In = T;
+    type Out = W::Out;
+    type Key = K;
+    type Ns = WindowTimer;
+    const ORDERED: bool = true;
+
+    fn element(&mut self, batch: &mut Vec<(u64, T)>, cx: &mut Ctx<'_, Self>) {
+        let event = self.event();
+        let session = self.assigner.is_session();
+        let lateness = self.lateness;
+        // Lateness is judged against the frontier the batch was emitted under; whether a
+        // window has fired against the operator's own frontier.
+        let (f_r, fired_below, now) = (cx.batch_frontier(), cx.frontier(), cx.now());
+        let state = self.state.map_mut();
+        let wf = &mut self.wf;
+        let results = &mut self.results;
+        for (ts, d) in batch.drain(..) {
+            let k = (self.key)(&d);
+            let t = if event { ts } else { now };
+            if session {
+                if event && t.saturating_add(lateness) < f_r {
+                    if self.want_late {
+                        cx.late(ts, d);
+                    }
+                    continue;
+                }
+                let mut w = self.assigner.assign(t)[0];
+                let wins = state.entry(k.clone()).or_default();
+                let mut acc = wf.create();
+                wf.add(&mut acc, d);
+                let mut i = 0;
+                while i < wins.len() {
+                    if wins[i].0.touches(&w) {
+                        let (ow, oacc) = wins.swap_remove(i);
+                        w = TimeWindow {
+                            start: w.start.min(ow.start),
+                            end: w.end.max(ow.end),
+                        };
+                        wf.merge(&mut acc, oacc);
                     } else {
-                        Some(now.saturating_add(1))
-                    };
-                    while let Some((_, (k, w))) = fire.pop_before(due) {
-                        let Some(wins) = state.get_mut(&k) else {
-                            continue;
-                        };
-                        let Some(pos) = wins.iter().position(|(x, _)| *x == w) else {
-                            continue;
-                        };
-                        wf.emit(&k, w, &wins[pos].1, &mut results);
-                        if !event || frontier_now.is_none() {
-                            wins.swap_remove(pos);
-                            if wins.is_empty() {
-                                state.remove(&k);
-                            }
-                        }
-                        let ts = w.max_timestamp();
-                        let time = if event { ts.max(*c.time()) } else { *c.time() };
-                        let delayed = c.delayed(&time);
-                        let mut session = main.session(&delayed);
-                        for r in results.drain(..) {
-                            session.give((ts, r));
-                        }
-                    }
-                    if event {
-                        while let Some((_, (k, w))) =
-                            cleanup.pop_before(frontier_now.map(|f| f.saturating_add(1)))
-                        {
-                            if let Some(wins) = state.get_mut(&k) {
-                                wins.retain(|(x, _)| *x != w);
-                                if wins.is_empty() {
-                                    state.remove(&k);
-                                }
-                            }
-                        }
-                    }
-                    let Some(f_r) = next else { break };
-                    let Some(batch) = stash.remove(&f_r) else {
-                        break;
-                    };
-                    for (ts, d) in batch {
-                        let k = kf(&d);
-                        let t = if event { ts } else { now };
-                        if session {
-                            if event && t.saturating_add(lateness) < f_r {
-                                late_batch.push((ts, d));
-                                continue;
-                            }
-                            let mut w = assigner.assign(t)[0];
-                            let wins = state.entry(k.clone()).or_default();
-                            let mut acc = wf.create();
-                            wf.add(&mut acc, d);
-                            let mut i = 0;
-                            while i < wins.len() {
-                                if wins[i].0.touches(&w) {
-                                    let (ow, oacc) = wins.swap_remove(i);
-                                    w = TimeWindow {
-                                        start: w.start.min(ow.start),
-                                        end: w.end.max(ow.end),
-                                    };
-                                    wf.merge(&mut acc, oacc);
-                                } else {
-                                    i += 1;
-                                }
-                            }
-                            wins.push((w, acc));
-                            fire.register(w.end, &(k.clone(), w));
-                            if event {
-                                cleanup.register(
-                                    w.end.saturating_add(lateness).saturating_add(1),
-                                    &(k.clone(), w),
-                                );
-                                if w.end <= f_r {
-                                    if let Some((_, acc)) = wins.last() {
-                                        wf.emit(&k, w, acc, &mut results);
-                                        fired.extend(
-                                            results.drain(..).map(|r| (w.max_timestamp(), r)),
-                                        );
-                                    }
-                                }
-                            }
-                        } else {
-                            let windows = assigner.assign(t);
-                            let mut placed = false;
-                            let n = windows.len();
-                            let mut d = Some(d);
-                            for (i, w) in windows.into_iter().enumerate() {
-                                if event && w.end.saturating_add(lateness) <= f_r {
-                                    continue;
-                                }
-                                placed = true;
-                                let v = if i + 1 == n { d.take() } else { d.clone() };
-                                let Some(v) = v else { continue };
-                                let wins = state.entry(k.clone()).or_default();
-                                let pos = match wins.iter().position(|(x, _)| *x == w) {
-                                    Some(p) => p,
-                                    None => {
-                                        wins.push((w, wf.create()));
-                                        fire.register(w.end, &(k.clone(), w));
-                                        if event {
-                                            cleanup.register(
-                                                w.end.saturating_add(lateness),
-                                                &(k.clone(), w),
-                                            );
-                                        }
-                                        wins.len() - 1
-                                    }
-                                };
-                                let acc = &mut wins[pos].1;
-                                wf.add(acc, v);
-                                // A late record within the allowed lateness fires again.
-                                if event && w.end <= f_r {
-                                    wf.emit(&k, w, acc, &mut results);
-                                    fired.extend(results.drain(..).map(|r| (w.max_timestamp(), r)));
-                                }
-                            }
-                            if !placed {
-                                if let Some(v) = d {
-                                    late_batch.push((ts, v));
-                                }
-                            }
-                        }
-                    }
-                    let time = f_r.max(*c.time());
-                    if !late_batch.is_empty() {
-                        if want_late {
-                            late.session(&lc.delayed(&time))
-                                .give_container(&mut late_batch);
-                        }
-                        late_batch.clear();
-                    }
-                    if !fired.is_empty() {
-                        main.session(&c.delayed(&time)).give_container(&mut fired);
-                        fired.clear();
+                        i += 1;
                     }
                 }
-                match bound {
-                    Some(b) => {
-                        c.downgrade(&b.max(*c.time()));
-                        if !event {
-                            if let Some(next) = fire.earliest() {
-                                activator.activate_after(Duration::from_millis(
-                                    next.saturating_sub(now),
-                                ));
+                wins.push((w, acc));
+                let fire = WindowTimer {
+                    window: w,
+                    cleanup: false,
+                };
+                if event {
+                    cx.timers.register_event(w.max_timestamp(), &k, fire);
+                    cx.timers.register_event(
+                        w.end.saturating_add(lateness),
+                        &k,
+                        WindowTimer {
+                            window: w,
+                            cleanup: true,
+                        },
+                    );
+                    if w.end <= fired_below {
+                        if let Some((_, acc)) = wins.last() {
+                            wf.emit(&k, w, acc, results);
+                            for r in results.drain(..) {
+                                cx.emit(w.max_timestamp(), r);
                             }
                         }
-                        lc.downgrade(&b.max(*lc.time()));
                     }
-                    None => {
-                        cap = None;
-                        late_cap = None;
-                        state.clear();
+                } else {
+                    cx.timers.register_processing(w.end, &k, fire);
+                }
+            } else {
+                let windows = self.assigner.assign(t);
+                let mut placed = false;
+                let n = windows.len();
+                let mut d = Some(d);
+                for (i, w) in windows.into_iter().enumerate() {
+                    if event && w.end.saturating_add(lateness) <= f_r {
+                        continue;
+                    }
+                    placed = true;
+                    let v = if i + 1 == n { d.take() } else { d.clone() };
+                    let Some(v) = v else { continue };
+                    let wins = state.entry(k.clone()).or_default();
+                    let pos = match wins.iter().position(|(x, _)| *x == w) {
+                        Some(p) => p,
+                        None => {
+                            wins.push((w, wf.create()));
+                            let fire = WindowTimer {
+                                window: w,
+                                cleanup: false,
+                            };
+                            if event {
+                                cx.timers.register_event(w.max_timestamp(), &k, fire);
+                                cx.timers.register_event(
+                                    w.end.saturating_add(lateness).saturating_sub(1),
+                                    &k,
+                                    WindowTimer {
+                                        window: w,
+                                        cleanup: true,
+                                    },
+                                );
+                            } else {
+                                cx.timers.register_processing(w.end, &k, fire);
+                            }
+                            wins.len() - 1
+                        }
+                    };
+                    let acc = &mut wins[pos].1;
+                    wf.add(acc, v);
+                    // A late record within the allowed lateness fires the window again.
+                    if event && w.end <= fired_below {
+                        wf.emit(&k, w, acc, results);
+                        for r in results.drain(..) {
+                            cx.emit(w.max_timestamp(), r);
+                        }
+                    }
+                }
+                if !placed && self.want_late {
+                    if let Some(v) = d {
+                        cx.late(ts, v);
                     }
                 }
             }
-        });
-        if let Some(tag) = late_tag.as_ref() {
-            tag.attach(late_stream);
         }
-        DataStream::new(main_stream, env)
+    }
+
+    fn timer(&mut self, timer: Timer<K, WindowTimer>, cx: &mut Ctx<'_, Self>) {
+        let event = self.event();
+        let (k, w) = (timer.key, timer.ns.window);
+        let state = self.state.map_mut();
+        let Some(wins) = state.get_mut(&k) else {
+            return;
+        };
+        if timer.ns.cleanup {
+            wins.retain(|(x, _)| *x != w);
+            if wins.is_empty() {
+                state.remove(&k);
+            }
+            return;
+        }
+        let Some(pos) = wins.iter().position(|(x, _)| *x == w) else {
+            return;
+        };
+        self.wf.emit(&k, w, &wins[pos].1, &mut self.results);
+        // Event-time windows stay for late firings until their cleanup timer; processing
+        // time has no late records.
+        if !event || cx.input_ended() {
+            wins.swap_remove(pos);
+            if wins.is_empty() {
+                state.remove(&k);
+            }
+        }
+        let ts = w.max_timestamp();
+        for r in self.results.drain(..) {
+            if event {
+                cx.emit(ts, r);
+            } else {
+                // A wall-clock timestamp must not move the watermark downstream.
+                cx.emit_now(ts, r);
+            }
+        }
+    }
+
+    fn input_ended(&mut self, _cx: &mut Ctx<'_, Self>) {
+        self.state.map_mut().clear();
+    }
+
+    fn snapshot(&self, groups: &KeyGroups) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
+        self.state.snapshot_key_groups(groups)
+    }
+
+    fn restore(&mut self, group: &[u8]) -> Result<(), StateError> {
+        self.state.restore_key_group(group)
     }
 }
 
@@ -640,68 +674,101 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> CountWindowedStream
         self,
         agg: A,
     ) -> DataStream<'s, OUT> {
-        self.build("CountWindowAggregate", AggFn(agg, std::marker::PhantomData))
+        self.build("CountWindowAggregate", AggFn(agg, PhantomData))
     }
 
     /// Hands each count window's records to a [`ProcessWindowFunction`]; the window passed
     /// spans the records' timestamps (`[min, max + 1)`).
     pub fn process<R: Data, P: ProcessWindowFunction<K, T, R>>(self, f: P) -> DataStream<'s, R> {
-        self.build("CountWindowProcess", ProcFn(f, std::marker::PhantomData))
+        self.build("CountWindowProcess", ProcFn(f, PhantomData))
     }
 
-    fn build<W: WinFn<K, T>>(self, name: &str, mut wf: W) -> DataStream<'s, W::Out> {
-        let (size, slide) = (self.size as usize, self.slide as usize);
-        let kf = self.keyed.key.clone();
+    fn build<W: WinFn<K, T>>(self, name: &str, wf: W) -> DataStream<'s, W::Out> {
         let env = self.keyed.stream.env.clone();
-        let pact = Exchange::new(key_route(self.keyed.key));
-        let inner =
-            self.keyed
-                .stream
-                .inner
-                .unary::<Builder<W::Out>, _, _, _>(pact, name, move |_, _| {
-                    let mut backend = MemoryStateBackend::<
-                        K,
-                        (std::collections::VecDeque<(u64, T)>, usize),
-                    >::default();
-                    let mut results = Vec::new();
-                    move |input, output| {
-                        input.for_each(|cap, data| {
-                            let mut out = Vec::new();
-                            for (ts, d) in data.drain(..) {
-                                let k = kf(&d);
-                                let (buf, since) = backend.map_mut().entry(k.clone()).or_default();
-                                buf.push_back((ts, d));
-                                if buf.len() > size {
-                                    buf.pop_front();
-                                }
-                                *since += 1;
-                                if *since == slide {
-                                    *since = 0;
-                                    let mut acc = wf.create();
-                                    let (mut lo, mut hi) = (u64::MAX, 0);
-                                    for (t, v) in buf.iter() {
-                                        lo = lo.min(*t);
-                                        hi = hi.max(*t);
-                                        wf.add(&mut acc, v.clone());
-                                    }
-                                    let w = TimeWindow {
-                                        start: lo,
-                                        end: hi.saturating_add(1),
-                                    };
-                                    wf.emit(&k, w, &acc, &mut results);
-                                    out.extend(results.drain(..).map(|r| (ts, r)));
-                                    if size == slide {
-                                        buf.clear();
-                                    }
-                                }
-                            }
-                            if !out.is_empty() {
-                                output.session(&cap).give_container(&mut out);
-                            }
-                        });
-                    }
-                });
-        DataStream::new(inner, env)
+        let route = key_route(env.key_groups(), self.keyed.key.clone());
+        let op = CountWindowOp::new(self.keyed.key, self.size, self.slide, wf);
+        let built = keyed_operator(&env, self.keyed.stream.inner, route, name, op, false);
+        DataStream::new(built.main, env)
+    }
+}
+
+/// Count windows of one keyed stream: the last `size` records of a key, fired every `slide`.
+pub(crate) struct CountWindowOp<T, K, KF, W: WinFn<K, T>> {
+    key: KF,
+    size: usize,
+    slide: usize,
+    wf: W,
+    /// Each key's last records and how many arrived since the last firing.
+    state: MemoryStateBackend<K, (VecDeque<(u64, T)>, usize)>,
+    results: Vec<W::Out>,
+}
+
+impl<T, K: Key, KF, W: WinFn<K, T>> CountWindowOp<T, K, KF, W> {
+    pub(crate) fn new(key: KF, size: u64, slide: u64, wf: W) -> Self {
+        CountWindowOp {
+            key,
+            size: usize::try_from(size).unwrap_or(usize::MAX),
+            slide: usize::try_from(slide).unwrap_or(usize::MAX),
+            wf,
+            state: MemoryStateBackend::default(),
+            results: Vec::new(),
+        }
+    }
+}
+
+impl<T, K, KF, W> Operator for CountWindowOp<T, K, KF, W>
+where
+    T: Data,
+    K: Key,
+    KF: Fn(&T) -> K + 'static,
+    W: WinFn<K, T>,
+{
+    type In = T;
+    type Out = W::Out;
+    type Key = K;
+    type Ns = ();
+    const ORDERED: bool = false;
+
+    fn element(&mut self, batch: &mut Vec<(u64, T)>, cx: &mut Ctx<'_, Self>) {
+        let (size, slide) = (self.size, self.slide);
+        for (ts, d) in batch.drain(..) {
+            let k = (self.key)(&d);
+            let (buf, since) = self.state.map_mut().entry(k.clone()).or_default();
+            buf.push_back((ts, d));
+            if buf.len() > size {
+                buf.pop_front();
+            }
+            *since += 1;
+            if *since == slide {
+                *since = 0;
+                let mut acc = self.wf.create();
+                let (mut lo, mut hi) = (u64::MAX, 0);
+                for (t, v) in buf.iter() {
+                    lo = lo.min(*t);
+                    hi = hi.max(*t);
+                    self.wf.add(&mut acc, v.clone());
+                }
+                let w = TimeWindow {
+                    start: lo,
+                    end: hi.saturating_add(1),
+                };
+                self.wf.emit(&k, w, &acc, &mut self.results);
+                for r in self.results.drain(..) {
+                    cx.emit(ts, r);
+                }
+                if size == slide {
+                    buf.clear();
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self, groups: &KeyGroups) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
+        self.state.snapshot_key_groups(groups)
+    }
+
+    fn restore(&mut self, group: &[u8]) -> Result<(), StateError> {
+        self.state.restore_key_group(group)
     }
 }
 

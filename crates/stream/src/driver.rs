@@ -1,0 +1,683 @@
+//! The operator driver: the one frontier-and-timer loop behind every stateful keyed operator
+//! (running aggregates, `aggregate`, `process`, time and count windows).
+//!
+//! An operator implements [`Operator`]'s lifecycle hooks — `open`, `element` (a batch),
+//! `timer`, `input_ended`, `snapshot`/`restore`, `close` — as Arroyo's and Flink's operators
+//! do; the [`Driver`] decides when each is called. It owns:
+//!
+//! - **Alignment.** Input is stashed by its time `(epoch, frontier)` and handled only once
+//!   the input frontier allows: a batch of epoch `e` waits until every earlier epoch is
+//!   complete at this operator, so records of a later epoch are never mixed into the state of
+//!   an earlier one (Flink's barrier alignment). Batches are handled in `(epoch, frontier)`
+//!   order.
+//! - **Watermark order** (for [`Operator::ORDERED`] operators). Within the current epoch a
+//!   batch also waits for the event-time frontier to reach its own, and the event-time timers
+//!   due before it fire first, as Flink interleaves records and watermarks. The frontier the
+//!   operator is at (timers below it have fired) is the minimum over the batch being handled,
+//!   the input frontier and everything still stashed, so it never passes a record not yet
+//!   handled; when one source alone feeds the operator that is exactly the batch's own
+//!   frontier, as before epochs existed. Lateness stays judged against the frontier a record
+//!   was emitted under (see the crate's "Time model").
+//! - **Capabilities.** One capability per output, held at the meet of the input frontier and
+//!   the stash. Element output goes out at the batch's time; timer output at the timer's time
+//!   (or the current one), in the epoch being handled.
+//! - **Processing time.** The clock is read once per activation; processing-time timers fire
+//!   when it passes them, and the operator is re-activated for the earliest one.
+//! - **Checkpoints.** When epochs complete (before any record of a later epoch is touched)
+//!   the [`CheckpointPolicy`](crate::CheckpointPolicy) may ask for a snapshot: the operator's
+//!   state and the timers, per key group.
+//!
+//! The driver is independent of timely (outputs go through [`Emit`]), so the tests below run
+//! operators through scripted frontiers and compare a restored run with an uninterrupted one.
+
+use std::collections::btree_map::Entry;
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::{OutputBuilder, OutputBuilderSession};
+use timely::dataflow::operators::Capability;
+use timely::order::Product;
+
+use crate::checkpoint::{decode, encode, Checkpointing, SnapshotState};
+use crate::env::JobEnv;
+use crate::epoch::{meet, Time};
+use crate::error::{StateError, StreamError};
+use crate::keygroup::KeyGroups;
+use crate::stream::{Builder, Inner};
+use crate::timers::{Namespace, Timer, TimerService};
+use crate::types::{Data, Key};
+use crate::window::TimeDomain;
+
+/// Milliseconds since the Unix epoch: processing time.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A stateful keyed operator, as the driver sees it.
+pub(crate) trait Operator: 'static {
+    /// Input records.
+    type In: Data;
+    /// Output records.
+    type Out: Data;
+    /// The key state and timers are kept under.
+    type Key: Key;
+    /// Tells a key's timers apart (Flink's timer namespace).
+    type Ns: Namespace;
+    /// True if records must be handled in watermark order with event-time timers in between
+    /// (process functions, time windows). False for operators that only need epoch
+    /// alignment (running aggregates, count windows): they handle a batch as soon as its
+    /// epoch is the current one, in arrival order.
+    const ORDERED: bool;
+
+    /// Called once before anything else, with the worker's place in the job.
+    fn open(&mut self, _worker: usize, _groups: &KeyGroups) {}
+    /// Handles a batch of records (all of one time); drains `batch`.
+    fn element(&mut self, batch: &mut Vec<(u64, Self::In)>, cx: &mut Ctx<'_, Self>);
+    /// A timer came due.
+    fn timer(&mut self, _timer: Timer<Self::Key, Self::Ns>, _cx: &mut Ctx<'_, Self>) {}
+    /// The input ended, after every remaining timer fired.
+    fn input_ended(&mut self, _cx: &mut Ctx<'_, Self>) {}
+    /// The operator's state, per key group (timers are the driver's).
+    fn snapshot(&self, groups: &KeyGroups) -> Result<BTreeMap<u32, Vec<u8>>, StateError>;
+    /// Adds one key group's state written by [`Self::snapshot`].
+    #[cfg_attr(not(test), allow(dead_code))] // The checkpoint coordinator's restore calls it.
+    fn restore(&mut self, group: &[u8]) -> Result<(), StateError>;
+    /// Called once, after the input ended and everything was emitted.
+    fn close(&mut self) {}
+}
+
+/// What an operator hook sees: time, timers and outputs.
+pub(crate) struct Ctx<'a, Op: Operator + ?Sized> {
+    /// The operator's timers.
+    pub(crate) timers: &'a mut TimerService<Op::Key, Op::Ns>,
+    out: &'a mut Vec<(u64, Op::Out)>,
+    out_now: &'a mut Vec<(u64, Op::Out)>,
+    late: &'a mut Vec<(u64, Op::In)>,
+    frontier: Option<u64>,
+    batch_frontier: u64,
+    now: u64,
+}
+
+impl<Op: Operator + ?Sized> Ctx<'_, Op> {
+    /// Emits a record with event timestamp `ts`. From `element` it travels at the batch's
+    /// time; from a timer at `ts` (if the operator's time allows), so that downstream it is
+    /// not late.
+    #[inline]
+    pub(crate) fn emit(&mut self, ts: u64, value: Op::Out) {
+        self.out.push((ts, value));
+    }
+
+    /// Emits a record that travels at the operator's current time whatever its timestamp
+    /// (processing-time results, whose wall-clock timestamps must not move the watermark).
+    pub(crate) fn emit_now(&mut self, ts: u64, value: Op::Out) {
+        self.out_now.push((ts, value));
+    }
+
+    /// The output buffer itself, for tight loops.
+    #[inline]
+    pub(crate) fn out(&mut self) -> &mut Vec<(u64, Op::Out)> {
+        self.out
+    }
+
+    /// The timers and the output buffer at once (a process function's context holds both).
+    pub(crate) fn timers_and_out(&mut self) -> TimersAndOut<'_, Op> {
+        (self.timers, self.out)
+    }
+
+    /// Sends an input record to the late side output.
+    pub(crate) fn late(&mut self, ts: u64, value: Op::In) {
+        self.late.push((ts, value));
+    }
+
+    /// The event-time frontier the operator is at: timers below it have fired (`u64::MAX`
+    /// once the input ended).
+    pub(crate) fn frontier(&self) -> u64 {
+        self.frontier.unwrap_or(u64::MAX)
+    }
+
+    /// The event-time watermark: `frontier - 1`, or `u64::MAX` once the input ended.
+    pub(crate) fn watermark(&self) -> u64 {
+        self.frontier.map_or(u64::MAX, |f| f.saturating_sub(1))
+    }
+
+    /// The frontier the batch being handled was emitted under: its records are late if
+    /// their timestamps are below it. Equals [`Self::frontier`] in timers.
+    pub(crate) fn batch_frontier(&self) -> u64 {
+        self.batch_frontier
+    }
+
+    /// True in the final round of timers, after the input ended.
+    pub(crate) fn input_ended(&self) -> bool {
+        self.frontier.is_none()
+    }
+
+    /// Processing time (ms since the Unix epoch), read once per activation.
+    pub(crate) fn now(&self) -> u64 {
+        self.now
+    }
+}
+
+/// An operator's timers and output buffer, borrowed together.
+pub(crate) type TimersAndOut<'a, Op> = (
+    &'a mut TimerService<<Op as Operator>::Key, <Op as Operator>::Ns>,
+    &'a mut Vec<(u64, <Op as Operator>::Out)>,
+);
+
+/// Where the driver sends output; implementations leave the vectors empty.
+pub(crate) trait Emit<O, I> {
+    /// Main output at `time`.
+    fn give(&mut self, time: Time, data: &mut Vec<(u64, O)>);
+    /// Late side output at `time` (dropped if the operator has none).
+    fn give_late(&mut self, time: Time, data: &mut Vec<(u64, I)>);
+}
+
+/// Runs one [`Operator`]; see the module docs.
+pub(crate) struct Driver<Op: Operator> {
+    op: Op,
+    stash: BTreeMap<Time, Vec<(u64, Op::In)>>,
+    // How many stash keys have each frontier: the stash's lowest frontier in O(log n).
+    stash_frontiers: BTreeMap<u64, usize>,
+    timers: TimerService<Op::Key, Op::Ns>,
+    out: Vec<(u64, Op::Out)>,
+    out_now: Vec<(u64, Op::Out)>,
+    late: Vec<(u64, Op::In)>,
+    /// This activation's input frontier (its meet); `None` once the input ended.
+    bound: Option<Time>,
+    /// The event-time frontier the operator is at.
+    frontier: u64,
+    /// The epoch being handled: output goes out in it.
+    epoch: u64,
+    /// Where the capabilities are.
+    hold: Time,
+    /// Epochs below this were offered to the checkpoint policy.
+    checked: u64,
+    now: u64,
+    groups: KeyGroups,
+    checkpoint: Option<Checkpointing>,
+    closed: bool,
+}
+
+impl<Op: Operator> Driver<Op> {
+    pub(crate) fn new(
+        mut op: Op,
+        worker: usize,
+        groups: KeyGroups,
+        checkpoint: Option<Checkpointing>,
+    ) -> Self {
+        op.open(worker, &groups);
+        Driver {
+            op,
+            stash: BTreeMap::new(),
+            stash_frontiers: BTreeMap::new(),
+            timers: TimerService::default(),
+            out: Vec::new(),
+            out_now: Vec::new(),
+            late: Vec::new(),
+            bound: Some(Product::new(0, 0)),
+            frontier: 0,
+            epoch: 0,
+            hold: Product::new(0, 0),
+            checked: 0,
+            now: 0,
+            groups,
+            checkpoint,
+            closed: false,
+        }
+    }
+
+    /// Where the capabilities are held.
+    pub(crate) fn hold(&self) -> Time {
+        self.hold
+    }
+
+    /// Starts an activation: `bound` is the meet of the input frontier (`None`: the input
+    /// ended), `now` the processing time. Handles the stashed batches the frontier now
+    /// allows.
+    pub(crate) fn begin(
+        &mut self,
+        bound: Option<Time>,
+        now: u64,
+        em: &mut impl Emit<Op::Out, Op::In>,
+    ) -> Result<(), StreamError> {
+        self.bound = bound;
+        self.now = now;
+        while let Some((&t, _)) = self.stash.first_key_value() {
+            if !self.processable(t) {
+                break;
+            }
+            let Some(mut data) = self.stash.remove(&t) else {
+                break;
+            };
+            self.unstash_frontier(t.inner);
+            self.process(t, &mut data, em)?;
+        }
+        Ok(())
+    }
+
+    /// A batch pulled from the input in this activation (its time is not below `bound`).
+    #[inline]
+    pub(crate) fn batch(
+        &mut self,
+        t: Time,
+        data: &mut Vec<(u64, Op::In)>,
+        em: &mut impl Emit<Op::Out, Op::In>,
+    ) -> Result<(), StreamError> {
+        if self.closed {
+            data.clear();
+            return Ok(());
+        }
+        // `begin` handled every stashed batch the frontier allows; what is left sorts after
+        // any input that is allowed now, so handling it at once keeps (epoch, frontier) order.
+        if self.processable(t) {
+            return self.process(t, data, em);
+        }
+        match self.stash.entry(t) {
+            Entry::Vacant(v) => {
+                *self.stash_frontiers.entry(t.inner).or_default() += 1;
+                v.insert(std::mem::take(data));
+            }
+            Entry::Occupied(mut o) => o.get_mut().append(data),
+        }
+        Ok(())
+    }
+
+    /// Ends an activation: completes epochs, fires due timers, and returns where to hold
+    /// the capabilities (`None`: the input ended and everything was emitted — drop them).
+    pub(crate) fn finish(
+        &mut self,
+        em: &mut impl Emit<Op::Out, Op::In>,
+    ) -> Result<Option<Time>, StreamError> {
+        if self.closed {
+            return Ok(None);
+        }
+        match self.bound {
+            Some(b) => {
+                // Every stashed batch of an epoch below the bound was processable, so those
+                // epochs are complete and handled: a snapshot now sees exactly them.
+                if b.outer > self.checked {
+                    self.checkpoint_through(b.outer)?;
+                }
+                self.epoch = self.epoch.max(b.outer);
+                let stashed = self.stash_frontiers.keys().next().copied();
+                let f = stashed.map_or(b.inner, |s| s.min(b.inner));
+                self.frontier = self.frontier.max(f);
+                self.fire(false, em);
+                self.hold = Product::new(self.hold.outer.max(b.outer), self.hold.inner.max(f));
+                Ok(Some(self.hold))
+            }
+            None => {
+                self.fire(true, em);
+                let mut cx = Ctx::<Op> {
+                    timers: &mut self.timers,
+                    out: &mut self.out,
+                    out_now: &mut self.out_now,
+                    late: &mut self.late,
+                    frontier: None,
+                    batch_frontier: u64::MAX,
+                    now: self.now,
+                };
+                self.op.input_ended(&mut cx);
+                self.flush_timer_output(em);
+                self.op.close();
+                self.closed = true;
+                Ok(None)
+            }
+        }
+    }
+
+    /// How long until the earliest processing-time timer, if any.
+    pub(crate) fn next_wakeup(&self) -> Option<Duration> {
+        if self.closed {
+            return None;
+        }
+        self.timers
+            .processing
+            .earliest()
+            .map(|t| Duration::from_millis(t.saturating_sub(self.now)))
+    }
+
+    #[inline]
+    fn processable(&self, t: Time) -> bool {
+        match self.bound {
+            None => true,
+            Some(b) if Op::ORDERED => {
+                t.outer < b.outer || (t.outer == b.outer && t.inner <= b.inner)
+            }
+            Some(b) => t.outer <= b.outer,
+        }
+    }
+
+    fn unstash_frontier(&mut self, f: u64) {
+        if let Entry::Occupied(mut o) = self.stash_frontiers.entry(f) {
+            *o.get_mut() -= 1;
+            if *o.get() == 0 {
+                o.remove();
+            }
+        }
+    }
+
+    fn process(
+        &mut self,
+        t: Time,
+        data: &mut Vec<(u64, Op::In)>,
+        em: &mut impl Emit<Op::Out, Op::In>,
+    ) -> Result<(), StreamError> {
+        if t.outer > self.checked {
+            self.checkpoint_through(t.outer)?;
+        }
+        self.epoch = self.epoch.max(t.outer);
+        if Op::ORDERED {
+            let mut f = t.inner;
+            if let Some(b) = self.bound {
+                f = f.min(b.inner);
+            }
+            if let Some(&s) = self.stash_frontiers.keys().next() {
+                f = f.min(s);
+            }
+            self.frontier = self.frontier.max(f);
+            self.fire(false, em);
+        }
+        let mut cx = Ctx::<Op> {
+            timers: &mut self.timers,
+            out: &mut self.out,
+            out_now: &mut self.out_now,
+            late: &mut self.late,
+            frontier: Some(self.frontier),
+            batch_frontier: t.inner,
+            now: self.now,
+        };
+        self.op.element(data, &mut cx);
+        em.give(t, &mut self.out);
+        em.give(t, &mut self.out_now);
+        em.give_late(t, &mut self.late);
+        Ok(())
+    }
+
+    /// Fires due timers: event time below the frontier, processing time up to now; all of
+    /// them if `last` (the input ended).
+    fn fire(&mut self, last: bool, em: &mut impl Emit<Op::Out, Op::In>) {
+        let event_bound = (!last).then_some(self.frontier);
+        let proc_bound = (!last).then_some(self.now.saturating_add(1));
+        let mut fired = false;
+        loop {
+            let (domain, (ts, (key, ns))) =
+                if let Some(t) = self.timers.event.pop_before(event_bound) {
+                    (TimeDomain::EventTime, t)
+                } else if let Some(t) = self.timers.processing.pop_before(proc_bound) {
+                    (TimeDomain::ProcessingTime, t)
+                } else {
+                    break;
+                };
+            let mut cx = Ctx::<Op> {
+                timers: &mut self.timers,
+                out: &mut self.out,
+                out_now: &mut self.out_now,
+                late: &mut self.late,
+                frontier: (!last).then_some(self.frontier),
+                batch_frontier: self.frontier,
+                now: self.now,
+            };
+            self.op.timer(
+                Timer {
+                    domain,
+                    ts,
+                    key,
+                    ns,
+                },
+                &mut cx,
+            );
+            fired = true;
+        }
+        if fired {
+            self.flush_timer_output(em);
+        }
+    }
+
+    /// Sends what timers emitted: each record at its own timestamp (not below the held
+    /// time), `emit_now` records at the held time, all in the current epoch.
+    fn flush_timer_output(&mut self, em: &mut impl Emit<Op::Out, Op::In>) {
+        let (epoch, floor) = (self.epoch, self.hold.inner);
+        let mut run: Vec<(u64, Op::Out)> = Vec::new();
+        let mut run_time: Option<Time> = None;
+        for (ts, v) in self.out.drain(..) {
+            let time = Product::new(epoch, ts.max(floor));
+            if run_time != Some(time) {
+                if let Some(t) = run_time {
+                    em.give(t, &mut run);
+                }
+                run_time = Some(time);
+            }
+            run.push((ts, v));
+        }
+        if let Some(t) = run_time {
+            em.give(t, &mut run);
+        }
+        let now = Product::new(epoch, floor);
+        em.give(now, &mut self.out_now);
+        em.give_late(now, &mut self.late);
+    }
+
+    /// Epochs `checked..upto` are complete and handled: snapshot if the policy asks.
+    fn checkpoint_through(&mut self, upto: u64) -> Result<(), StreamError> {
+        let completed = self.checked..upto;
+        self.checked = upto;
+        let Some(cp) = &self.checkpoint else {
+            return Ok(());
+        };
+        let Some(epoch) = cp.due(completed) else {
+            return Ok(());
+        };
+        let groups = self.snapshot()?;
+        cp.store(epoch, SnapshotState::KeyGroups(groups))
+    }
+
+    /// The operator's state and timers, per key group. Each group also records the
+    /// operator's event-time frontier: it says which windows have already fired.
+    pub(crate) fn snapshot(&self) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
+        let mut state = self.op.snapshot(&self.groups)?;
+        let mut timers = self.timers.snapshot(&self.groups)?;
+        let groups: std::collections::BTreeSet<u32> =
+            state.keys().chain(timers.keys()).copied().collect();
+        groups
+            .into_iter()
+            .map(|g| {
+                let s = state.remove(&g).unwrap_or_default();
+                let t = timers.remove(&g).unwrap_or_default();
+                Ok((g, encode(&KeyGroupState(self.frontier, s, t))?))
+            })
+            .collect()
+    }
+
+    /// Restores key groups snapshotted at the end of `epoch` into a fresh operator, which
+    /// then continues with the records of later epochs. Groups from several workers (a
+    /// restore at another parallelism) resume at the highest of their frontiers: a window
+    /// that fired on any of them counts as fired (it may fire once more, never not at all).
+    #[cfg_attr(not(test), allow(dead_code))] // The checkpoint coordinator's restore calls it.
+    pub(crate) fn restore<'a>(
+        &mut self,
+        epoch: u64,
+        groups: impl Iterator<Item = &'a [u8]>,
+    ) -> Result<(), StateError> {
+        let mut timers = Vec::new();
+        for bytes in groups {
+            let KeyGroupState(frontier, state, t) = decode(bytes)?;
+            self.frontier = self.frontier.max(frontier);
+            if !state.is_empty() {
+                self.op.restore(&state)?;
+            }
+            if !t.is_empty() {
+                timers.push(t);
+            }
+        }
+        self.timers.restore(timers.iter().map(Vec::as_slice))?;
+        // Everything from here on belongs to the epochs after the checkpoint, including
+        // timers that were due but had not fired yet when it was taken.
+        self.checked = self.checked.max(epoch.saturating_add(1));
+        self.epoch = self.epoch.max(epoch.saturating_add(1));
+        Ok(())
+    }
+}
+
+/// One key group of a keyed operator's snapshot: the operator's event-time frontier, its
+/// state (as the operator wrote it) and its timers.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeyGroupState(u64, Vec<u8>, Vec<u8>);
+
+/// Outputs of a keyed operator built by [`keyed_operator`].
+pub(crate) struct Built<'s, O, I> {
+    pub(crate) main: Inner<'s, O>,
+    pub(crate) late: Option<Inner<'s, I>>,
+}
+
+/// Builds `op` into the dataflow on every worker: input exchanged by `route`, a main output
+/// and (if `with_late`) a late side output.
+pub(crate) fn keyed_operator<'s, Op: Operator>(
+    env: &JobEnv<'s>,
+    input: Inner<'s, Op::In>,
+    route: impl Fn(&(u64, Op::In)) -> u64 + 'static,
+    name: &str,
+    op: Op,
+    with_late: bool,
+) -> Built<'s, Op::Out, Op::In> {
+    let scope = env.scope;
+    let mut builder = OperatorBuilder::new(name.to_owned(), scope);
+    let info = builder.operator_info();
+    let mut input = builder.new_input(input, Exchange::new(route));
+    let (main_out, main_stream) = builder.new_output::<Vec<(u64, Op::Out)>>();
+    let mut main_out = OutputBuilder::<_, Builder<Op::Out>>::from(main_out);
+    let (mut late_out, late_stream) = if with_late {
+        let (o, s) = builder.new_output::<Vec<(u64, Op::In)>>();
+        (Some(OutputBuilder::<_, Builder<Op::In>>::from(o)), Some(s))
+    } else {
+        (None, None)
+    };
+    let activator = scope.activator_for(info.address.clone());
+    let checkpoint = env.checkpointing(name, &info.address);
+    let reporter = env.reporter();
+    let (worker, groups) = (env.worker_index(), env.key_groups());
+    builder.build(move |caps| {
+        let mut caps = caps.into_iter();
+        let mut cap = caps.next();
+        let mut late_cap = caps.next();
+        let mut driver = Driver::new(op, worker, groups, checkpoint);
+        move |frontiers| {
+            let Some(c) = cap.as_mut() else {
+                input.for_each(|_, data| data.clear());
+                return;
+            };
+            let bound = meet(frontiers[0].frontier());
+            let mut main = main_out.activate();
+            let mut late = late_out.as_mut().map(|o| o.activate());
+            let result = {
+                let mut em = TimelyEmit {
+                    cap: c,
+                    main: &mut main,
+                    late: late_cap.as_ref().zip(late.as_mut()),
+                };
+                let mut result = driver.begin(bound, now_ms(), &mut em);
+                input.for_each(|incap, data| {
+                    if result.is_err() {
+                        data.clear();
+                        return;
+                    }
+                    let t = stamp_meet(incap.stamp().iter()).unwrap_or(driver.hold());
+                    result = driver.batch(t, data, &mut em);
+                });
+                result.and_then(|()| driver.finish(&mut em))
+            };
+            drop(main);
+            drop(late);
+            match result {
+                Ok(Some(hold)) => {
+                    // Never fails: the driver only moves the hold forward.
+                    let _ = c.try_downgrade(&hold);
+                    if let Some(lc) = late_cap.as_mut() {
+                        let _ = lc.try_downgrade(&hold);
+                    }
+                    if let Some(d) = driver.next_wakeup() {
+                        activator.activate_after(d);
+                    }
+                }
+                Ok(None) => {
+                    cap = None;
+                    late_cap = None;
+                }
+                Err(e) => {
+                    reporter.report(e);
+                    cap = None;
+                    late_cap = None;
+                }
+            }
+        }
+    });
+    Built {
+        main: main_stream,
+        late: late_stream,
+    }
+}
+
+/// The time to handle a message at: the meet of its stamp (a single time, from our own
+/// operators). `None` for an empty stamp.
+fn stamp_meet<'a>(mut it: impl Iterator<Item = &'a Time>) -> Option<Time> {
+    let first = *it.next()?;
+    Some(it.fold(first, |m, t| {
+        Product::new(m.outer.min(t.outer), m.inner.min(t.inner))
+    }))
+}
+
+/// An output session and the capability it sends under.
+type Port<'a, 'b, D> = (
+    &'a Capability<Time>,
+    &'a mut OutputBuilderSession<'b, Time, Builder<D>>,
+);
+
+struct TimelyEmit<'a, 'b, O: Data, I: Data> {
+    cap: &'a Capability<Time>,
+    main: &'a mut OutputBuilderSession<'b, Time, Builder<O>>,
+    late: Option<Port<'a, 'b, I>>,
+}
+
+/// A capability for `time` (not below `cap`'s, which the driver guarantees; if it ever were,
+/// the data goes out at `cap`'s time rather than panicking the worker).
+fn at(cap: &Capability<Time>, time: Time) -> Option<Capability<Time>> {
+    if *cap.time() == time {
+        None
+    } else {
+        debug_assert!(timely::order::PartialOrder::less_equal(cap.time(), &time));
+        Some(cap.try_delayed(&time).unwrap_or_else(|| cap.clone()))
+    }
+}
+
+impl<O: Data, I: Data> Emit<O, I> for TimelyEmit<'_, '_, O, I> {
+    #[inline]
+    fn give(&mut self, time: Time, data: &mut Vec<(u64, O)>) {
+        if data.is_empty() {
+            return;
+        }
+        match at(self.cap, time) {
+            None => self.main.session(self.cap).give_container(data),
+            Some(c) => self.main.session(&c).give_container(data),
+        }
+        data.clear();
+    }
+
+    fn give_late(&mut self, time: Time, data: &mut Vec<(u64, I)>) {
+        if data.is_empty() {
+            return;
+        }
+        if let Some((cap, out)) = self.late.as_mut() {
+            match at(cap, time) {
+                None => out.session(*cap).give_container(data),
+                Some(c) => out.session(&c).give_container(data),
+            }
+        }
+        data.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests;

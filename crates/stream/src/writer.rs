@@ -1,0 +1,281 @@
+//! Connector sinks (Flink's Sink V2 `SinkWriter`): a [`SinkWriter`] may confirm its output
+//! asynchronously (publisher confirms), and the job's epochs complete only once it has.
+//!
+//! One writer per worker ([`DataStream::sink_to`]). It gets every record with its epoch,
+//! `end_epoch(e)` when its input frontier passes epoch `e`, and is asked for its highest
+//! confirmed epoch whenever its operator runs — which its [`Waker`] triggers from the thread
+//! that receives confirms. The operator holds a capability on its progress output at the
+//! lowest epoch it wrote to that is not yet confirmed, so the epoch-completion tracker
+//! ([`crate::completion`]) cannot complete that epoch before the writer confirmed it. Epochs
+//! the writer wrote nothing to need no confirm.
+//!
+//! When the input ends, `finish` is polled (each time the writer wakes the operator) until
+//! everything written is confirmed; only then does the job end. A writer error fails the
+//! job: no epoch completes afterwards, anywhere.
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::marker::PhantomData;
+use std::rc::Rc;
+
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::order::Product;
+
+use crate::checkpoint::SnapshotState;
+use crate::completion::{failure_notices, EpochListener, Notice};
+use crate::epoch::meet;
+use crate::error::StreamError;
+use crate::reader::Waker;
+use crate::stream::DataStream;
+use crate::types::Data;
+
+/// Where a writer runs.
+#[derive(Clone, Debug)]
+pub struct WriterContext {
+    worker_index: usize,
+    parallelism: usize,
+    waker: Waker,
+}
+
+impl WriterContext {
+    /// This worker's index in `0..parallelism()`.
+    pub fn worker_index(&self) -> usize {
+        self.worker_index
+    }
+
+    /// The number of workers (and writers) of the job.
+    pub fn parallelism(&self) -> usize {
+        self.parallelism
+    }
+
+    /// Wakes this writer's operator: call it (from any thread) when confirms arrive.
+    pub fn waker(&self) -> &Waker {
+        &self.waker
+    }
+}
+
+/// A sink that may confirm its output asynchronously (publisher confirms).
+///
+/// ```
+/// use rill_stream::*;
+/// use std::sync::{Arc, Mutex};
+///
+/// /// Appends to a shared log; everything is durable once `end_epoch` returns.
+/// struct Log { out: Arc<Mutex<Vec<u64>>>, confirmed: Option<u64> }
+/// impl SinkWriter<u64> for Log {
+///     fn write(&mut self, _epoch: u64, value: u64, _ts: u64) -> Result<(), StreamError> {
+///         self.out.lock().map_err(|_| StreamError::Worker("poisoned".into()))?.push(value);
+///         Ok(())
+///     }
+///     fn end_epoch(&mut self, epoch: u64) -> Result<(), StreamError> {
+///         self.confirmed = Some(epoch);
+///         Ok(())
+///     }
+///     fn confirmed_epoch(&mut self) -> Result<Option<u64>, StreamError> {
+///         Ok(self.confirmed)
+///     }
+///     fn finish(&mut self) -> Result<bool, StreamError> {
+///         Ok(true)
+///     }
+/// }
+///
+/// let log = Arc::new(Mutex::new(Vec::new()));
+/// let shared = log.clone();
+/// StreamExecutionEnvironment::new().with_parallelism(2).execute("writer", move |env| {
+///     let out = shared.clone();
+///     env.from_sequence(1, 100).sink_to(move |_, _| Log { out, confirmed: None });
+/// }).unwrap();
+/// assert_eq!(log.lock().unwrap().iter().sum::<u64>(), 5050);
+/// ```
+pub trait SinkWriter<T>: 'static {
+    /// Called once on the worker before the first record.
+    fn open(&mut self, ctx: &WriterContext) -> Result<(), StreamError> {
+        let _ = ctx;
+        Ok(())
+    }
+
+    /// Writes one record of `epoch` with its event timestamp. Records of a later epoch may
+    /// come before an earlier epoch ended (they come from other workers).
+    fn write(&mut self, epoch: u64, value: T, timestamp: u64) -> Result<(), StreamError>;
+
+    /// All records of epochs `<= epoch` have been written; called once per epoch boundary
+    /// seen (possibly skipping epochs).
+    fn end_epoch(&mut self, epoch: u64) -> Result<(), StreamError> {
+        let _ = epoch;
+        Ok(())
+    }
+
+    /// The highest epoch whose output is confirmed durable (`None`: nothing yet). Polled
+    /// whenever the operator runs (wake it when confirms arrive). Confirm only epochs that
+    /// ended.
+    fn confirmed_epoch(&mut self) -> Result<Option<u64>, StreamError>;
+
+    /// Pending output of epochs `<= epoch`, for a checkpoint (called only if the job's
+    /// checkpoint policy picks `epoch`; two-phase commit will use it).
+    fn snapshot(&mut self, epoch: u64) -> Result<Vec<u8>, StreamError> {
+        let _ = epoch;
+        Ok(Vec::new())
+    }
+
+    /// Every sink and reader of the job is done with epochs `<= epoch` (two-phase commit
+    /// will commit here).
+    fn on_epoch_complete(&mut self, epoch: u64) -> Result<(), StreamError> {
+        let _ = epoch;
+        Ok(())
+    }
+
+    /// The input ended: return `Ok(true)` once everything written is confirmed; polled again
+    /// (when woken) while `Ok(false)`.
+    fn finish(&mut self) -> Result<bool, StreamError>;
+}
+
+/// A writer as shared by its sink operator and the epoch-completion tracker.
+struct WriterCell<T, W> {
+    writer: W,
+    /// The highest epoch passed to `end_epoch`.
+    ended: Option<u64>,
+    completed: Option<u64>,
+    _t: PhantomData<fn(T)>,
+}
+
+impl<T: 'static, W: SinkWriter<T>> EpochListener for WriterCell<T, W> {
+    fn epoch_complete(&mut self, epoch: u64) -> Result<(), StreamError> {
+        self.completed = Some(epoch);
+        self.writer.on_epoch_complete(epoch)
+    }
+
+    fn job_end(&mut self, completed: bool) -> Result<(), StreamError> {
+        match self.ended {
+            Some(e) if completed && self.completed.is_none_or(|c| c < e) => {
+                self.completed = Some(e);
+                self.writer.on_epoch_complete(e)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl<'s, T: Data> DataStream<'s, T> {
+    /// Writes every record with a [`SinkWriter`]; `make(worker_index, parallelism)` builds
+    /// each worker's writer. Epochs complete (readers ack) only once it confirmed them.
+    pub fn sink_to<W: SinkWriter<T>>(self, make: impl FnOnce(usize, usize) -> W) {
+        let env = self.env.clone();
+        let (index, peers) = (env.worker_index(), env.parallelism());
+        let cell = Rc::new(RefCell::new(WriterCell {
+            writer: make(index, peers),
+            ended: None,
+            completed: None,
+            _t: PhantomData,
+        }));
+        env.registry.add_listener(cell.clone());
+
+        let scope = env.scope;
+        let mut builder = OperatorBuilder::new("SinkTo".to_owned(), scope);
+        let info = builder.operator_info();
+        let mut input = builder.new_input(self.inner, Pipeline);
+        let (notice_out, progress) = builder.new_output::<Vec<Notice>>();
+        let mut notice_out =
+            OutputBuilder::<_, CapacityContainerBuilder<Vec<Notice>>>::from(notice_out);
+        let ctx = WriterContext {
+            worker_index: index,
+            parallelism: peers,
+            waker: Waker::new(scope.worker().sync_activator_for(info.address.to_vec())),
+        };
+        let checkpoint = env.checkpointing("SinkTo", &info.address);
+        let reporter = env.reporter();
+
+        builder.build(move |caps| {
+            // On the progress output, at the lowest epoch written to and not yet confirmed.
+            let mut cap = caps.into_iter().next();
+            let mut open_error = cell.borrow_mut().writer.open(&ctx).err();
+            let mut unconfirmed: BTreeSet<u64> = BTreeSet::new();
+            let mut max_written: Option<u64> = None;
+            let mut finishing = false;
+            move |frontiers| {
+                let Some(c) = cap.as_mut() else {
+                    input.for_each(|_, data| data.clear());
+                    return;
+                };
+                let result = (|| -> Result<Option<u64>, StreamError> {
+                    if let Some(e) = open_error.take() {
+                        return Err(e);
+                    }
+                    let mut cell = cell.borrow_mut();
+                    let mut failed = None;
+                    input.for_each(|incap, data| {
+                        if failed.is_some() {
+                            data.clear();
+                            return;
+                        }
+                        let epoch = incap.stamp().iter().map(|t| t.outer).min().unwrap_or(0);
+                        unconfirmed.insert(epoch);
+                        max_written = max_written.max(Some(epoch));
+                        for (ts, v) in data.drain(..) {
+                            if let Err(e) = cell.writer.write(epoch, v, ts) {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                        data.clear();
+                    });
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                    let bound = meet(frontiers[0].frontier());
+                    let ended_now = match bound {
+                        Some(b) => b.outer.checked_sub(1),
+                        // The input ended: the last epoch written to is the last to end.
+                        None => max_written,
+                    };
+                    if let Some(e) = ended_now.filter(|e| cell.ended.is_none_or(|x| x < *e)) {
+                        let first = cell.ended.map_or(0, |x| x + 1);
+                        cell.writer.end_epoch(e)?;
+                        cell.ended = Some(e);
+                        if let Some(cp) = &checkpoint {
+                            if let Some(at) = cp.due(first..e + 1) {
+                                let pending = cell.writer.snapshot(at)?;
+                                cp.store(at, SnapshotState::Worker(pending))?;
+                            }
+                        }
+                    }
+                    if let Some(confirmed) = cell.writer.confirmed_epoch()? {
+                        unconfirmed = unconfirmed.split_off(&(confirmed.saturating_add(1)));
+                    }
+                    if bound.is_none() {
+                        finishing = true;
+                    }
+                    if finishing && cell.writer.finish()? {
+                        return Ok(None);
+                    }
+                    let lowest = unconfirmed.first().copied();
+                    Ok(Some(match (lowest, bound) {
+                        (Some(l), Some(b)) => l.min(b.outer),
+                        (Some(l), None) => l,
+                        (None, Some(b)) => b.outer,
+                        // Finishing with everything confirmed, but the writer not done yet.
+                        (None, None) => c.outer,
+                    }))
+                })();
+                match result {
+                    Ok(Some(epoch)) => {
+                        let _ = c.try_downgrade(&Product::new(epoch.max(c.outer), 0));
+                    }
+                    Ok(None) => cap = None,
+                    Err(e) => {
+                        reporter.report(e);
+                        let mut notices = failure_notices(index, peers);
+                        notice_out
+                            .activate()
+                            .session(&*c)
+                            .give_container(&mut notices);
+                        cap = None;
+                    }
+                }
+            }
+        });
+        env.registry.add_progress(progress);
+    }
+}
