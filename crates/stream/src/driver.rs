@@ -40,7 +40,7 @@ use timely::dataflow::operators::generic::{OutputBuilder, OutputBuilderSession};
 use timely::dataflow::operators::Capability;
 use timely::order::Product;
 
-use crate::checkpoint::{decode, encode, Checkpointing, SnapshotState};
+use crate::checkpoint::{decode, encode, Checkpointing, KeyGroupState, SnapshotState};
 use crate::env::JobEnv;
 use crate::epoch::{meet, Time};
 use crate::error::{StateError, StreamError};
@@ -521,11 +521,6 @@ impl<Op: Operator> Driver<Op> {
         Ok(())
     }
 }
-
-/// One key group of a keyed operator's snapshot: the operator's event-time frontier, its
-/// state (as the operator wrote it) and its timers.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct KeyGroupState(u64, Vec<u8>, Vec<u8>);
 
 /// Outputs of a keyed operator built by [`keyed_operator`].
 pub(crate) struct Built<'s, O, I> {
