@@ -34,7 +34,7 @@ use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::ParallelizationContract;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::{OutputBuilder, OutputBuilderSession};
 use timely::dataflow::operators::Capability;
@@ -462,6 +462,7 @@ impl<Op: Operator> Driver<Op> {
     }
 
     /// Epochs `checked..upto` are complete and handled: snapshot if the policy asks.
+    #[inline(never)]
     fn checkpoint_through(&mut self, upto: u64) -> Result<(), StreamError> {
         let completed = self.checked..upto;
         self.checked = upto;
@@ -528,20 +529,23 @@ pub(crate) struct Built<'s, O, I> {
     pub(crate) late: Option<Inner<'s, I>>,
 }
 
-/// Builds `op` into the dataflow on every worker: input exchanged by `route`, a main output
-/// and (if `with_late`) a late side output.
-pub(crate) fn keyed_operator<'s, Op: Operator>(
+/// Builds `op` into the dataflow on every worker: input exchanged by `pact` (by key), a main
+/// output and (if `with_late`) a late side output.
+pub(crate) fn keyed_operator<'s, Op: Operator, P>(
     env: &JobEnv<'s>,
     input: Inner<'s, Op::In>,
-    route: impl Fn(&(u64, Op::In)) -> u64 + 'static,
+    pact: P,
     name: &str,
     op: Op,
     with_late: bool,
-) -> Built<'s, Op::Out, Op::In> {
+) -> Built<'s, Op::Out, Op::In>
+where
+    P: ParallelizationContract<Time, Vec<(u64, Op::In)>>,
+{
     let scope = env.scope;
     let mut builder = OperatorBuilder::new(name.to_owned(), scope);
     let info = builder.operator_info();
-    let mut input = builder.new_input(input, Exchange::new(route));
+    let mut input = builder.new_input(input, pact);
     let (main_out, main_stream) = builder.new_output::<Vec<(u64, Op::Out)>>();
     let mut main_out = OutputBuilder::<_, Builder<Op::Out>>::from(main_out);
     let (mut late_out, late_stream) = if with_late {

@@ -9,12 +9,17 @@ use std::cell::RefCell;
 use std::hash::Hash;
 use std::rc::Rc;
 
+use timely::communication::Push;
+use timely::container::buffer::default_capacity;
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::channels::pact::{DistributorPact, Exchange, Pipeline};
+use timely::dataflow::channels::pushers::exchange::Distributor;
+use timely::dataflow::channels::Message;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::{Operator, OutputBuilder};
 use timely::dataflow::operators::Concat;
 use timely::dataflow::StreamVec;
+use timely::progress::Stamp;
 
 use timely::order::Product;
 
@@ -408,11 +413,80 @@ impl<'s, T: Data> DataStream<'s, T> {
     }
 }
 
-/// Routing function shared by keyed operators: to the worker that owns the key's key group
-/// (timely takes the returned index modulo the number of workers, which leaves it as is).
-pub(crate) fn key_route<T, K: Hash, KF: Fn(&T) -> K + 'static>(
+/// The exchange of keyed operators: every record goes to the worker that owns its key's key
+/// group.
+pub(crate) fn key_exchange<T: Data, K: Hash + 'static, KF: Fn(&T) -> K + 'static>(
     groups: KeyGroups,
-    kf: KF,
-) -> impl Fn(&(u64, T)) -> u64 + 'static {
-    move |(_, d): &(u64, T)| groups.worker_of_key(&kf(d)) as u64
+    key: KF,
+) -> KeyPact<T, K, KF> {
+    DistributorPact(Box::new(move |peers| KeyDistributor {
+        groups,
+        key,
+        targets: Vec::new(),
+        buffers: (0..peers).map(|_| Vec::new()).collect(),
+        _k: std::marker::PhantomData,
+    }))
+}
+
+/// The pact [`key_exchange`] builds.
+pub(crate) type KeyPact<T, K, KF> =
+    DistributorPact<Box<dyn FnOnce(usize) -> KeyDistributor<T, K, KF>>>;
+
+/// Splits containers by key for [`key_exchange`], in two passes: first every record's
+/// destination, computed from the record where it lies, then the moves. Timely's generic
+/// distributor moves each record out before hashing its key, and re-reading the key from that
+/// fresh copy stalled the loop (it cost a third of a two-worker word count's CPU).
+pub(crate) struct KeyDistributor<T, K, KF> {
+    groups: KeyGroups,
+    key: KF,
+    targets: Vec<usize>,
+    /// One buffer per worker, sent when full (timely's 8 KiB buffers).
+    buffers: Vec<Vec<(u64, T)>>,
+    _k: std::marker::PhantomData<fn() -> K>,
+}
+
+impl<T, K: Hash, KF: Fn(&T) -> K> Distributor<Vec<(u64, T)>> for KeyDistributor<T, K, KF> {
+    fn partition<Tm: Clone, P: Push<Message<Tm, Vec<(u64, T)>>>>(
+        &mut self,
+        container: &mut Vec<(u64, T)>,
+        stamp: &Stamp<Tm>,
+        pushers: &mut [P],
+    ) {
+        let last = pushers.len().min(self.buffers.len()).saturating_sub(1);
+        let capacity = default_capacity::<(u64, T)>();
+        self.targets.clear();
+        let (groups, key) = (self.groups, &self.key);
+        self.targets
+            .extend(container.iter().map(|(_, d)| groups.worker_of_key(&key(d))));
+        for (record, &to) in container.drain(..).zip(self.targets.iter()) {
+            // The route is a worker index already; the clamp only guards the indexing.
+            let to = to.min(last);
+            let buffer = &mut self.buffers[to];
+            if buffer.capacity() == 0 {
+                buffer.reserve(capacity);
+            }
+            buffer.push(record);
+            if buffer.len() >= capacity {
+                Message::push_at(buffer, stamp.clone(), &mut pushers[to]);
+                buffer.clear();
+            }
+        }
+    }
+
+    fn flush<Tm: Clone, P: Push<Message<Tm, Vec<(u64, T)>>>>(
+        &mut self,
+        stamp: &Stamp<Tm>,
+        pushers: &mut [P],
+    ) {
+        for (buffer, pusher) in self.buffers.iter_mut().zip(pushers.iter_mut()) {
+            if !buffer.is_empty() {
+                Message::push_at(buffer, stamp.clone(), pusher);
+                buffer.clear();
+            }
+        }
+    }
+
+    fn relax(&mut self) {
+        self.targets = Vec::new();
+    }
 }

@@ -38,7 +38,7 @@ use crate::error::StateError;
 use crate::keyed::{AggregateFunction, KeyedStream};
 use crate::keygroup::KeyGroups;
 use crate::state::{MemoryStateBackend, StateBackend};
-use crate::stream::{key_route, DataStream, OutputTag};
+use crate::stream::{key_exchange, DataStream, OutputTag};
 use crate::timers::Timer;
 use crate::types::{Data, Key};
 use crate::watermark::duration_ms;
@@ -398,7 +398,7 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> WindowedStream<'s, 
             late_tag,
         } = self;
         let env = keyed.stream.env.clone();
-        let route = key_route(env.key_groups(), keyed.key.clone());
+        let route = key_exchange(env.key_groups(), keyed.key.clone());
         let op = WindowOp::new(keyed.key, assigner, lateness, wf, late_tag.is_some());
         let built = keyed_operator(
             &env,
@@ -685,7 +685,7 @@ impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> CountWindowedStream
 
     fn build<W: WinFn<K, T>>(self, name: &str, wf: W) -> DataStream<'s, W::Out> {
         let env = self.keyed.stream.env.clone();
-        let route = key_route(env.key_groups(), self.keyed.key.clone());
+        let route = key_exchange(env.key_groups(), self.keyed.key.clone());
         let op = CountWindowOp::new(self.keyed.key, self.size, self.slide, wf);
         let built = keyed_operator(&env, self.keyed.stream.inner, route, name, op, false);
         DataStream::new(built.main, env)
