@@ -329,15 +329,12 @@ impl<Op: Operator> Driver<Op> {
         }
     }
 
-    /// How long until the earliest processing-time timer, if any.
-    pub(crate) fn next_wakeup(&self) -> Option<Duration> {
+    /// The earliest processing-time timer (ms since the Unix epoch), if any.
+    pub(crate) fn next_wakeup(&self) -> Option<u64> {
         if self.closed {
             return None;
         }
-        self.timers
-            .processing
-            .earliest()
-            .map(|t| Duration::from_millis(t.saturating_sub(self.now)))
+        self.timers.processing.earliest()
     }
 
     #[inline]
@@ -563,12 +560,16 @@ where
         let mut cap = caps.next();
         let mut late_cap = caps.next();
         let mut driver = Driver::new(op, worker, groups, checkpoint);
+        // When a wake-up for processing-time timers is already due: scheduling one per
+        // activation would pile up timely timers on a busy operator.
+        let mut wake_at: Option<u64> = None;
         move |frontiers| {
             let Some(c) = cap.as_mut() else {
                 input.for_each(|_, data| data.clear());
                 return;
             };
             let bound = meet(frontiers[0].frontier());
+            let now = now_ms();
             let mut main = main_out.activate();
             let mut late = late_out.as_mut().map(|o| o.activate());
             let result = {
@@ -577,7 +578,7 @@ where
                     main: &mut main,
                     late: late_cap.as_ref().zip(late.as_mut()),
                 };
-                let mut result = driver.begin(bound, now_ms(), &mut em);
+                let mut result = driver.begin(bound, now, &mut em);
                 input.for_each(|incap, data| {
                     if result.is_err() {
                         data.clear();
@@ -597,8 +598,14 @@ where
                     if let Some(lc) = late_cap.as_mut() {
                         let _ = lc.try_downgrade(&hold);
                     }
-                    if let Some(d) = driver.next_wakeup() {
-                        activator.activate_after(d);
+                    if wake_at.is_some_and(|w| w <= now) {
+                        wake_at = None;
+                    }
+                    if let Some(t) = driver.next_wakeup() {
+                        if wake_at.is_none_or(|w| t < w) {
+                            activator.activate_after(Duration::from_millis(t.saturating_sub(now)));
+                            wake_at = Some(t);
+                        }
                     }
                 }
                 Ok(None) => {
