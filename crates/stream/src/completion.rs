@@ -13,10 +13,11 @@
 //!
 //! The same channel carries *failure notices*: a reader or writer that fails sends one to
 //! every worker's tracker, at its current time — so it is received before the frontier can
-//! pass the failed operator's epoch. A tracker that got one (or whose own process failed)
-//! never completes another epoch: after a failure nothing more is acked, and the readers'
-//! unacked deliveries will be redelivered. It also stops this process's sources, so that a
-//! failure in one process ends the job in all of them.
+//! pass the failed operator's epoch — and so does every reader that finishes because
+//! something else in its process failed. A tracker that got one (or whose own process
+//! failed) never completes another epoch: after a failure nothing more is acked, and the
+//! readers' unacked deliveries will be redelivered. It also stops this process's sources,
+//! so that a failure in one process ends the job in all of them.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -95,7 +96,7 @@ pub(crate) fn build_tracker(env: &JobEnv<'_>) {
                 for n in notices.drain(..) {
                     // A no-op if this process already recorded the failure itself.
                     reporter.report(StreamError::Worker(format!(
-                        "a reader or writer failed on worker {}",
+                        "the job failed on worker {}",
                         n.from
                     )));
                 }

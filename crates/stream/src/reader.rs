@@ -316,6 +316,9 @@ impl<'s> JobEnv<'s> {
                 };
                 let now = Instant::now();
                 let epoch = clock.epoch_at(now);
+                // Something else in this process failed: finish, and tell the other
+                // processes (every process has readers, so each failure reaches them all).
+                let failed_here = control.should_stop() && reporter.failed();
                 let status = (|| -> Result<ReaderStatus, StreamError> {
                     if let Some(e) = open_error.take() {
                         return Err(e);
@@ -378,7 +381,16 @@ impl<'s> JobEnv<'s> {
                     Ok(ReaderStatus::MoreAvailable) => activator.activate(),
                     Ok(ReaderStatus::Idle) => schedule(clock.until_after(epoch, now)),
                     Ok(ReaderStatus::IdleFor(d)) => schedule(d.min(clock.until_after(epoch, now))),
-                    Ok(ReaderStatus::Finished) => cap = None,
+                    Ok(ReaderStatus::Finished) => {
+                        if failed_here {
+                            let mut notices = failure_notices(index, peers);
+                            notice_out
+                                .activate()
+                                .session(&*nc)
+                                .give_container(&mut notices);
+                        }
+                        cap = None;
+                    }
                     Err(e) => {
                         reporter.report(e);
                         let mut notices = failure_notices(index, peers);

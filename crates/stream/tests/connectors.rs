@@ -515,3 +515,93 @@ fn acks_wait_for_sinks_in_other_processes() {
     assert!(l.acked_mid_stream > 0, "acks only came at the end");
     assert_eq!(l.closed_readers, 2);
 }
+
+/// Fails to store the keyed operator's snapshots: a failure outside readers and writers.
+struct BrokenStore;
+impl CheckpointPolicy for BrokenStore {
+    fn checkpoint_in(&self, completed: std::ops::Range<u64>) -> Option<u64> {
+        completed.end.checked_sub(1)
+    }
+    fn store(&self, snapshot: OperatorSnapshot) -> Result<(), StreamError> {
+        if !snapshot.operator.starts_with("Process") {
+            return Ok(());
+        }
+        Err(StreamError::Io {
+            context: "writing a checkpoint".into(),
+            source: std::io::Error::other("disk full"),
+        })
+    }
+}
+
+#[test]
+fn a_failure_in_one_process_ends_the_job_in_every_process() {
+    let ledger: Shared = Arc::default();
+    let hosts = vec![
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    ];
+    let mut runs = Vec::new();
+    let mut all_feeds = Vec::new();
+    let mut stop_first = None;
+    for process in 0..2 {
+        let mut e = env(2).with_cluster(ClusterConfig {
+            process,
+            hosts: hosts.clone(),
+        });
+        if process == 1 {
+            e.set_checkpoint_policy(Arc::new(BrokenStore));
+        } else {
+            stop_first = Some(e.stop_handle());
+        }
+        let (feeds, run) = job(&e, process..process + 1, &ledger, Faults::default());
+        all_feeds.extend(feeds);
+        runs.push(std::thread::spawn(run));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // Never-ending input on both processes: only the failure can end the job.
+            for i in 0.. {
+                let mut open = false;
+                for (w, f) in all_feeds.iter().enumerate() {
+                    open |= f.send(i * 100 + w as u64, &stop);
+                }
+                if !open {
+                    return;
+                }
+            }
+        })
+    };
+    // If the failure did not reach process 0, it would run forever: stop it after a long
+    // while, so that a regression fails the assertion below instead of hanging.
+    let (done, finished) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if finished.recv_timeout(Duration::from_secs(60)).is_err() {
+            if let Some(h) = stop_first {
+                h.stop();
+            }
+        }
+    });
+    let results: Vec<_> = runs
+        .into_iter()
+        .map(|r| r.join().expect("process thread"))
+        .collect();
+    let _ = done.send(());
+    watchdog.join().expect("watchdog");
+    stop.store(true, Ordering::SeqCst);
+    feeder.join().expect("feeder");
+    assert!(
+        matches!(&results[1], Err(StreamError::Io { .. })),
+        "{:?}",
+        results[1]
+    );
+    assert!(
+        matches!(&results[0], Err(StreamError::Worker(_))),
+        "the other process fails too: {:?}",
+        results[0]
+    );
+    let l = book(&ledger);
+    assert!(l.violations.is_empty(), "{:?}", l.violations);
+    assert_eq!(l.closed_readers, 2);
+}
