@@ -1,16 +1,16 @@
 //! The operator driver: the one frontier-and-timer loop behind every stateful keyed operator
 //! (running aggregates, `aggregate`, `process`, time and count windows).
 //!
-//! An operator implements [`Operator`]'s lifecycle hooks — `open`, `element` (a batch),
+//! An operator implements `Operator`'s lifecycle hooks — `open`, `element` (a batch),
 //! `timer`, `input_ended`, `snapshot`/`restore`, `close` — as Arroyo's and Flink's operators
-//! do; the [`Driver`] decides when each is called. It owns:
+//! do; the `Driver` decides when each is called. It owns:
 //!
 //! - **Alignment.** Input is stashed by its time `(epoch, frontier)` and handled only once
 //!   the input frontier allows: a batch of epoch `e` waits until every earlier epoch is
 //!   complete at this operator, so records of a later epoch are never mixed into the state of
 //!   an earlier one (Flink's barrier alignment). Batches are handled in `(epoch, frontier)`
 //!   order.
-//! - **Watermark order** (for [`Operator::ORDERED`] operators). Within the current epoch a
+//! - **Watermark order** (for `Operator::ORDERED` operators). Within the current epoch a
 //!   batch also waits for the event-time frontier to reach its own, and the event-time timers
 //!   due before it fire first, as Flink interleaves records and watermarks. The frontier the
 //!   operator is at (timers below it have fired) is the minimum over the batch being handled,
@@ -27,7 +27,7 @@
 //!   the [`CheckpointPolicy`](crate::CheckpointPolicy) may ask for a snapshot: the operator's
 //!   state and the timers, per key group.
 //!
-//! The driver is independent of timely (outputs go through [`Emit`]), so the tests below run
+//! The driver is independent of timely (outputs go through `Emit`), so the tests below run
 //! operators through scripted frontiers and compare a restored run with an uninterrupted one.
 
 use std::collections::btree_map::Entry;

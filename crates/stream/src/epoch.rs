@@ -1,10 +1,10 @@
 //! Timely timestamps: (epoch, event-time frontier) pairs, and the clock that advances epochs.
 //!
-//! Every batch travels at a [`Time`] = `Product(epoch, frontier)` in the product (partial)
+//! Every batch travels at a `Time` = `Product(epoch, frontier)` in the product (partial)
 //! order. The *frontier* coordinate is the event-time watermark frontier of the source that
 //! emitted the batch (see the crate's "Time model"); the *epoch* coordinate is a counter the
 //! sources advance on a shared wall-clock interval. An operator's input frontier, summarised
-//! by its [`meet`], answers both questions an operator asks:
+//! by its `meet`, answers both questions an operator asks:
 //! - `meet.inner`: the event-time frontier (watermark + 1) — no record will arrive that was
 //!   emitted under a lower frontier;
 //! - `meet.outer`: every epoch below it is complete — all records of those epochs have

@@ -5,7 +5,7 @@
 //! key's records in order. Running aggregations (`sum`, `reduce`, ...) emit the updated value
 //! for every input record, as Flink's do.
 //!
-//! Every operator here is an [`Operator`] run by the [`crate::driver`]: the driver aligns
+//! Every operator here is an `Operator` run by the `driver`: the driver aligns
 //! epochs, orders input, fires timers and takes snapshots; the operators below only say what
 //! a batch or a timer does to their state.
 

@@ -14,11 +14,11 @@
 //!   bridged into the worker through a bounded queue) and text files.
 //! - [`reader`] / [`writer`]: the connector API — [`SourceReader`]s that run inside the
 //!   worker and ack what went through, [`SinkWriter`]s that confirm asynchronously.
-//! - [`completion`]: the epoch-completion tracker between writers and readers.
+//! - `completion`: the epoch-completion tracker between writers and readers.
 //! - [`watermark`]: [`WatermarkStrategy`]; watermarks *are* timely frontiers (see below).
 //! - [`stream`]: [`DataStream`] — `map`, `flat_map`, `filter`, `union`, `key_by`, sinks.
-//! - [`driver`]: the one loop behind every stateful operator — epoch alignment, watermark
-//!   order, timers, capabilities, snapshots; [`timers`] is its timer service.
+//! - `driver`: the one loop behind every stateful operator — epoch alignment, watermark
+//!   order, timers, capabilities, snapshots; `timers` is its timer service.
 //! - [`keyed`]: [`KeyedStream`] — running `reduce`/`sum`/`min`/`max`/`aggregate`, and
 //!   `process` with keyed state and timers.
 //! - [`window`]: time windows (tumbling, sliding, session; event and processing time),
@@ -93,8 +93,8 @@
 
 pub mod bench;
 pub mod checkpoint;
-pub mod completion;
-pub mod driver;
+pub(crate) mod completion;
+pub(crate) mod driver;
 pub mod env;
 pub mod epoch;
 pub mod error;
@@ -107,7 +107,7 @@ pub mod source;
 pub mod state;
 pub mod stop;
 pub mod stream;
-pub mod timers;
+pub(crate) mod timers;
 pub mod types;
 pub mod watermark;
 pub mod window;

@@ -12,7 +12,7 @@
 //! Records are emitted in the current epoch ([`ReaderOutput::epoch`]); the reader keeps
 //! track of what it emitted in which epoch (delivery tags) and acks them in
 //! [`SourceReader::on_epoch_complete`], called by the epoch-completion tracker
-//! ([`crate::completion`]) once every sink on every worker confirmed its output for those
+//! (`completion`) once every sink on every worker confirmed its output for those
 //! epochs. When the job ends (input exhausted, or stopped) it gets a final
 //! `on_epoch_complete` and then `close`; after a failure only `close`: nothing may be acked
 //! then, and unacked deliveries are redelivered later (at-least-once).

@@ -3,7 +3,7 @@
 //!
 //! These sinks write synchronously, so they count as confirming at once: an epoch is done
 //! with them when their input frontier passes it (their progress output tells the
-//! epoch-completion tracker so, see [`crate::completion`]). Sinks that confirm
+//! epoch-completion tracker so, see `completion`). Sinks that confirm
 //! asynchronously implement [`crate::SinkWriter`].
 
 use std::fmt::Write as _;

@@ -21,7 +21,7 @@
 //!
 //! # Firing with epochs
 //! The operator driver may handle a batch while its own frontier is still below the
-//! batch's (when sources disagree about epochs and watermarks, see [`crate::driver`]). Then
+//! batch's (when sources disagree about epochs and watermarks, see `driver`). Then
 //! lateness is still judged against the batch's frontier as above, but a window fires only
 //! once the operator's frontier has reached its end — a record for a window that has not
 //! fired yet just joins it. With one source feeding the operator the two frontiers are the

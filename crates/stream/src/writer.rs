@@ -6,7 +6,7 @@
 //! confirmed epoch whenever its operator runs — which its [`Waker`] triggers from the thread
 //! that receives confirms. The operator holds a capability on its progress output at the
 //! lowest epoch it wrote to that is not yet confirmed, so the epoch-completion tracker
-//! ([`crate::completion`]) cannot complete that epoch before the writer confirmed it. Epochs
+//! (`completion`) cannot complete that epoch before the writer confirmed it. Epochs
 //! the writer wrote nothing to need no confirm.
 //!
 //! When the input ends, `finish` is polled (each time the writer wakes the operator) until
