@@ -80,6 +80,6 @@ impl ConnectError {
 
 impl From<ConnectError> for rill_stream::StreamError {
     fn from(e: ConnectError) -> Self {
-        rill_stream::StreamError::Source(e.to_string())
+        rill_stream::StreamError::External(std::sync::Arc::new(e))
     }
 }

@@ -98,6 +98,19 @@ impl Incoming {
         }
     }
 
+    /// The `x-stream-offset` header a stream queue puts on every delivery.
+    pub fn stream_offset(&self) -> Option<u64> {
+        let headers = match &self.content {
+            Content::Local(m) => rill_codec::PropertiesView::new(&m.properties)
+                .ok()?
+                .headers()
+                .ok()??,
+            Content::Remote { properties, .. } => properties.headers().clone()?,
+        };
+        let v = headers.inner().get("x-stream-offset")?;
+        u64::try_from(rill_codec::value_as_i64(v)?).ok()
+    }
+
     /// One header's value.
     pub fn header(&self, name: &str) -> Option<AMQPValue> {
         self.properties()

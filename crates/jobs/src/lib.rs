@@ -6,9 +6,13 @@
 //! - [`spec`]: what to run ([`JobSpec`]: a built-in job and its options).
 //! - [`jobfile`]: job files (TOML) and their errors, which name the bad key and its line.
 //! - [`progress`]: the progress line every job logs every few seconds.
+//! - [`wordcount`]: the built-in `wordcount` job and its output contract.
+//! - [`runner`]: running a job standalone (signals, retries) or inside `rill server`.
 
 pub mod jobfile;
 pub mod progress;
+pub mod runner;
 pub mod spec;
+pub mod wordcount;
 
 pub use spec::{BuiltinJob, JobOptions, JobSpec};

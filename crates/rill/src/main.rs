@@ -6,6 +6,8 @@
 mod bench;
 mod bench_amqp;
 mod bench_wire;
+mod job;
+mod signals;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run the AMQP broker.
     Server(ServerArgs),
+    /// Run a stream job over queues as its own process.
+    Job(job::JobCmd),
     /// Run a built-in benchmark.
     Bench(bench::BenchCmd),
 }
@@ -52,6 +56,10 @@ struct ServerArgs {
     /// every N ms; confirms still wait for the fsync that covers them.
     #[arg(long, default_value_t = 0)]
     sync_interval_ms: u64,
+    /// A job file to run inside the broker (repeatable): started once the data directory is
+    /// recovered, stopped cleanly before the broker shuts down.
+    #[arg(long = "job", value_name = "FILE")]
+    jobs: Vec<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,18 +72,38 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Server(args) => Ok(rill_server::run_blocking(rill_server::ServerConfig {
-            bind: args.bind,
-            port: args.port,
-            data_dir: args.data_dir,
-            max_connections: args.max_connections,
-            memory_high_watermark: args.memory_high_watermark,
-            disk_free_limit: args.disk_free_limit,
-            sync: match args.sync_interval_ms {
-                0 => rill_store::SyncPolicy::Always,
-                ms => rill_store::SyncPolicy::Interval(std::time::Duration::from_millis(ms)),
-            },
-        })?),
+        Command::Server(args) => server(args),
+        Command::Job(cmd) => std::process::exit(job::run(cmd)),
         Command::Bench(cmd) => bench::run(cmd),
     }
+}
+
+fn server(args: ServerArgs) -> anyhow::Result<()> {
+    // Job files are checked before anything starts: a bad one names its key and line.
+    let mut specs = Vec::new();
+    for path in &args.jobs {
+        match rill_jobs::jobfile::load(path) {
+            Ok(spec) => specs.push(spec),
+            Err(e) => {
+                eprintln!("rill server: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let mut server = rill_server::Server::new(rill_server::ServerConfig {
+        bind: args.bind,
+        port: args.port,
+        data_dir: args.data_dir,
+        max_connections: args.max_connections,
+        memory_high_watermark: args.memory_high_watermark,
+        disk_free_limit: args.disk_free_limit,
+        sync: match args.sync_interval_ms {
+            0 => rill_store::SyncPolicy::Always,
+            ms => rill_store::SyncPolicy::Interval(std::time::Duration::from_millis(ms)),
+        },
+    });
+    for spec in specs {
+        server = server.job(Box::new(rill_jobs::runner::EmbeddedJobRun::new(spec)));
+    }
+    Ok(server.run_blocking()?)
 }

@@ -32,6 +32,10 @@ pub enum StreamError {
     /// State could not be snapshotted or restored.
     #[error(transparent)]
     State(#[from] StateError),
+    /// A connector (or another library a job uses) failed. The error is kept as it was so
+    /// that callers can look into it (a broker's reply code, say) with `downcast_ref`.
+    #[error("{0}")]
+    External(std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>),
 }
 
 /// Snapshot/restore failures of a [`crate::StateBackend`].

@@ -236,6 +236,14 @@ impl Queue {
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
+    /// For a stream queue, the offset its next message will get.
+    pub fn stream_next_offset(&self) -> Option<u64> {
+        match &self.kind {
+            QueueKind::Stream(s) => Some(s.next_offset()),
+            QueueKind::Classic(_) => None,
+        }
+    }
+
     pub fn has_consumers(&self) -> bool {
         self.consumer_count() > 0
     }

@@ -403,6 +403,10 @@ impl StreamQueue {
         self.durable.is_some()
     }
 
+    pub(super) fn next_offset(&self) -> u64 {
+        self.state.lock().log.next_offset()
+    }
+
     pub(super) fn is_deleted(&self) -> bool {
         self.state.lock().deleted
     }

@@ -498,6 +498,9 @@ struct SourceShared {
     generation: u32,
     depth: Option<u64>,
     failed: Option<ConnectError>,
+    /// Consumer arguments for the next (re)connection, when the owner changed them (a
+    /// stream reader resumes after the last offset it emitted).
+    resume_arguments: Option<FieldTable>,
 }
 
 struct SourceCtx {
@@ -557,12 +560,18 @@ async fn open_source(ctx: &SourceCtx) -> Result<SourceSession, Failure> {
         .basic_qos(ctx.prefetch, BasicQosOptions { global: false })
         .await
         .map_err(|e| classify(&what, &e))?;
+    let arguments = ctx
+        .shared
+        .lock()
+        .resume_arguments
+        .clone()
+        .unwrap_or_else(|| ctx.arguments.clone());
     let consumer = channel
         .basic_consume(
             ctx.queue.clone(),
             "".into(),
             BasicConsumeOptions::default(),
-            ctx.arguments.clone(),
+            arguments,
         )
         .await
         .map_err(|e| classify(&what, &e))?;
@@ -971,6 +980,10 @@ impl SourceTransport for AmqpSource {
     /// reports it.
     fn queue_depth(&self) -> Option<u64> {
         self.shared.lock().depth
+    }
+
+    fn resume_with(&mut self, arguments: FieldTable) {
+        self.shared.lock().resume_arguments = Some(arguments);
     }
 
     fn close(&mut self) -> Result<(), ConnectError> {

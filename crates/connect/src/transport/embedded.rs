@@ -167,6 +167,10 @@ impl SourceTransport for EmbeddedSource {
         Some(u64::from(self.queue.message_count()))
     }
 
+    fn stream_end(&self) -> Option<u64> {
+        self.queue.stream_next_offset()
+    }
+
     fn close(&mut self) -> Result<(), ConnectError> {
         self.session.close();
         Ok(())

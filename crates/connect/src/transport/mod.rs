@@ -98,6 +98,17 @@ pub trait SourceTransport: 'static {
     fn reject(&mut self, tag: DeliveryTag) -> Result<(), ConnectError>;
     /// Messages waiting in the queue, when known (for progress logs).
     fn queue_depth(&self) -> Option<u64>;
+    /// For a stream queue, the offset the next message will get, when known (for the
+    /// offset-gap lag). The in-process transport knows it; AMQP 0-9-1 does not tell.
+    fn stream_end(&self) -> Option<u64> {
+        None
+    }
+    /// Consumer arguments to use if the transport has to consume again (after a
+    /// reconnection), e.g. an `x-stream-offset` just past what was already read. Transports
+    /// that never reconnect ignore it.
+    fn resume_with(&mut self, arguments: FieldTable) {
+        let _ = arguments;
+    }
     /// Stops consuming; what was not acked goes back to the queue.
     fn close(&mut self) -> Result<(), ConnectError>;
 }

@@ -1,0 +1,285 @@
+//! The queue sink: a job publishes its records to an exchange (the default exchange routes by
+//! queue name) as persistent messages with publisher confirms.
+//!
+//! Each worker has its own confirming publisher ([`QueueWriter`]). An epoch is confirmed
+//! once every message the worker published in it (and before) is confirmed by the broker;
+//! the job's sources ack their deliveries only then, so what a delivery produced is safe
+//! before the delivery goes (at-least-once). A nacked message, or one unconfirmed when the
+//! connection broke, is published again. Backpressure: while confirms are outstanding the
+//! epochs stay open, so the sources' prefetch windows fill up and consumption pauses until
+//! the broker catches up; a resource alarm in the broker holds the publisher back as it
+//! holds back any client.
+
+use crate::endpoint::Endpoint;
+use crate::format::{Encoder, Json, RawBytes, Text};
+use crate::message::Outgoing;
+use crate::transport::{PublishSpec, QueueSetup, SinkTransport};
+use bytes::Bytes;
+use rill_broker::jobs::JobCounters;
+use rill_codec::{BasicProperties, ShortString};
+use rill_stream::{Data, DataStream, SinkWriter, StreamError, WriterContext};
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+/// The routing key of each message.
+pub enum Routing<T> {
+    Fixed(String),
+    /// Computed from the record.
+    Computed(Arc<dyn Fn(&T) -> String + Send + Sync>),
+}
+
+impl<T> Clone for Routing<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Routing::Fixed(k) => Routing::Fixed(k.clone()),
+            Routing::Computed(f) => Routing::Computed(f.clone()),
+        }
+    }
+}
+
+type PropertiesFn<T> = Arc<dyn Fn(&T) -> BasicProperties + Send + Sync>;
+
+/// A queue or exchange as a job's output. See [`crate::QueueSource`] for an example.
+pub struct QueueSink<T, E> {
+    endpoint: Endpoint,
+    spec: PublishSpec,
+    routing: Routing<T>,
+    encoder: E,
+    properties: Option<PropertiesFn<T>>,
+    counters: Option<Arc<JobCounters>>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T: Data> QueueSink<T, RawBytes> {
+    /// Publishes to `queue` through the default exchange. The queue must exist (see
+    /// [`QueueSink::setup`]).
+    pub fn to_queue(endpoint: Endpoint, queue: &str) -> Self {
+        QueueSink {
+            endpoint,
+            spec: PublishSpec {
+                exchange: String::new(),
+                queue: Some((queue.to_owned(), QueueSetup::Existing)),
+            },
+            routing: Routing::Fixed(queue.to_owned()),
+            encoder: RawBytes,
+            properties: None,
+            counters: None,
+            _t: PhantomData,
+        }
+    }
+
+    /// Publishes to `exchange` with `routing` keys.
+    pub fn to_exchange(endpoint: Endpoint, exchange: &str, routing: Routing<T>) -> Self {
+        QueueSink {
+            endpoint,
+            spec: PublishSpec {
+                exchange: exchange.to_owned(),
+                queue: None,
+            },
+            routing,
+            encoder: RawBytes,
+            properties: None,
+            counters: None,
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T: Data, E> QueueSink<T, E> {
+    /// Bodies are encoded with `encoder`.
+    pub fn format<F: Encoder<T> + Clone>(self, encoder: F) -> QueueSink<T, F> {
+        QueueSink {
+            endpoint: self.endpoint,
+            spec: self.spec,
+            routing: self.routing,
+            encoder,
+            properties: self.properties,
+            counters: self.counters,
+            _t: PhantomData,
+        }
+    }
+
+    /// Bodies are the records as text.
+    pub fn text(self) -> QueueSink<T, Text>
+    where
+        T: AsRef<str>,
+    {
+        self.format(Text)
+    }
+
+    /// Bodies are the records as JSON.
+    pub fn json(self) -> QueueSink<T, Json<T>>
+    where
+        T: serde::Serialize,
+    {
+        self.format(Json::new())
+    }
+
+    /// Properties of each message (headers, message id, ...); the sink makes them persistent
+    /// and sets the content type unless these say otherwise.
+    pub fn properties(mut self, f: impl Fn(&T) -> BasicProperties + Send + Sync + 'static) -> Self {
+        self.properties = Some(Arc::new(f));
+        self
+    }
+
+    /// What to do about the target queue first (default: it must exist).
+    pub fn setup(mut self, setup: QueueSetup) -> Self {
+        if let Some((_, s)) = &mut self.spec.queue {
+            *s = setup;
+        }
+        self
+    }
+
+    /// Where to count published and confirmed messages.
+    pub fn counters(mut self, counters: Arc<JobCounters>) -> Self {
+        self.counters = Some(counters);
+        self
+    }
+}
+
+impl<T: Data, E: Encoder<T> + Clone> QueueSink<T, E> {
+    /// This worker's publisher.
+    pub fn writer(&self) -> QueueWriter<T, E> {
+        QueueWriter {
+            endpoint: self.endpoint.clone(),
+            spec: self.spec.clone(),
+            routing: self.routing.clone(),
+            encoder: self.encoder.clone(),
+            properties: self.properties.clone(),
+            counters: self.counters.clone(),
+            worker: 0,
+            transport: None,
+            epochs: VecDeque::new(),
+            ended: None,
+            confirmed_seq: 0,
+            body: Vec::new(),
+        }
+    }
+
+    /// Sends `stream` to the queue or exchange (one publisher per worker).
+    pub fn build(self, stream: DataStream<'_, T>) {
+        let writer = self.writer();
+        stream.sink_to(move |_, _| writer);
+    }
+}
+
+/// One worker's confirming publisher of a [`QueueSink`].
+pub struct QueueWriter<T, E> {
+    endpoint: Endpoint,
+    spec: PublishSpec,
+    routing: Routing<T>,
+    encoder: E,
+    properties: Option<PropertiesFn<T>>,
+    counters: Option<Arc<JobCounters>>,
+    worker: usize,
+    transport: Option<Box<dyn SinkTransport>>,
+    /// Per epoch with output not yet confirmed: the sequence number of its last message.
+    epochs: VecDeque<(u64, u64)>,
+    /// Every record of epochs up to here has been written.
+    ended: Option<u64>,
+    confirmed_seq: u64,
+    body: Vec<u8>,
+}
+
+impl<T, E> QueueWriter<T, E> {
+    fn transport(&mut self) -> Result<&mut Box<dyn SinkTransport>, StreamError> {
+        self.transport
+            .as_mut()
+            .ok_or_else(|| StreamError::Config("queue sink used before it was opened".into()))
+    }
+
+    fn poll(&mut self) -> Result<(), StreamError> {
+        let confirmed = self.transport()?.poll_confirmed()?;
+        if let Some(c) = &self.counters {
+            c.add_confirmed(confirmed.saturating_sub(self.confirmed_seq));
+            let outstanding = self.transport.as_ref().map_or(0, |t| t.outstanding());
+            c.set_confirms_outstanding(self.worker, outstanding);
+        }
+        self.confirmed_seq = confirmed;
+        Ok(())
+    }
+}
+
+impl<T: Data, E: Encoder<T>> SinkWriter<T> for QueueWriter<T, E> {
+    fn open(&mut self, ctx: &WriterContext) -> Result<(), StreamError> {
+        self.worker = ctx.worker_index();
+        let waker = ctx.waker().clone();
+        self.transport = Some(
+            self.endpoint
+                .sink(&self.spec, Arc::new(move || waker.wake()))?,
+        );
+        Ok(())
+    }
+
+    fn write(&mut self, epoch: u64, value: T, _timestamp: u64) -> Result<(), StreamError> {
+        self.body.clear();
+        self.encoder
+            .encode(&value, &mut self.body)
+            .map_err(StreamError::Serialize)?;
+        let mut properties = match &self.properties {
+            Some(f) => f(&value),
+            None => BasicProperties::default(),
+        };
+        if properties.delivery_mode().is_none() {
+            properties = properties.with_delivery_mode(2);
+        }
+        if let (None, Some(ct)) = (properties.content_type(), self.encoder.content_type()) {
+            properties = properties.with_content_type(ShortString::from(ct));
+        }
+        let routing_key = match &self.routing {
+            Routing::Fixed(k) => k.clone(),
+            Routing::Computed(f) => f(&value),
+        };
+        let msg = Outgoing {
+            exchange: Arc::from(self.spec.exchange.as_str()),
+            routing_key,
+            properties,
+            body: Bytes::copy_from_slice(&self.body),
+        };
+        let seq = self.transport()?.publish(msg)?;
+        match self.epochs.back_mut() {
+            Some((e, last)) if *e == epoch => *last = seq,
+            _ => self.epochs.push_back((epoch, seq)),
+        }
+        if let Some(c) = &self.counters {
+            c.add_out(1);
+        }
+        Ok(())
+    }
+
+    fn end_epoch(&mut self, epoch: u64) -> Result<(), StreamError> {
+        self.ended = self.ended.max(Some(epoch));
+        Ok(())
+    }
+
+    fn confirmed_epoch(&mut self) -> Result<Option<u64>, StreamError> {
+        self.poll()?;
+        let Some(ended) = self.ended else {
+            return Ok(None);
+        };
+        while self
+            .epochs
+            .front()
+            .is_some_and(|(e, last)| *e <= ended && *last <= self.confirmed_seq)
+        {
+            self.epochs.pop_front();
+        }
+        // Epochs without output are confirmed as soon as they ended.
+        Ok(match self.epochs.front() {
+            Some((e, _)) if *e <= ended => e.checked_sub(1),
+            _ => Some(ended),
+        })
+    }
+
+    fn finish(&mut self) -> Result<bool, StreamError> {
+        self.poll()?;
+        if self.transport.as_ref().is_some_and(|t| t.outstanding() > 0) {
+            return Ok(false);
+        }
+        if let Some(t) = self.transport.as_mut() {
+            t.close()?;
+        }
+        Ok(true)
+    }
+}

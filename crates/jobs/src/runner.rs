@@ -1,0 +1,246 @@
+//! Running a job: standalone against any broker (`rill job run`), or inside `rill server`.
+//!
+//! **Standalone:** the job connects over TCP. A lost connection is the transports' business
+//! (they reconnect with backoff; the job carries on). If the broker cannot be reached at all
+//! when the job starts, the job tries again with backoff instead of exiting. SIGTERM (or
+//! SIGINT) stops it cleanly: its sources stop consuming, everything consumed so far is
+//! processed, published and confirmed, the deliveries are acked, and it exits 0.
+//!
+//! **Embedded:** `rill server --job FILE` runs the job on threads of its own over in-process
+//! sessions; the server starts it after recovery and stops it (the same clean stop) before
+//! it closes client connections. Its progress counters are registered with the broker.
+//!
+//! Either way it logs its progress every few seconds ([`crate::progress`]).
+
+use crate::progress::{ProgressLogger, PROGRESS_EVERY};
+use crate::spec::{BuiltinJob, JobSpec};
+use parking_lot::Mutex;
+use rill_broker::jobs::JobCounters;
+use rill_broker::Broker;
+use rill_connect::{ConnectError, Endpoint};
+use rill_stream::{StopHandle, StreamError, StreamExecutionEnvironment};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Epochs of a job without checkpoints: how often deliveries can be acked. Short, so that
+/// the prefetch window turns over quickly.
+const ACK_EPOCH: Duration = Duration::from_millis(20);
+
+/// First pause before starting a job again when its broker was unreachable; doubles up to
+/// [`RETRY_MAX`].
+const RETRY_INITIAL: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Why a job ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Stream(StreamError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl From<StreamError> for JobError {
+    fn from(e: StreamError) -> Self {
+        // Connector errors travel through the stream engine wrapped; unwrap them so that
+        // callers see the broker's reply code.
+        match connect_error(&e) {
+            Some(c) => JobError::Connect(c.clone()),
+            None => JobError::Stream(e),
+        }
+    }
+}
+
+fn connect_error(e: &StreamError) -> Option<&ConnectError> {
+    match e {
+        StreamError::External(inner) => inner.downcast_ref::<ConnectError>(),
+        _ => None,
+    }
+}
+
+impl JobError {
+    /// The process exit code `rill job run` ends with: 3 when the broker refused the login,
+    /// the vhost or a permission (403, 530), 4 when a queue or exchange is missing (404),
+    /// 5 for bad input under the `fail` policy, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            JobError::Connect(ConnectError::Refused {
+                code: 403 | 530, ..
+            }) => 3,
+            JobError::Connect(ConnectError::Refused { code: 404, .. }) => 4,
+            JobError::Connect(ConnectError::BadInput { .. }) => 5,
+            _ => 1,
+        }
+    }
+
+    fn is_retryable(&self) -> bool {
+        matches!(self, JobError::Connect(e) if e.is_retryable())
+    }
+}
+
+/// The environment a job runs in.
+fn environment(spec: &JobSpec) -> StreamExecutionEnvironment {
+    let mut env = StreamExecutionEnvironment::new();
+    env.set_parallelism(spec.options.parallelism);
+    env.set_epoch_interval(ACK_EPOCH);
+    env
+}
+
+/// Runs `spec` on `env` against `endpoint` until its input ends or it is stopped.
+pub fn execute(
+    spec: &JobSpec,
+    env: &StreamExecutionEnvironment,
+    endpoint: Endpoint,
+    counters: Arc<JobCounters>,
+) -> Result<(), JobError> {
+    let job = spec.job.clone();
+    let options = spec.options.clone();
+    env.execute(&spec.name, move |jenv| match &job {
+        BuiltinJob::Wordcount {
+            source_queue,
+            sink_queue,
+        } => crate::wordcount::build(
+            jenv,
+            &endpoint,
+            source_queue,
+            sink_queue,
+            &options,
+            &counters,
+        ),
+    })?;
+    Ok(())
+}
+
+/// Stops a standalone job from a signal handler.
+#[derive(Clone)]
+pub struct Stopper(StopHandle);
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.0.stop();
+    }
+}
+
+/// Runs `spec` against the broker at `uri` until SIGTERM/SIGINT (see the module docs).
+/// `on_signal` is given a [`Stopper`] to call from the signal handler.
+pub fn run_standalone(
+    spec: &JobSpec,
+    uri: &str,
+    on_signal: impl FnOnce(Stopper),
+) -> Result<(), JobError> {
+    let env = environment(spec);
+    on_signal(Stopper(env.stop_handle()));
+    let counters = Arc::new(JobCounters::new(&spec.name, spec.options.parallelism));
+    let _progress = ProgressLogger::start(counters.clone(), PROGRESS_EVERY);
+    let stop = env.stop_handle();
+    let mut pause = RETRY_INITIAL;
+    loop {
+        tracing::info!(job = %spec.name, kind = spec.job.kind(), parallelism = spec.options.parallelism, "job starting");
+        match execute(spec, &env, Endpoint::amqp(uri), counters.clone()) {
+            Err(e) if e.is_retryable() && !stop.is_stopped() => {
+                counters.add_reconnect();
+                tracing::warn!(job = %spec.name, error = %e, retry_in_ms = pause.as_millis() as u64, "broker unreachable; trying again");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(RETRY_MAX);
+            }
+            Err(e) => return Err(e),
+            Ok(()) => {
+                tracing::info!(job = %spec.name, "job stopped");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// A job file's job, run inside `rill server`.
+pub struct EmbeddedJobRun {
+    spec: JobSpec,
+}
+
+impl EmbeddedJobRun {
+    pub fn new(spec: JobSpec) -> EmbeddedJobRun {
+        EmbeddedJobRun { spec }
+    }
+}
+
+impl rill_server::EmbeddedJob for EmbeddedJobRun {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn start(self: Box<Self>, broker: Broker) -> Result<Box<dyn rill_server::RunningJob>, String> {
+        let spec = self.spec;
+        let env = environment(&spec);
+        let stop = env.stop_handle();
+        let counters = Arc::new(JobCounters::new(&spec.name, spec.options.parallelism));
+        broker.register_job(counters.clone());
+        let endpoint = Endpoint::embedded(broker.clone(), spec.options.credentials.clone());
+        let (done_tx, done_rx) = mpsc::channel();
+        let name = spec.name.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("rill-job-{name}"))
+            .spawn(move || {
+                let _progress = ProgressLogger::start(counters.clone(), PROGRESS_EVERY);
+                let result = execute(&spec, &env, endpoint, counters).map_err(|e| e.to_string());
+                if let Err(e) = &result {
+                    tracing::error!(job = %spec.name, error = %e, "job failed");
+                }
+                broker.deregister_job(&spec.name);
+                let _ = done_tx.send(result);
+            })
+            .map_err(|e| format!("cannot start the job's thread: {e}"))?;
+        Ok(Box::new(RunningEmbedded {
+            name,
+            stop,
+            done: Mutex::new(Some(done_rx)),
+            finished: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            thread: Some(thread),
+        }))
+    }
+}
+
+struct RunningEmbedded {
+    name: String,
+    stop: StopHandle,
+    done: Mutex<Option<mpsc::Receiver<Result<(), String>>>>,
+    finished: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl rill_server::RunningJob for RunningEmbedded {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn stop(&self) {
+        self.stop.stop();
+    }
+
+    fn is_finished(&self) -> bool {
+        self.finished.load(std::sync::atomic::Ordering::Acquire)
+            || self.thread.as_ref().is_some_and(|t| t.is_finished())
+    }
+
+    fn join(mut self: Box<Self>, timeout: Duration) -> Result<(), String> {
+        let Some(done) = self.done.lock().take() else {
+            return Ok(());
+        };
+        let result = match done.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!("still running after {} s", timeout.as_secs()))
+            }
+            // The thread ended without a word: it panicked (already logged by the hook).
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err("the job's thread panicked".into()),
+        };
+        self.finished
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        result
+    }
+}

@@ -1,0 +1,108 @@
+//! The built-in `wordcount`: the user's two examples joined — pika's `send.py` feeding a
+//! queue, Flink's WordCount counting it — as one job that reads a queue and writes a queue.
+//!
+//! The contract (tooling outside the repository relies on it):
+//! - the source and sink queues are declared as durable classic queues if missing (with
+//!   `durable_queues = false`, as transient ones; an existing queue is used as it is);
+//! - each source message body is UTF-8 text, split on Unicode whitespace;
+//! - each word occurrence bumps that word's running count and publishes one persistent
+//!   message to the sink queue through the default exchange, with body
+//!   `{"word":"<w>","count":<n>}` and a `message_id` (see [`message_id`]);
+//! - a body that is not UTF-8 is bad input, handled by the job's `bad_input` policy.
+
+use crate::spec::JobOptions;
+use rill_broker::jobs::JobCounters;
+use rill_codec::{BasicProperties, FieldTable, ShortString};
+use rill_connect::transport::QueueSetup;
+use rill_connect::{Endpoint, QueueSink, QueueSource};
+use rill_stream::JobEnv;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// One output message: a word and its running count.
+///
+/// ```
+/// use rill_jobs::wordcount::WordCount;
+/// let wc = WordCount { word: "Hello".into(), count: 1 };
+/// assert_eq!(serde_json::to_string(&wc).unwrap(), r#"{"word":"Hello","count":1}"#);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WordCount {
+    pub word: String,
+    pub count: u64,
+}
+
+/// The words of a message body: split on Unicode whitespace (`char::is_whitespace`).
+///
+/// ```
+/// use rill_jobs::wordcount::words;
+/// assert_eq!(words("Hello World!"), ["Hello", "World!"]);
+/// assert_eq!(words(" a\u{3000}b\u{a0}c\n"), ["a", "b", "c"]);
+/// ```
+pub fn words(text: &str) -> Vec<&str> {
+    text.split_whitespace().collect()
+}
+
+/// The `message_id` of the message for `count` of `word`: the same every time that count is
+/// published, so a consumer can drop a copy republished after a crash. `<count>:<word>`,
+/// with words too long for the property (255 bytes) replaced by a hash of them.
+///
+/// ```
+/// use rill_jobs::wordcount::message_id;
+/// assert_eq!(message_id("Hello", 2), "2:Hello");
+/// assert_eq!(message_id(&"x".repeat(300), 1).len(), "1:#".len() + 16);
+/// ```
+pub fn message_id(word: &str, count: u64) -> String {
+    let id = format!("{count}:{word}");
+    if id.len() <= 255 {
+        return id;
+    }
+    // FNV-1a: stable across runs and builds (the std hasher is not).
+    let hash = word.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{count}:#{hash:016x}")
+}
+
+/// Adds the word count to the job being built on `env`: `source_queue` → words → running
+/// count per word → `sink_queue`.
+pub fn build(
+    env: &JobEnv<'_>,
+    endpoint: &Endpoint,
+    source_queue: &str,
+    sink_queue: &str,
+    options: &JobOptions,
+    counters: &Arc<JobCounters>,
+) {
+    let setup = QueueSetup::DeclareIfMissing {
+        durable: options.durable_queues,
+        arguments: FieldTable::default(),
+    };
+    let lines = QueueSource::new(endpoint.clone(), source_queue)
+        .text()
+        .prefetch(options.prefetch)
+        .setup(setup.clone())
+        .bad_input(options.bad_input)
+        .counters(counters.clone())
+        .build(env);
+    let counts = lines
+        .flat_map(|line: String| {
+            words(&line)
+                .into_iter()
+                .map(|w| (w.to_owned(), 1u64))
+                .collect::<Vec<_>>()
+        })
+        .key_by(|(word, _)| word.clone())
+        .sum(|t| &mut t.1)
+        .map(|(word, count)| WordCount { word, count });
+    QueueSink::to_queue(endpoint.clone(), sink_queue)
+        .json()
+        .setup(setup)
+        .properties(|wc: &WordCount| {
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(ShortString::from(message_id(&wc.word, wc.count)))
+        })
+        .counters(counters.clone())
+        .build(counts);
+}

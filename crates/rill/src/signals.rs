@@ -1,0 +1,35 @@
+//! SIGTERM and SIGINT for commands that are not the server (which has its own runtime).
+
+/// Calls `f` once, on a thread of its own, when SIGTERM or SIGINT arrives.
+pub fn on_terminate(f: impl FnOnce() + Send + 'static) {
+    let spawned = std::thread::Builder::new()
+        .name("rill-signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                tracing::warn!("cannot watch signals: SIGTERM will not stop the job cleanly");
+                return;
+            };
+            rt.block_on(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            });
+            tracing::info!("signal received: stopping");
+            f();
+        });
+    if spawned.is_err() {
+        tracing::warn!("cannot watch signals: SIGTERM will not stop the job cleanly");
+    }
+}
