@@ -229,16 +229,18 @@ class ConfirmingPublisher(threading.Thread):
 
     Runs a pika SelectConnection on its own thread so confirms are pipelined (the
     broker can group-commit them) and the test thread is free to kill the broker.
-    Message n has body ``numbered_body(n, body_size)`` and properties `properties`, or
-    `properties(n)` if that is callable. Stops after `count` messages
+    Message n has body ``numbered_body(n, body_size)`` (or ``body(n)`` if `body` is given)
+    and properties `properties`, or `properties(n)` if that is callable. Stops after `count` messages
     are confirmed, when `stop()` is called, or when the connection drops (a killed
     broker): `confirmed`/`nacked` hold the numbers the broker settled by then.
     """
 
     def __init__(self, url: str, routing_key: str, *, first: int = 0, count: int | None = None,
                  window: int = 256, body_size: int = 32, exchange: str = "",
-                 properties: pika.BasicProperties | Callable[[int], pika.BasicProperties] = PERSISTENT):
+                 properties: pika.BasicProperties | Callable[[int], pika.BasicProperties] = PERSISTENT,
+                 body: Callable[[int], bytes] | None = None):
         super().__init__(daemon=True)
+        self.body = body
         self.url, self.routing_key, self.exchange = url, routing_key, exchange
         self.next, self.end = first, None if count is None else first + count
         self.window, self.body_size, self.properties = window, body_size, properties
@@ -314,8 +316,8 @@ class ConfirmingPublisher(threading.Thread):
             self._tag += 1
             self._pending[self._tag] = n
             props = self.properties(n) if callable(self.properties) else self.properties
-            self._ch.basic_publish(self.exchange, self.routing_key, numbered_body(n, self.body_size),
-                                   props)
+            body = self.body(n) if self.body is not None else numbered_body(n, self.body_size)
+            self._ch.basic_publish(self.exchange, self.routing_key, body, props)
             self.published += 1
         if self.end is not None and self.next >= self.end and not self._pending:
             self._close()
@@ -342,10 +344,13 @@ class ConfirmingPublisher(threading.Thread):
 
 def publish_confirmed(url: str, queue: str, count: int, *, first: int = 0, body_size: int = 32,
                       window: int = 256, timeout: float = 60.0, exchange: str = "",
-                      properties: pika.BasicProperties = PERSISTENT) -> ConfirmingPublisher:
-    """Publish `count` numbered messages and wait until every one is confirmed (acked)."""
+                      properties: pika.BasicProperties = PERSISTENT,
+                      body: Callable[[int], bytes] | None = None) -> ConfirmingPublisher:
+    """Publish `count` numbered messages (or ``body(n)``) and wait until every one is
+    confirmed (acked)."""
     pub = ConfirmingPublisher(url, queue, first=first, count=count, window=window,
-                              body_size=body_size, exchange=exchange, properties=properties)
+                              body_size=body_size, exchange=exchange, properties=properties,
+                              body=body)
     pub.start()
     pub.finish(timeout)
     assert pub.error is None, f"publisher failed: {pub.error!r}"

@@ -10,8 +10,9 @@
 //! ```
 //!
 //! Keys beyond the built-in job's own: `prefetch` (unacked deliveries per source consumer),
-//! `bad_input` (`skip`, `dead-letter` or `fail`), `durable_queues` (whether queues the job
-//! declares because they are missing are durable; default true), `vhost`, `user`,
+//! `bad_input` (`skip`, `dead-letter` or `fail`), `declare_queues` (declare the job's queues
+//! if missing; default true, false makes a missing queue an error), `durable_queues` (whether
+//! queues the job declares because they are missing are durable; default true), `vhost`, `user`,
 //! `password` (the in-process session's login; default `/`, guest, guest), `checkpoint_dir`.
 //! An unknown key, a value of the wrong type or out of range is an error that names the key
 //! and its line.
@@ -57,6 +58,7 @@ struct Raw {
     prefetch: Option<Spanned<i64>>,
     bad_input: Option<Spanned<String>>,
     durable_queues: Option<Spanned<bool>>,
+    declare_queues: Option<Spanned<bool>>,
     vhost: Option<Spanned<String>>,
     user: Option<Spanned<String>>,
     password: Option<Spanned<String>>,
@@ -179,6 +181,9 @@ pub fn parse(text: &str, path: &Path) -> Result<JobSpec, JobFileError> {
     }
     if let Some(d) = &raw.durable_queues {
         options.durable_queues = *d.get_ref();
+    }
+    if let Some(d) = &raw.declare_queues {
+        options.declare_queues = *d.get_ref();
     }
     if let Some(v) = &raw.vhost {
         options.credentials.vhost = nonempty("vhost", v)?;

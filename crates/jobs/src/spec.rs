@@ -40,6 +40,8 @@ pub struct JobOptions {
     /// Unacked deliveries each source consumer may hold.
     pub prefetch: u16,
     pub bad_input: BadInputPolicy,
+    /// Declare the job's queues if they are missing (otherwise a missing queue is an error).
+    pub declare_queues: bool,
     /// Queues the job declares because they are missing are durable.
     pub durable_queues: bool,
     /// Login for the job's sessions (in-process), or taken from the URI (standalone).
@@ -59,6 +61,7 @@ impl Default for JobOptions {
             parallelism: 1,
             prefetch: DEFAULT_PREFETCH,
             bad_input: BadInputPolicy::Fail,
+            declare_queues: true,
             durable_queues: true,
             credentials: Credentials::default(),
             checkpoint_interval_ms: None,

@@ -74,9 +74,13 @@ pub fn build(
     options: &JobOptions,
     counters: &Arc<JobCounters>,
 ) {
-    let setup = QueueSetup::DeclareIfMissing {
-        durable: options.durable_queues,
-        arguments: FieldTable::default(),
+    let setup = if options.declare_queues {
+        QueueSetup::DeclareIfMissing {
+            durable: options.durable_queues,
+            arguments: FieldTable::default(),
+        }
+    } else {
+        QueueSetup::Existing
     };
     let lines = QueueSource::new(endpoint.clone(), source_queue)
         .text()

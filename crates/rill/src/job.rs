@@ -57,6 +57,9 @@ struct RunArgs {
     /// Queues declared because they are missing are transient instead of durable.
     #[arg(long)]
     transient_queues: bool,
+    /// Do not declare missing queues: a missing queue is an error (exit code 4).
+    #[arg(long)]
+    no_declare: bool,
     /// The job's name in logs.
     #[arg(long)]
     name: Option<String>,
@@ -83,6 +86,7 @@ fn run_job(args: RunArgs) -> i32 {
             parallelism: usize::from(args.parallelism),
             prefetch: args.prefetch,
             bad_input: args.bad_input,
+            declare_queues: !args.no_declare,
             durable_queues: !args.transient_queues,
             checkpoint_interval_ms: args.checkpoint_interval_ms,
             checkpoint_dir: args.checkpoint_dir,

@@ -1,0 +1,360 @@
+"""Stream jobs over queues: the built-in wordcount standalone (`rill job run`, over TCP)
+and embedded (`rill server --job`), against Rill and against a real RabbitMQ; clean stops,
+bad input, refusals and exit codes, reconnection, backpressure, job files.
+
+These start their own brokers and jobs, so they run in Rill mode only (the RabbitMQ
+comparison starts a private RabbitMQ node of its own).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import threading
+import time
+
+import pika
+import pytest
+
+import brokerproc
+import rabbitnode
+from brokerproc import ConfirmingPublisher, proc_status, publish_confirmed
+from conftest import REFERENCE_URL, RillProcess, free_port, rill_bin, uniq
+from jobproc import (
+    JobProcess, check_exact, drain_counts, expected_counts, queue_counts, wait_for_consumer,
+    wait_for_messages, wc_line,
+)
+
+pytestmark = pytest.mark.skipif(
+    bool(REFERENCE_URL), reason="starts rill servers and jobs itself: Rill mode only")
+
+PERSISTENT = pika.BasicProperties(delivery_mode=2)
+WORDS_100K = 20_000  # messages of 5 words
+
+
+def lines(n: int, **kw) -> list[str]:
+    return [wc_line(i, **kw) for i in range(n)]
+
+
+def publish_lines(url: str, queue: str, text: list[str]) -> None:
+    publish_confirmed(url, queue, len(text), window=512, timeout=120,
+                      body=lambda n: text[n].encode())
+
+
+def declare(url: str, queue: str, durable: bool = True, arguments: dict | None = None) -> None:
+    with pika.BlockingConnection(pika.URLParameters(url)) as c:
+        c.channel().queue_declare(queue=queue, durable=durable, arguments=arguments)
+
+
+def start_rill(tmp: pathlib.Path, *args: str) -> RillProcess:
+    data = tmp / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    return RillProcess(free_port(), data, tmp / "rill.log", extra_args=list(args)).start()
+
+
+def job_file(tmp: pathlib.Path, text: str) -> pathlib.Path:
+    p = tmp / "job.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture
+def rill(tmp_path):
+    broker = start_rill(tmp_path / "rill")
+    yield broker
+    broker.kill()
+
+
+@pytest.fixture
+def jobs(tmp_path):
+    """Factory for `rill job run wordcount` processes, all killed at teardown."""
+    started: list[JobProcess] = []
+
+    def _job(url: str, source: str, sink: str, *extra: str) -> JobProcess:
+        j = JobProcess.wordcount(url, source, sink, tmp_path / f"job{len(started)}.log", *extra)
+        started.append(j)
+        return j
+
+    yield _job
+    for j in started:
+        j.kill()
+
+
+def run_wordcount_100k(url: str, job, tmp_path) -> None:
+    src, out = uniq("in"), uniq("out")
+    text = lines(WORDS_100K)
+    expected = expected_counts(text)
+    assert sum(expected.values()) == 100_000
+    j = job(url, src, out)
+    wait_for_consumer(url, src)
+    publish_lines(url, src, text)
+    counts = drain_counts(url, out, expect=100_000, timeout=300)
+    check_exact(counts, expected)
+    assert j.stop() == 0, j.log_text()[-3000:]
+    # Nothing beyond one message per occurrence, and the input is all consumed.
+    assert drain_counts(url, out, idle=0.5) == {}
+    assert queue_counts(url, src)[0] == 0
+
+
+@pytest.mark.timeout(300)
+def test_standalone_wordcount_over_tcp_counts_100k_words(rill, jobs, tmp_path):
+    run_wordcount_100k(rill.url, jobs, tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_embedded_wordcount_counts_100k_words(tmp_path):
+    src, out = uniq("in"), uniq("out")
+    jf = job_file(tmp_path, f'name = "wc"\njob = "wordcount"\nsource_queue = "{src}"\n'
+                            f'sink_queue = "{out}"\ncheckpoint_interval_ms = 1000\nparallelism = 1\n')
+    broker = start_rill(tmp_path / "rill", "--job", str(jf))
+    try:
+        wait_for_consumer(broker.url, src)
+        # Declared by the job as durable classic queues.
+        with pika.BlockingConnection(pika.URLParameters(broker.url)) as c:
+            ch = c.channel()
+            ch.queue_declare(queue=src, durable=True, passive=False)
+            ch.queue_declare(queue=out, durable=True, passive=False)
+        text = lines(WORDS_100K)
+        publish_lines(broker.url, src, text)
+        counts = drain_counts(broker.url, out, expect=100_000, timeout=300)
+        check_exact(counts, expected_counts(text))
+        assert "job started" in broker.tail(200)
+        # SIGTERM: the broker stops the job (cleanly) before it closes.
+        broker.signal(signal.SIGTERM)
+        assert broker.wait(30) == 0
+        log = broker.log_path.read_text(errors="replace")
+        assert "job stopped" in log, log[-3000:]
+    finally:
+        broker.kill()
+
+
+@pytest.mark.timeout(300)
+def test_embedded_wordcount_at_parallelism_2(tmp_path):
+    src, out = uniq("in"), uniq("out")
+    jf = job_file(tmp_path, f'name = "wc2"\njob = "wordcount"\nsource_queue = "{src}"\n'
+                            f'sink_queue = "{out}"\nparallelism = 2\n')
+    broker = start_rill(tmp_path / "rill", "--job", str(jf))
+    try:
+        wait_for_consumer(broker.url, src)
+        text = lines(4000)
+        publish_lines(broker.url, src, text)
+        counts = drain_counts(broker.url, out, expect=20_000, timeout=200)
+        # Two competing consumers: each word's counts are still 1..n, in order (a word
+        # lives on one worker, whose publisher keeps its order).
+        check_exact(counts, expected_counts(text))
+    finally:
+        broker.kill()
+
+
+@pytest.fixture(scope="module")
+def rabbitmq(tmp_path_factory):
+    if not rabbitnode.available():
+        if os.environ.get("CI"):
+            pytest.fail("rabbitmq-server is not installed (scripts/test.sh installs it)")
+        pytest.skip("rabbitmq-server is not installed")
+    node = rabbitnode.RabbitNode(tmp_path_factory.mktemp("rabbitmq")).start()
+    yield node
+    node.stop()
+
+
+@pytest.mark.timeout(300)
+def test_standalone_wordcount_against_rabbitmq(rabbitmq, jobs, tmp_path):
+    run_wordcount_100k(rabbitmq.url, jobs, tmp_path)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_acks_what_was_consumed_and_confirms_what_was_produced(rill, jobs):
+    """Stop mid-stream: every input message is either still in IN, untouched, or fully
+    counted in OUT; nothing is half done, lost or doubled."""
+    src, out = uniq("in"), uniq("out")
+    text = lines(10_000)
+    declare(rill.url, src)
+    publish_lines(rill.url, src, text)
+    j = jobs(rill.url, src, out, "--prefetch", "100")
+    assert wait_for_messages(rill.url, out, 500, timeout=60) >= 500
+    assert j.stop() == 0, j.log_text()[-3000:]
+    left = queue_counts(rill.url, src)[0]
+    consumed = len(text) - left
+    assert 0 < consumed < len(text) or consumed == len(text)
+    counts = drain_counts(rill.url, out, idle=1.0)
+    # What the job consumed is the head of IN (one consumer, in order).
+    check_exact(counts, expected_counts(text[:consumed]))
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_skip_acks_and_counts_it(rill, jobs):
+    src, out = uniq("in"), uniq("out")
+    declare(rill.url, src)
+    j = jobs(rill.url, src, out, "--bad-input", "skip")
+    wait_for_consumer(rill.url, src)
+    with pika.BlockingConnection(pika.URLParameters(rill.url)) as c:
+        ch = c.channel()
+        ch.confirm_delivery()
+        ch.basic_publish("", src, "one two", PERSISTENT)
+        ch.basic_publish("", src, b"\xff\xfe not utf-8", PERSISTENT)
+        ch.basic_publish("", src, "two", PERSISTENT)
+    counts = drain_counts(rill.url, out, expect=3, timeout=30)
+    assert counts == {"one": [1], "two": [1, 2]}
+    assert j.alive()
+    assert j.stop() == 0
+    assert queue_counts(rill.url, src)[0] == 0
+    assert "bad input" in j.log_text()
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_dead_letter_goes_to_the_dlx(rill, jobs):
+    src, out, dlq = uniq("in"), uniq("out"), uniq("dlq")
+    declare(rill.url, dlq)
+    declare(rill.url, src, arguments={"x-dead-letter-exchange": "",
+                                      "x-dead-letter-routing-key": dlq})
+    j = jobs(rill.url, src, out, "--bad-input", "dead-letter")
+    wait_for_consumer(rill.url, src)
+    with pika.BlockingConnection(pika.URLParameters(rill.url)) as c:
+        ch = c.channel()
+        ch.confirm_delivery()
+        ch.basic_publish("", src, b"\xc3\x28", PERSISTENT)
+        ch.basic_publish("", src, "ok", PERSISTENT)
+    assert drain_counts(rill.url, out, expect=1, timeout=30) == {"ok": [1]}
+    assert wait_for_messages(rill.url, dlq, 1, timeout=10) == 1
+    with pika.BlockingConnection(pika.URLParameters(rill.url)) as c:
+        method, props, body = c.channel().basic_get(dlq, auto_ack=True)
+        assert body == b"\xc3\x28"
+        assert props.headers["x-death"][0]["reason"] == "rejected"
+    assert j.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_fail_stops_with_a_clear_error_and_keeps_the_message(rill, jobs):
+    src, out = uniq("in"), uniq("out")
+    declare(rill.url, src)
+    j = jobs(rill.url, src, out)  # fail is the default
+    wait_for_consumer(rill.url, src)
+    with pika.BlockingConnection(pika.URLParameters(rill.url)) as c:
+        ch = c.channel()
+        ch.confirm_delivery()
+        ch.basic_publish("", src, b"\xff", PERSISTENT)
+    assert j.wait(30) == 5
+    log = j.log_text()
+    assert f"bad input in queue '{src}'" in log and "not UTF-8" in log, log[-2000:]
+    # Not acked: the message is back in the queue for whoever fixes the job.
+    assert queue_counts(rill.url, src)[0] == 1
+
+
+@pytest.mark.timeout(60)
+def test_refusals_give_clear_errors_and_exit_codes(rill, jobs, tmp_path):
+    src, out = uniq("in"), uniq("out")
+    bad_password = rill.url.replace("guest:guest", "guest:wrong")
+    j = jobs(bad_password, src, out)
+    assert j.wait(30) == 3
+    assert "403 ACCESS_REFUSED" in j.log_text(), j.log_text()[-2000:]
+    no_vhost = rill.url.replace("%2F", "nope")
+    j = jobs(no_vhost, src, out)
+    assert j.wait(30) == 3
+    assert "530 NOT_ALLOWED" in j.log_text(), j.log_text()[-2000:]
+    j = jobs(rill.url, src, out, "--no-declare")
+    assert j.wait(30) == 4
+    assert f"queue '{src}'" in j.log_text() and "404 NOT_FOUND" in j.log_text(), j.log_text()[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_a_refused_permission_is_a_clear_error_against_rabbitmq(rabbitmq, jobs):
+    """Rill has no per-user permissions yet; RabbitMQ refuses a user without configure
+    rights the declaration of the job's queue (403)."""
+    user = f"bob{free_port()}"
+    rabbitmq.ctl("add_user", user, "secret")
+    rabbitmq.ctl("set_permissions", "-p", "/", user, "^$", ".*", ".*")
+    url = rabbitmq.url.replace("guest:guest", f"{user}:secret")
+    j = jobs(url, uniq("in"), uniq("out"))
+    assert j.wait(60) == 3
+    assert "403 ACCESS_REFUSED" in j.log_text(), j.log_text()[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_standalone_job_survives_its_broker_being_killed(tmp_path, jobs, make_broker):
+    broker = make_broker()
+    src, out = uniq("in"), uniq("out")
+    j = jobs(broker.url, src, out)
+    wait_for_consumer(broker.url, src)
+    publish_lines(broker.url, src, ["before the crash"])
+    assert drain_counts(broker.url, out, expect=3, timeout=30) == {
+        "before": [1], "the": [1], "crash": [1]}
+    broker.kill()
+    time.sleep(1.0)  # the job sees the connection go and backs off
+    assert j.alive(), "the job exited when its broker went away"
+    broker.start()
+    wait_for_consumer(broker.url, src, timeout=60)
+    publish_lines(broker.url, src, ["after the crash"])
+    assert wait_for_messages(broker.url, out, 3, timeout=30) >= 3
+    counts = drain_counts(broker.url, out, idle=1.0)
+    # The job kept its counts across the broker's crash. Acks not yet on the broker's disk
+    # when it died come back (the job's input and our reads of OUT alike): at-least-once
+    # may repeat a count, never lose one.
+    assert counts["after"] == [1], counts
+    assert max(counts["the"]) >= 2 and max(counts["crash"]) >= 2, counts
+    assert j.stop() == 0
+    assert "reconnect" in j.log_text().lower() or "connection" in j.log_text().lower()
+
+
+@pytest.mark.timeout(180)
+def test_backpressure_a_slow_job_holds_only_its_window(rill, jobs):
+    """A job far slower than its producer: 200 words a message, each a confirmed
+    persistent publish. The producer is never held back (no alarm, no flow control: it
+    publishes everything at its own pace); the job holds at most its prefetch window of
+    unacked deliveries; the backlog pages out, so the broker's memory stays within its
+    paging window plus a bound."""
+    src, out = uniq("in"), uniq("out")
+    prefetch = 50
+    declare(rill.url, src)
+    declare(rill.url, out)
+    pid = rill.proc.pid
+    rss_before = proc_status(pid)["VmRSS"]
+    j = jobs(rill.url, src, out, "--prefetch", str(prefetch))
+    wait_for_consumer(rill.url, src)
+    n = 30_000
+    body = " ".join(f"w{k}" for k in range(200)).encode()  # ~1 KiB
+    pub = ConfirmingPublisher(rill.url, src, count=n, window=512, body=lambda _i: body)
+    pub.start()
+    peak_held = 0
+    rss_peak = rss_before
+    while pub.is_alive():
+        # Held = delivered - acked <= delivered - processed. Read in this order, each
+        # figure errs low: confirmed (in IN by now) <= arrived by the next read, and
+        # outputs (processed, as whole input messages) only grow after it.
+        confirmed = len(pub.confirmed)
+        ready = queue_counts(rill.url, src)[0]
+        done_msgs = queue_counts(rill.url, out)[0] // 200
+        peak_held = max(peak_held, confirmed - ready - done_msgs)
+        rss_peak = max(rss_peak, proc_status(pid)["VmRSS"])
+        time.sleep(0.2)
+    pub.finish(120)
+    assert pub.error is None and len(pub.confirmed) == n
+    processed = queue_counts(rill.url, out)[0] // 200
+    # The producer finished long before the job could: it was not held to the job's pace.
+    assert processed < n // 2, f"job processed {processed} of {n}: not slow enough to test"
+    # The window, plus the one input message whose 200 outputs may be half published.
+    assert peak_held <= prefetch + 1, f"job held {peak_held} deliveries (prefetch {prefetch})"
+    # ~30 MB of backlog; bodies beyond the queue's 4 MiB window live on disk. The bound:
+    # 64 MiB over the broker's RSS before the backlog (indexes, buffers, OUT's window).
+    assert rss_peak - rss_before < 64 * 1024 * 1024, (
+        f"broker RSS grew by {(rss_peak - rss_before) >> 20} MiB")
+    assert j.alive()
+    assert j.stop(timeout=120) == 0
+
+
+def test_malformed_job_file_names_the_key_and_line(tmp_path):
+    jf = job_file(tmp_path, 'name = "wc"\njob = "wordcount"\nsource_queue = "in"\n'
+                            'sink_queue = "out"\nparallelism = 0\n')
+    res = subprocess.run([str(rill_bin()), "server", "--port", str(free_port()),
+                          "--data-dir", str(tmp_path / "d"), "--job", str(jf)],
+                         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert res.returncode == 2
+    assert f"job file {jf}, line 5: key `parallelism`: must be at least 1" in res.stderr, res.stderr
+    jf.write_text('name = "wc"\njob = "wordcount"\nsource_queue = "in"\nsink_queue = "out"\n'
+                  'prefech = 10\n')
+    res = subprocess.run([str(rill_bin()), "server", "--port", str(free_port()),
+                          "--data-dir", str(tmp_path / "d"), "--job", str(jf)],
+                         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert res.returncode == 2
+    assert "line 5" in res.stderr and "prefech" in res.stderr, res.stderr
