@@ -52,8 +52,9 @@ if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
     fi
 fi
 
-step "cargo build -p rill"
+step "cargo build -p rill (and the job example the interop suite runs)"
 cargo build -p rill
+cargo build -p rill-jobs --example order_totals
 export RILL_BIN="${RILL_BIN:-$root/target/debug/rill}"
 
 # The checks below all run even when one fails, so a single CI run reports every

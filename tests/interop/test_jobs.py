@@ -358,3 +358,74 @@ def test_malformed_job_file_names_the_key_and_line(tmp_path):
                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert res.returncode == 2
     assert "line 5" in res.stderr and "prefech" in res.stderr, res.stderr
+
+
+def example_bin(name: str) -> pathlib.Path:
+    path = rill_bin().parent / "examples" / name
+    if not path.exists():
+        pytest.fail(f"{path} not built: cargo build -p rill-jobs --example {name}", pytrace=False)
+    return path
+
+
+def order_totals_check(url: str) -> None:
+    """Orders every 500 ms of event time for 30 s, three items; the windows [0, 10 s) and
+    [10 s, 20 s) fire (the watermark trails the newest order by 2 s), [20 s, 30 s) not yet."""
+    import json
+    items = ["tea", "cake", "jam"]
+    orders = [{"item": items[i % 3], "amount": i, "ts": i * 500} for i in range(60)]
+    declare(url, "orders")
+    publish_confirmed(url, "orders", len(orders), body=lambda n: json.dumps(orders[n]).encode())
+    assert wait_for_messages(url, "order-totals", 6, timeout=30) == 6
+    with pika.BlockingConnection(pika.URLParameters(url)) as c:
+        ch = c.channel()
+        got = []
+        while (m := ch.basic_get("order-totals", auto_ack=True))[0]:
+            got.append(json.loads(m[2]))
+    expected = []
+    for start in (0, 10_000):
+        for item in items:
+            total = sum(o["amount"] for o in orders
+                        if o["item"] == item and start <= o["ts"] < start + 10_000)
+            expected.append({"item": item, "window_start": start, "window_end": start + 10_000,
+                             "total": total})
+    key = lambda t: (t["window_start"], t["item"])
+    assert sorted(got, key=key) == sorted(expected, key=key)
+
+
+@pytest.mark.timeout(60)
+def test_a_job_with_its_own_main_standalone(rill, tmp_path):
+    log = open(tmp_path / "example.log", "wb")
+    proc = subprocess.Popen([str(example_bin("order_totals")), rill.url], stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=log)
+    try:
+        wait_for_consumer(rill.url, "orders")
+        order_totals_check(rill.url)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_program_embedding_the_broker_with_its_job(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "example.log", "wb")
+    proc = subprocess.Popen([str(example_bin("order_totals")), "--embedded", str(port),
+                             str(tmp_path / "data")], stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=log)
+    url = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
+    try:
+        deadline = time.monotonic() + 30
+        while not brokerproc.port_open(port):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "example.log").read_text()
+            time.sleep(0.05)
+        wait_for_consumer(url, "orders")
+        order_totals_check(url)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()

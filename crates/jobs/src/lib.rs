@@ -7,11 +7,14 @@
 //! - [`jobfile`]: job files (TOML) and their errors, which name the bad key and its line.
 //! - [`progress`]: the progress line every job logs every few seconds.
 //! - [`wordcount`]: the built-in `wordcount` job and its output contract.
-//! - [`runner`]: running a job standalone (signals, retries) or inside `rill server`.
+//! - [`runner`]: running a job standalone (retries) or inside `rill server`, for built-in
+//!   jobs and jobs of your own.
+//! - [`signals`]: stopping a job cleanly on SIGTERM/SIGINT.
 
 pub mod jobfile;
 pub mod progress;
 pub mod runner;
+pub mod signals;
 pub mod spec;
 pub mod wordcount;
 

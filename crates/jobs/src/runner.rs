@@ -17,8 +17,9 @@ use crate::spec::{BuiltinJob, JobSpec};
 use parking_lot::Mutex;
 use rill_broker::jobs::JobCounters;
 use rill_broker::Broker;
+use rill_connect::transport::Credentials;
 use rill_connect::{ConnectError, Endpoint};
-use rill_stream::{StopHandle, StreamError, StreamExecutionEnvironment};
+use rill_stream::{JobEnv, StopHandle, StreamError, StreamExecutionEnvironment};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,57 +90,52 @@ fn environment(spec: &JobSpec) -> StreamExecutionEnvironment {
     env
 }
 
-/// Runs `spec` on `env` against `endpoint` until its input ends or it is stopped.
-pub fn execute(
-    spec: &JobSpec,
-    env: &StreamExecutionEnvironment,
-    endpoint: Endpoint,
-    counters: Arc<JobCounters>,
-) -> Result<(), JobError> {
+/// What builds a job's dataflow on each worker, given where its connectors connect and
+/// where it counts its progress.
+pub type BuildFn = dyn Fn(&JobEnv<'_>, &Endpoint, &Arc<JobCounters>) + Send + Sync;
+
+/// The dataflow of a built-in job.
+fn builtin(spec: &JobSpec) -> Arc<BuildFn> {
     let job = spec.job.clone();
     let options = spec.options.clone();
-    env.execute(&spec.name, move |jenv| match &job {
+    Arc::new(move |jenv, endpoint, counters| match &job {
         BuiltinJob::Wordcount {
             source_queue,
             sink_queue,
-        } => crate::wordcount::build(
-            jenv,
-            &endpoint,
-            source_queue,
-            sink_queue,
-            &options,
-            &counters,
-        ),
-    })?;
+        } => crate::wordcount::build(jenv, endpoint, source_queue, sink_queue, &options, counters),
+    })
+}
+
+/// Runs `build` on `env` against `endpoint` until its input ends or it is stopped.
+pub fn execute(
+    name: &str,
+    env: &StreamExecutionEnvironment,
+    endpoint: Endpoint,
+    counters: Arc<JobCounters>,
+    build: Arc<BuildFn>,
+) -> Result<(), JobError> {
+    env.execute(name, move |jenv| build(jenv, &endpoint, &counters))?;
     Ok(())
 }
 
-/// Stops a standalone job from a signal handler.
-#[derive(Clone)]
-pub struct Stopper(StopHandle);
-
-impl Stopper {
-    pub fn stop(&self) {
-        self.0.stop();
-    }
-}
-
 /// Runs `spec` against the broker at `uri` until SIGTERM/SIGINT (see the module docs).
-/// `on_signal` is given a [`Stopper`] to call from the signal handler.
-pub fn run_standalone(
-    spec: &JobSpec,
-    uri: &str,
-    on_signal: impl FnOnce(Stopper),
-) -> Result<(), JobError> {
+pub fn run_standalone(spec: &JobSpec, uri: &str) -> Result<(), JobError> {
     let env = environment(spec);
-    on_signal(Stopper(env.stop_handle()));
+    crate::signals::stop_on_terminate(env.stop_handle());
     let counters = Arc::new(JobCounters::new(&spec.name, spec.options.parallelism));
     let _progress = ProgressLogger::start(counters.clone(), PROGRESS_EVERY);
     let stop = env.stop_handle();
+    let build = builtin(spec);
     let mut pause = RETRY_INITIAL;
     loop {
         tracing::info!(job = %spec.name, kind = spec.job.kind(), parallelism = spec.options.parallelism, "job starting");
-        match execute(spec, &env, Endpoint::amqp(uri), counters.clone()) {
+        match execute(
+            &spec.name,
+            &env,
+            Endpoint::amqp(uri),
+            counters.clone(),
+            build.clone(),
+        ) {
             Err(e) if e.is_retryable() && !stop.is_stopped() => {
                 counters.add_reconnect();
                 tracing::warn!(job = %spec.name, error = %e, retry_in_ms = pause.as_millis() as u64, "broker unreachable; trying again");
@@ -155,40 +151,91 @@ pub fn run_standalone(
     }
 }
 
-/// A job file's job, run inside `rill server`.
+/// A job run inside the broker process: a job file's built-in job (`rill server --job`), or
+/// a job of your own in a program that embeds `rill-server`.
+///
+/// ```no_run
+/// use rill_connect::{QueueSink, QueueSource};
+/// use rill_connect::transport::{Credentials, QueueSetup};
+/// use rill_jobs::runner::EmbeddedJobRun;
+/// use rill_stream::StreamExecutionEnvironment;
+///
+/// let upper = EmbeddedJobRun::new("upper", StreamExecutionEnvironment::new(), Credentials::default(),
+///     |env, broker, _counters| {
+///         let lines = QueueSource::new(broker.clone(), "lines").text().setup(QueueSetup::durable()).build(env);
+///         QueueSink::to_queue(broker.clone(), "upper").text().setup(QueueSetup::durable())
+///             .build(lines.map(|l: String| l.to_uppercase()));
+///     });
+/// # let config: rill_server::ServerConfig = unimplemented!();
+/// rill_server::Server::new(config).job(Box::new(upper)).run_blocking().unwrap();
+/// ```
 pub struct EmbeddedJobRun {
-    spec: JobSpec,
+    name: String,
+    parallelism: usize,
+    env: StreamExecutionEnvironment,
+    credentials: Credentials,
+    build: Arc<BuildFn>,
 }
 
 impl EmbeddedJobRun {
-    pub fn new(spec: JobSpec) -> EmbeddedJobRun {
-        EmbeddedJobRun { spec }
+    /// A job of your own: `build` adds its dataflow on each worker of `env`; its connectors
+    /// log in to the broker as `credentials`.
+    pub fn new(
+        name: &str,
+        env: StreamExecutionEnvironment,
+        credentials: Credentials,
+        build: impl Fn(&JobEnv<'_>, &Endpoint, &Arc<JobCounters>) + Send + Sync + 'static,
+    ) -> EmbeddedJobRun {
+        EmbeddedJobRun {
+            name: name.to_owned(),
+            parallelism: env.parallelism(),
+            env,
+            credentials,
+            build: Arc::new(build),
+        }
+    }
+
+    /// A job file's built-in job.
+    pub fn from_spec(spec: &JobSpec) -> EmbeddedJobRun {
+        EmbeddedJobRun {
+            name: spec.name.clone(),
+            parallelism: spec.options.parallelism,
+            env: environment(spec),
+            credentials: spec.options.credentials.clone(),
+            build: builtin(spec),
+        }
     }
 }
 
 impl rill_server::EmbeddedJob for EmbeddedJobRun {
     fn name(&self) -> &str {
-        &self.spec.name
+        &self.name
     }
 
     fn start(self: Box<Self>, broker: Broker) -> Result<Box<dyn rill_server::RunningJob>, String> {
-        let spec = self.spec;
-        let env = environment(&spec);
+        let EmbeddedJobRun {
+            name,
+            parallelism,
+            env,
+            credentials,
+            build,
+        } = *self;
         let stop = env.stop_handle();
-        let counters = Arc::new(JobCounters::new(&spec.name, spec.options.parallelism));
+        let counters = Arc::new(JobCounters::new(&name, parallelism));
         broker.register_job(counters.clone());
-        let endpoint = Endpoint::embedded(broker.clone(), spec.options.credentials.clone());
+        let endpoint = Endpoint::embedded(broker.clone(), credentials);
         let (done_tx, done_rx) = mpsc::channel();
-        let name = spec.name.clone();
+        let job_name = name.clone();
         let thread = std::thread::Builder::new()
             .name(format!("rill-job-{name}"))
             .spawn(move || {
                 let _progress = ProgressLogger::start(counters.clone(), PROGRESS_EVERY);
-                let result = execute(&spec, &env, endpoint, counters).map_err(|e| e.to_string());
+                let result =
+                    execute(&job_name, &env, endpoint, counters, build).map_err(|e| e.to_string());
                 if let Err(e) = &result {
-                    tracing::error!(job = %spec.name, error = %e, "job failed");
+                    tracing::error!(job = %job_name, error = %e, "job failed");
                 }
-                broker.deregister_job(&spec.name);
+                broker.deregister_job(&job_name);
                 let _ = done_tx.send(result);
             })
             .map_err(|e| format!("cannot start the job's thread: {e}"))?;
@@ -201,7 +248,6 @@ impl rill_server::EmbeddedJob for EmbeddedJobRun {
         }))
     }
 }
-
 struct RunningEmbedded {
     name: String,
     stop: StopHandle,

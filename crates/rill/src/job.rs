@@ -93,9 +93,7 @@ fn run_job(args: RunArgs) -> i32 {
             ..JobOptions::default()
         },
     };
-    let result = rill_jobs::runner::run_standalone(&spec, &args.uri, |stopper| {
-        crate::signals::on_terminate(move || stopper.stop());
-    });
+    let result = rill_jobs::runner::run_standalone(&spec, &args.uri);
     match result {
         Ok(()) => 0,
         Err(e) => {

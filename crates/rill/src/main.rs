@@ -7,7 +7,6 @@ mod bench;
 mod bench_amqp;
 mod bench_wire;
 mod job;
-mod signals;
 
 use clap::{Parser, Subcommand};
 
@@ -103,7 +102,9 @@ fn server(args: ServerArgs) -> anyhow::Result<()> {
         },
     });
     for spec in specs {
-        server = server.job(Box::new(rill_jobs::runner::EmbeddedJobRun::new(spec)));
+        server = server.job(Box::new(rill_jobs::runner::EmbeddedJobRun::from_spec(
+            &spec,
+        )));
     }
     Ok(server.run_blocking()?)
 }

@@ -1,4 +1,15 @@
-//! SIGTERM and SIGINT for commands that are not the server (which has its own runtime).
+//! SIGTERM and SIGINT for job processes: a standalone job (or a program of your own that
+//! runs one) stops cleanly on either, as `rill job run` does.
+
+/// Stops the jobs of `handle`'s environment when SIGTERM or SIGINT arrives.
+///
+/// ```no_run
+/// let env = rill_stream::StreamExecutionEnvironment::new();
+/// rill_jobs::signals::stop_on_terminate(env.stop_handle());
+/// ```
+pub fn stop_on_terminate(handle: rill_stream::StopHandle) {
+    on_terminate(move || handle.stop());
+}
 
 /// Calls `f` once, on a thread of its own, when SIGTERM or SIGINT arrives.
 pub fn on_terminate(f: impl FnOnce() + Send + 'static) {
