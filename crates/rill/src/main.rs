@@ -61,12 +61,17 @@ struct ServerArgs {
     jobs: Vec<std::path::PathBuf>,
 }
 
+/// Log filter unless `RILL_LOG` says otherwise. lapin logs expected events of our own making
+/// at ERROR (a passive declare's 404 while a job sets its queues up, the socket closing after
+/// connection.close-ok); the transports report what matters themselves.
+const DEFAULT_LOG: &str = "info,lapin=off";
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RILL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .with_writer(std::io::stderr)
         .init();
