@@ -170,3 +170,26 @@ def check_at_least_once(counts: dict[str, list[int]], expected: collections.Coun
         seen = set(counts[word])
         missing = set(range(1, n + 1)) - seen
         assert not missing, f"{word}: counts missing {sorted(missing)[:10]} of 1..{n}"
+
+
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (a supervisor's workers)."""
+    out = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return sorted(out)
+
+
+def wait_for_workers(pid: int, n: int, timeout: float = 30.0, other_than: list[int] = ()) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = [k for k in child_pids(pid) if k not in other_than]
+        if len(kids) == n:
+            return kids
+        time.sleep(0.05)
+    raise AssertionError(f"supervisor {pid} has workers {child_pids(pid)}, expected {n} new ones")

@@ -429,3 +429,52 @@ def test_a_program_embedding_the_broker_with_its_job(tmp_path):
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+@pytest.mark.timeout(120)
+def test_supervisor_restarts_a_killed_worker(rill, jobs):
+    from jobproc import wait_for_workers
+    src, out = uniq("in"), uniq("out")
+    j = jobs(rill.url, src, out, "--restart-delay-ms", "100")
+    [worker] = wait_for_workers(j.proc.pid, 1)
+    wait_for_consumer(rill.url, src)
+    os.kill(worker, signal.SIGKILL)
+    [again] = wait_for_workers(j.proc.pid, 1, other_than=[worker])
+    assert again != worker
+    wait_for_consumer(rill.url, src)
+    publish_lines(rill.url, src, ["still counting"])
+    assert drain_counts(rill.url, out, expect=2, timeout=30) == {"still": [1], "counting": [1]}
+    assert j.stop() == 0
+    assert "restarting all workers" in j.log_text(), j.log_text()[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_workers_stop_when_their_supervisor_is_killed(rill, jobs):
+    from jobproc import wait_for_workers
+    from brokerproc import pid_alive, wait_dead
+    src, out = uniq("in"), uniq("out")
+    j = jobs(rill.url, src, out)
+    [worker] = wait_for_workers(j.proc.pid, 1)
+    wait_for_consumer(rill.url, src)
+    j.proc.kill()
+    j.proc.wait(10)
+    wait_dead(worker, timeout=30)
+    assert not pid_alive(worker)
+
+
+@pytest.mark.timeout(300)
+def test_a_two_process_job_counts_exactly_and_restarts_together(rill, jobs):
+    from jobproc import wait_for_workers
+    src, out = uniq("in"), uniq("out")
+    j = jobs(rill.url, src, out, "--processes", "2", "--parallelism", "2",
+             "--restart-delay-ms", "100")
+    workers = wait_for_workers(j.proc.pid, 2)
+    wait_for_consumer(rill.url, src)
+    text = lines(2000)
+    publish_lines(rill.url, src, text)
+    # Two processes, one timely cluster: each word on one worker, counts exact.
+    check_exact(drain_counts(rill.url, out, expect=10_000, timeout=200), expected_counts(text))
+    os.kill(workers[1], signal.SIGKILL)
+    # The other cannot go on alone: both are replaced.
+    wait_for_workers(j.proc.pid, 2, other_than=workers, timeout=60)
+    assert j.stop() == 0, j.log_text()[-3000:]

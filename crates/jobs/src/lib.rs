@@ -9,6 +9,8 @@
 //! - [`wordcount`]: the built-in `wordcount` job and its output contract.
 //! - [`runner`]: running a job standalone (retries) or inside `rill server`, for built-in
 //!   jobs and jobs of your own.
+//! - [`supervisor`]: `rill job run` runs its job in worker processes and restarts them all
+//!   when one fails.
 //! - [`signals`]: stopping a job cleanly on SIGTERM/SIGINT.
 
 pub mod jobfile;
@@ -16,6 +18,7 @@ pub mod progress;
 pub mod runner;
 pub mod signals;
 pub mod spec;
+pub mod supervisor;
 pub mod wordcount;
 
 pub use spec::{BuiltinJob, JobOptions, JobSpec};

@@ -19,7 +19,7 @@ use rill_broker::jobs::JobCounters;
 use rill_broker::Broker;
 use rill_connect::transport::Credentials;
 use rill_connect::{ConnectError, Endpoint};
-use rill_stream::{JobEnv, StopHandle, StreamError, StreamExecutionEnvironment};
+use rill_stream::{ClusterConfig, JobEnv, StopHandle, StreamError, StreamExecutionEnvironment};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,10 +118,21 @@ pub fn execute(
     Ok(())
 }
 
-/// Runs `spec` against the broker at `uri` until SIGTERM/SIGINT (see the module docs).
-pub fn run_standalone(spec: &JobSpec, uri: &str) -> Result<(), JobError> {
-    let env = environment(spec);
+/// Runs `spec` against the broker at `uri` until SIGTERM/SIGINT (see the module docs), as
+/// one worker process of a supervised job (`cluster`: its place among several), stopping
+/// too when the supervisor goes away.
+pub fn run_standalone(
+    spec: &JobSpec,
+    uri: &str,
+    cluster: Option<ClusterConfig>,
+) -> Result<(), JobError> {
+    let mut env = environment(spec);
+    if let Some(c) = cluster {
+        env.set_cluster(c);
+    }
     crate::signals::stop_on_terminate(env.stop_handle());
+    let orphaned = env.stop_handle();
+    crate::supervisor::stop_when_orphaned(move || orphaned.stop());
     let counters = Arc::new(JobCounters::new(&spec.name, spec.options.parallelism));
     let _progress = ProgressLogger::start(counters.clone(), PROGRESS_EVERY);
     let stop = env.stop_handle();
