@@ -10,6 +10,8 @@
 //! - [`stream_source`]: [`StreamSource`], stream queues read from an `x-stream-offset` as
 //!   partitions, one worker each, with tracked positions.
 //! - [`sink`]: [`QueueSink`], persistent publishes with confirms to an exchange or queue.
+//! - [`exactly_once`]: input ids remembered across checkpoints, output held until its
+//!   checkpoint completes (two-phase commit) with deterministic deduplication ids.
 //! - [`endpoint`]: [`Endpoint`], where they connect: this process's broker or one over TCP.
 //! - [`transport`]: how a connector talks to a broker, one interface with two
 //!   implementations: [`transport::embedded`] (an in-process [`rill_broker::Session`]) and
@@ -22,6 +24,7 @@
 
 pub mod endpoint;
 pub mod error;
+pub mod exactly_once;
 pub mod format;
 pub mod message;
 pub mod sink;
