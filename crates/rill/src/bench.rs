@@ -5,6 +5,10 @@
 //! `key_by(word).sum(count)`, and a sink that keeps each key's last running count so the
 //! final counts can be checked to sum to N. `wordcount-baseline` is the same generation and
 //! counting as a plain single-threaded loop over a `HashMap` with a reused buffer: the limit.
+//!
+//! `amqp` measures one broker (`bench_amqp`, on the pipelined client of `bench_wire`);
+//! `pipeline` measures brokers and the wordcount job together (`bench_pipeline`, with its
+//! child processes in `bench_procs`).
 
 use std::path::PathBuf;
 
@@ -27,6 +31,9 @@ enum Bench {
     WordcountBaseline(BaselineArgs),
     /// One publisher and one consumer on a classic, priority or stream queue of any AMQP broker.
     Amqp(crate::bench_amqp::AmqpArgs),
+    /// Producer -> IN -> wordcount job -> OUT -> consumer: the job embedded in the broker,
+    /// standalone against Rill and standalone against RabbitMQ, side by side.
+    Pipeline(crate::bench_pipeline::PipelineArgs),
 }
 
 #[derive(Args, Debug)]
@@ -67,6 +74,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         Bench::Wordcount(args) => wordcount(args),
         Bench::WordcountBaseline(args) => baseline(args),
         Bench::Amqp(args) => crate::bench_amqp::run(args),
+        Bench::Pipeline(args) => crate::bench_pipeline::run(args),
     }
 }
 

@@ -82,7 +82,8 @@ pub struct AmqpArgs {
     fill: Option<u64>,
 }
 
-fn cpu_seconds(pid: u32) -> Option<f64> {
+/// CPU seconds (user + system) a process has used so far, from `/proc`.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
     let utime: f64 = fields.get(11)?.parse().ok()?;
@@ -98,11 +99,106 @@ pub fn run(args: AmqpArgs) -> anyhow::Result<()> {
     rt.block_on(run_async(args))
 }
 
+/// One measurement's figures (rates over the measured window, after the warm-up).
+#[derive(Debug, Clone, Copy)]
+pub struct Figures {
+    pub pub_per_s: f64,
+    pub con_per_s: f64,
+    pub nacked: u64,
+    /// Broker CPU in the window as a fraction of one core, if its pid was given.
+    pub broker_cpu: Option<f64>,
+}
+
+impl AmqpArgs {
+    /// The arguments of `rill bench amqp --client wire --kind classic --persistent --uri URI
+    /// --duration S`, every other option at its command-line default (parsed, so they cannot
+    /// drift apart): Rill's own confirmed-persistent one-publisher/one-consumer rate, which
+    /// `rill bench pipeline` compares against.
+    pub fn classic_persistent_wire(
+        uri: &str,
+        duration: u64,
+        broker_pid: Option<u32>,
+    ) -> anyhow::Result<Self> {
+        #[derive(clap::Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            args: AmqpArgs,
+        }
+        let duration = duration.to_string();
+        let mut cmd = <Cmd as clap::Parser>::try_parse_from([
+            "amqp",
+            "--client",
+            "wire",
+            "--kind",
+            "classic",
+            "--persistent",
+            "--uri",
+            uri,
+            "--duration",
+            &duration,
+        ])?;
+        cmd.args.broker_pid = broker_pid;
+        Ok(cmd.args)
+    }
+}
+
 async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
-    let queue = args
-        .queue
+    if let Some(n) = args.fill {
+        let (_setup, _ch, queue) = fresh_queue(&args).await?;
+        return fill(&args, &queue, n).await;
+    }
+    let f = measure(&args).await?;
+    println!(
+        "JSON {{\"kind\":\"{:?}\",\"client\":\"{:?}\",\"size\":{},\"duration_s\":{},\"nacked\":{},\"pub_per_s\":{:.0},\"con_per_s\":{:.0},\"broker_cpu_pct\":{},\"msgs_per_broker_cpu_s\":{}}}",
+        args.kind,
+        args.client,
+        args.size,
+        args.duration,
+        f.nacked,
+        f.pub_per_s,
+        f.con_per_s,
+        f.broker_cpu.map_or("null".to_owned(), |c| format!("{:.0}", c * 100.0)),
+        f.broker_cpu
+            .filter(|c| *c > 0.0)
+            .map_or("null".to_owned(), |c| format!("{:.0}", f.con_per_s / c)),
+    );
+    println!("events_per_s {:.0}", f.con_per_s);
+    Ok(())
+}
+
+/// The queue's name, deleted and declared afresh with the arguments of its kind, and the
+/// connection and channel that did it: kept open for the run (closing it on a broker that
+/// just closed the first channel makes lapin log errors) and used to delete the queue after.
+async fn fresh_queue(args: &AmqpArgs) -> anyhow::Result<(Connection, lapin::Channel, String)> {
+    let queue = queue_name(args);
+    let setup = Connection::connect(&args.uri, ConnectionProperties::default())
+        .await
+        .context("connect")?;
+    let ch = setup.create_channel().await?;
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let ch = setup.create_channel().await?;
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        queue_arguments(args),
+    )
+    .await
+    .context("declare")?;
+    Ok((setup, ch, queue))
+}
+
+fn queue_name(args: &AmqpArgs) -> String {
+    args.queue
         .clone()
-        .unwrap_or_else(|| format!("rill-bench-{:?}", args.kind).to_lowercase());
+        .unwrap_or_else(|| format!("rill-bench-{:?}", args.kind).to_lowercase())
+}
+
+fn queue_arguments(args: &AmqpArgs) -> FieldTable {
     let mut qargs = FieldTable::default();
     match args.kind {
         QueueKind::Classic => {}
@@ -119,28 +215,13 @@ async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let setup = Connection::connect(&args.uri, ConnectionProperties::default())
-        .await
-        .context("connect")?;
-    let ch = setup.create_channel().await?;
-    let _ = ch
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    let ch = setup.create_channel().await?;
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-        qargs,
-    )
-    .await
-    .context("declare")?;
+    qargs
+}
 
-    if let Some(n) = args.fill {
-        return fill(&args, &queue, n).await;
-    }
+/// One publisher and one consumer on a fresh queue for one warm-up second and
+/// `args.duration` measured seconds; the queue is deleted afterwards.
+pub async fn measure(args: &AmqpArgs) -> anyhow::Result<Figures> {
+    let (_setup, ch, queue) = fresh_queue(args).await?;
     let published = Arc::new(Counters::default());
     let consumed = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -259,20 +340,12 @@ async fn run_async(args: AmqpArgs) -> anyhow::Result<()> {
     let _ = ch
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
-    println!(
-        "JSON {{\"kind\":\"{:?}\",\"client\":\"{:?}\",\"size\":{},\"duration_s\":{},\"nacked\":{nacked},\"pub_per_s\":{:.0},\"con_per_s\":{:.0},\"broker_cpu_pct\":{},\"msgs_per_broker_cpu_s\":{}}}",
-        args.kind,
-        args.client,
-        args.size,
-        args.duration,
-        pub_rate,
-        con_rate,
-        cpu.map_or("null".to_owned(), |c| format!("{:.0}", c * 100.0)),
-        cpu.filter(|c| *c > 0.0)
-            .map_or("null".to_owned(), |c| format!("{:.0}", con_rate / c)),
-    );
-    println!("events_per_s {con_rate:.0}");
-    Ok(())
+    Ok(Figures {
+        pub_per_s: pub_rate,
+        con_per_s: con_rate,
+        nacked,
+        broker_cpu: cpu,
+    })
 }
 
 async fn lapin_consume(

@@ -5,12 +5,17 @@
 //! lapin client, not the broker under test, sets the figure. This client pre-encodes each
 //! publish, writes publishes and acks in batches of one `write` each and reads deliveries in
 //! place, so the broker is the bottleneck, whichever broker it is. It speaks only what a
-//! benchmark needs (PLAIN login, one channel, confirms, qos, consume, ack) and is no
-//! general-purpose client: tests use lapin, pika and the other real clients.
+//! benchmark needs (PLAIN login, one channel, confirms, qos, consume, ack, queue declare and
+//! delete) and is no general-purpose client: tests use lapin, pika and the other real clients.
+//!
+//! `rill bench amqp` publishes one fixed body as fast as the confirm window allows;
+//! `rill bench pipeline` needs more of the same client: a body per message (each carries a
+//! marker that identifies it), an optional fixed rate (latency at a load the system under
+//! test sustains) and a consumer that sees each body ([`publish_each`], [`consume_each`]).
 
 use anyhow::{anyhow, bail, Context as _};
 use bytes::{Buf, BytesMut};
-use rill_codec::amq_protocol::protocol::{basic, channel, confirm, connection, parse_class};
+use rill_codec::amq_protocol::protocol::{basic, channel, confirm, connection, parse_class, queue};
 use rill_codec::amq_protocol::uri::AMQPUri;
 use rill_codec::{
     encode_basic_ack, encode_content, encode_method, encode_publish, split_frame, AMQPClass,
@@ -20,6 +25,7 @@ use rill_codec::{
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -184,6 +190,59 @@ impl WireConn {
         self.send(channel, method).await?;
         self.reader.next_method().await
     }
+
+    /// Declares a classic queue without arguments (durable or transient; a queue that exists
+    /// with the same flags is left as it is) and returns its `(messages, consumers)`.
+    pub async fn declare_queue(&mut self, name: &str, durable: bool) -> anyhow::Result<(u32, u32)> {
+        let reply = self
+            .call(
+                CHANNEL,
+                AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                    queue: short(name)?,
+                    passive: false,
+                    durable,
+                    exclusive: false,
+                    auto_delete: false,
+                    nowait: false,
+                    arguments: FieldTable::default(),
+                })),
+            )
+            .await?;
+        match reply {
+            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => {
+                Ok((ok.message_count, ok.consumer_count))
+            }
+            other => bail!("expected queue.declare-ok, got {other:?}"),
+        }
+    }
+
+    /// Deletes a queue (a missing one is no error on Rill or RabbitMQ); returns how many
+    /// messages it held.
+    pub async fn delete_queue(&mut self, name: &str) -> anyhow::Result<u32> {
+        let reply = self
+            .call(
+                CHANNEL,
+                AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+                    queue: short(name)?,
+                    if_unused: false,
+                    if_empty: false,
+                    nowait: false,
+                })),
+            )
+            .await?;
+        match reply {
+            AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok)) => Ok(ok.message_count),
+            other => bail!("expected queue.delete-ok, got {other:?}"),
+        }
+    }
+}
+
+/// A queue name as a short string; `From<&str>` would panic past 255 bytes.
+fn short(name: &str) -> anyhow::Result<rill_codec::amq_protocol::types::ShortString> {
+    if name.len() > 255 {
+        bail!("queue name longer than 255 bytes: {name}");
+    }
+    Ok(name.into())
 }
 
 /// What one publisher or consumer counted; read by the benchmark's clock.
@@ -193,6 +252,19 @@ pub struct Counters {
     pub done: AtomicU64,
     /// Publishes the broker refused with `basic.nack`.
     pub nacked: AtomicU64,
+}
+
+/// How a publisher paces itself.
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    /// Unconfirmed publishes allowed in flight.
+    pub inflight: usize,
+    /// Publishes in all (the publisher then waits for their confirms and returns); `None`:
+    /// until `stop`.
+    pub count: Option<u64>,
+    /// Publishes per second, spread evenly from the first; `None`: as fast as the confirm
+    /// window allows.
+    pub rate: Option<f64>,
 }
 
 /// Publishes confirmed messages to `queue` through the default exchange until `stop`, with
@@ -206,6 +278,36 @@ pub async fn publish(
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
+    let pace = Pace {
+        inflight,
+        count: None,
+        rate: None,
+    };
+    // The buffer keeps the fixed body from one publish to the next: no copy per message.
+    let fixed = |_: u64, buf: &mut Vec<u8>| {
+        if buf.as_slice() != body {
+            buf.clear();
+            buf.extend_from_slice(body);
+        }
+    };
+    publish_each(uri, queue, properties, pace, fixed, counters, stop).await
+}
+
+/// [`publish`] with a body per message and a [`Pace`]: `body(i, buf)` leaves the body of the
+/// i-th publish (0-based) in `buf` (which holds the previous body); it is called just before
+/// that publish is written, so it may also note the send time.
+pub async fn publish_each(
+    uri: &str,
+    queue: &str,
+    properties: &[bytes::Bytes],
+    pace: Pace,
+    mut body: impl FnMut(u64, &mut Vec<u8>),
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    if properties.is_empty() {
+        bail!("no message properties to publish with");
+    }
     let mut conn = WireConn::connect(uri).await?;
     conn.call(
         CHANNEL,
@@ -222,29 +324,62 @@ pub async fn publish(
     } = conn;
     let settled = Arc::new(AtomicU64::new(0));
     let wake = Arc::new(Notify::new());
-    let confirms = tokio::spawn(read_confirms(
+    let mut confirms = tokio::spawn(read_confirms(
         reader,
         settled.clone(),
         wake.clone(),
         counters,
     ));
-    let inflight = inflight.max(1) as u64;
+    let inflight = pace.inflight.max(1) as u64;
+    let total = pace.count.unwrap_or(u64::MAX);
+    let rate = pace.rate.filter(|r| *r > 0.0);
     let mut sent: u64 = 0;
+    let mut buf = Vec::new();
+    let started = Instant::now();
+    // Waits for a confirm; a confirm reader that ended (the broker closed the connection or
+    // the channel) ends the publisher with its error instead of leaving it waiting.
+    async fn confirmed(
+        wake: &Notify,
+        confirms: &mut tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = wake.notified() => Ok(()),
+            ended = confirms => match ended? {
+                Ok(()) => bail!("the confirm reader ended"),
+                Err(e) => Err(e),
+            },
+        }
+    }
     let result = async {
-        while !stop.load(Ordering::Relaxed) {
-            let room = inflight.saturating_sub(sent - settled.load(Ordering::Acquire));
+        while !stop.load(Ordering::Relaxed) && sent < total {
+            let mut room = inflight.saturating_sub(sent - settled.load(Ordering::Acquire));
             if room == 0 {
-                wake.notified().await;
+                confirmed(&wake, &mut confirms).await?;
                 continue;
             }
-            for _ in 0..room.min(PUBLISH_BATCH as u64) {
+            if let Some(rate) = rate {
+                // The i-th publish is due i/rate seconds after the first: a late publisher
+                // catches up in a burst rather than drifting below the rate.
+                let due = (started.elapsed().as_secs_f64() * rate) as u64 + 1;
+                if due <= sent {
+                    let at = started + Duration::from_secs_f64(sent as f64 / rate);
+                    tokio::time::sleep_until(at.into()).await;
+                    continue;
+                }
+                room = room.min(due - sent);
+            }
+            for _ in 0..room.min(total - sent).min(PUBLISH_BATCH as u64) {
                 let props = &properties[(sent % properties.len() as u64) as usize];
+                body(sent, &mut buf);
                 encode_publish(&mut out, CHANNEL, "", queue, false, false);
-                encode_content(&mut out, CHANNEL, props, body, frame_max);
+                encode_content(&mut out, CHANNEL, props, &buf, frame_max);
                 sent += 1;
             }
             writer.write_all(&out).await?;
             out.clear();
+        }
+        while !stop.load(Ordering::Relaxed) && settled.load(Ordering::Acquire) < sent {
+            confirmed(&wake, &mut confirms).await?;
         }
         anyhow::Ok(())
     }
@@ -339,11 +474,43 @@ pub async fn consume(
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
+    let spec = ConsumeSpec {
+        prefetch,
+        ack_every,
+        arguments,
+    };
+    consume_each(uri, queue, spec, counters, stop, None).await
+}
+
+/// How a consumer subscribes.
+pub struct ConsumeSpec {
+    /// `basic.qos` prefetch count.
+    pub prefetch: u16,
+    /// Ack each delivery (1), or every N deliveries with `multiple`.
+    pub ack_every: u64,
+    /// `basic.consume` arguments.
+    pub arguments: FieldTable,
+}
+
+/// Sees the body of each delivery, in order, on the consumer's task.
+pub type OnBody = Box<dyn FnMut(&[u8]) + Send>;
+
+/// [`consume`], with `on_body` (if any) called with each delivery's body before it is
+/// counted. A body that came in one frame is passed in place; only bodies split over several
+/// frames are copied together, and only when there is an `on_body` to see them.
+pub async fn consume_each(
+    uri: &str,
+    queue: &str,
+    spec: ConsumeSpec,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    mut on_body: Option<OnBody>,
+) -> anyhow::Result<()> {
     let mut conn = WireConn::connect(uri).await?;
     conn.call(
         CHANNEL,
         AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
-            prefetch_count: prefetch,
+            prefetch_count: spec.prefetch,
             global: false,
         })),
     )
@@ -351,13 +518,13 @@ pub async fn consume(
     conn.call(
         CHANNEL,
         AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-            queue: queue.into(),
+            queue: short(queue)?,
             consumer_tag: "bench".into(),
             no_local: false,
             no_ack: false,
             exclusive: false,
             nowait: false,
-            arguments,
+            arguments: spec.arguments,
         })),
     )
     .await?;
@@ -367,8 +534,9 @@ pub async fn consume(
         mut out,
         ..
     } = conn;
-    let ack_every = ack_every.max(1);
+    let ack_every = spec.ack_every.max(1);
     let mut body_left: u64 = 0;
+    let mut partial: Vec<u8> = Vec::new();
     let mut last_tag: u64 = 0;
     let mut unacked: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -381,10 +549,26 @@ pub async fn consume(
                 }
                 FRAME_HEADER => {
                     body_left = u64_at(&frame.payload, 4).context("truncated content header")?;
+                    partial.clear();
+                    if body_left == 0 {
+                        if let Some(f) = on_body.as_mut() {
+                            f(&[]);
+                        }
+                    }
                     body_left == 0
                 }
                 FRAME_BODY => {
                     body_left = body_left.saturating_sub(frame.payload.len() as u64);
+                    if let Some(f) = on_body.as_mut() {
+                        if body_left == 0 && partial.is_empty() {
+                            f(&frame.payload);
+                        } else {
+                            partial.extend_from_slice(&frame.payload);
+                            if body_left == 0 {
+                                f(&partial);
+                            }
+                        }
+                    }
                     body_left == 0
                 }
                 _ => false,

@@ -5,6 +5,8 @@
 
 mod bench;
 mod bench_amqp;
+mod bench_pipeline;
+mod bench_procs;
 mod bench_wire;
 mod job;
 
