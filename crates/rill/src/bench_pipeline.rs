@@ -29,18 +29,27 @@
 //!
 //! **Processes.** Every broker and job is a child process (see [`crate::bench_procs`]),
 //! fresh for each row, stopped when its row ends, on error and on Ctrl-C.
+//!
+//! # Layout
+//! This file runs the rows and their phases; `markers` makes the bodies and accounts for
+//! what comes out of OUT (latency, loss, duplicates); `report` prints the table, the ratios
+//! and the JSON lines.
+
+mod markers;
+mod report;
 
 use crate::bench_amqp::{self, AmqpArgs};
 use crate::bench_procs::{Proc, RabbitNode, RillServer};
 use crate::bench_wire::{self, ConsumeSpec, Counters, Pace, WireConn};
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, ValueEnum};
+use markers::Tracker;
+use report::{Cpu, Outcome, Phase, PipelineResult};
 use rill_codec::{encode_properties, BasicProperties, FieldTable};
-use std::io::Write as _;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The rows `--only` chooses from.
@@ -139,72 +148,6 @@ struct Plan {
     checkpoint_ms: Option<u64>,
 }
 
-/// What a row produced.
-enum Outcome {
-    Base(bench_amqp::Figures, Cpu),
-    Pipeline(Box<PipelineResult>),
-    Skipped(String),
-    Failed(String),
-}
-
-/// CPU used during a measurement, as fractions of one core.
-#[derive(Default, Clone, Copy, Debug)]
-struct Cpu {
-    broker: Option<f64>,
-    job: Option<f64>,
-    client: Option<f64>,
-}
-
-/// The figures of one phase of a pipeline row.
-#[derive(Debug, Default, Clone)]
-struct Phase {
-    messages: u64,
-    out_expected: u64,
-    out_received: u64,
-    /// Markers that never came out, and extra copies of markers that did.
-    missing: u64,
-    duplicates: u64,
-    /// OUT stopped growing before `out_expected`.
-    stalled: bool,
-    /// From the first publish until OUT had every expected output.
-    seconds: f64,
-    p50_ms: Option<f64>,
-    p99_ms: Option<f64>,
-    cpu: Cpu,
-}
-
-impl Phase {
-    fn clean(&self) -> bool {
-        !self.stalled
-            && self.out_received == self.out_expected
-            && self.missing == 0
-            && self.duplicates == 0
-    }
-
-    fn in_per_s(&self) -> f64 {
-        self.messages as f64 / self.seconds.max(1e-9)
-    }
-
-    fn words_per_s(&self) -> f64 {
-        self.out_expected as f64 / self.seconds.max(1e-9)
-    }
-}
-
-struct PipelineResult {
-    throughput: Phase,
-    latency: Option<Phase>,
-    /// Anything wrong besides counts: a job or broker that did not stop cleanly.
-    notes: Vec<String>,
-}
-
-impl PipelineResult {
-    fn clean(&self) -> bool {
-        self.throughput.clean()
-            && self.latency.as_ref().is_none_or(Phase::clean)
-            && self.notes.is_empty()
-    }
-}
-
 /// Runs the benchmark; prints the table, one `JSON` line per row and `events_per_s` last.
 pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     if !(args.rate.is_finite() && args.rate >= 0.0) {
@@ -228,7 +171,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         }
     });
     drop(rt);
-    let reported = report(&args, &results);
+    let reported = report::report(&args, &results);
     match interrupted {
         Some(signal) => bail!(
             "interrupted by {signal} after {} of {} rows: children stopped",
@@ -297,7 +240,7 @@ async fn run_rows(args: &PipelineArgs, plans: &[Plan], results: &mut Vec<(Plan, 
                 .map(|r| Outcome::Pipeline(Box::new(r))),
         };
         let outcome = outcome.unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")));
-        eprintln!("    {}", summary(&outcome));
+        eprintln!("    {}", report::summary(&outcome));
         results.push((plan, outcome));
     }
 }
@@ -516,142 +459,6 @@ impl CpuSample {
             client: cpu_share(before.client, self.client, secs),
         }
     }
-}
-
-/// What the load generator sent and what came out of OUT, shared by the publisher (send
-/// times), the OUT consumer (arrivals) and the clock.
-struct Tracker {
-    epoch: Instant,
-    words: u64,
-    vocab: u64,
-    /// Send time of message i, in ns since `epoch` (0: not sent yet).
-    sent_at: Vec<AtomicU64>,
-    /// OUT deliveries so far, of any phase.
-    received: AtomicU64,
-    /// When `received` reaches `target`, the time (ns since `epoch`) goes to `target_at`:
-    /// the end of a phase, taken by the consumer rather than by a clock that polls.
-    target: AtomicU64,
-    target_at: AtomicU64,
-    /// Per message: its latency (ns, 0: not seen) and how many marker outputs named it.
-    /// Locked by the consumer for each marker output and by the clock between phases; never
-    /// across an `.await`.
-    markers: Mutex<Markers>,
-}
-
-struct Markers {
-    latency_ns: Vec<u64>,
-    copies: Vec<u32>,
-    /// Outputs that name a marker no message carried, or are not wordcount JSON.
-    foreign: u64,
-}
-
-impl Tracker {
-    fn new(messages: u64, words: u64, vocab: u64) -> anyhow::Result<Tracker> {
-        let n = usize::try_from(messages).context("too many messages for this machine")?;
-        Ok(Tracker {
-            epoch: Instant::now(),
-            words,
-            vocab,
-            sent_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            received: AtomicU64::new(0),
-            target: AtomicU64::new(u64::MAX),
-            target_at: AtomicU64::new(0),
-            markers: Mutex::new(Markers {
-                latency_ns: vec![0; n],
-                copies: vec![0; n],
-                foreign: 0,
-            }),
-        })
-    }
-
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    fn markers(&self) -> std::sync::MutexGuard<'_, Markers> {
-        // A panic while holding the lock leaves counts that are still worth reporting.
-        self.markers.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Writes the body of message `i` into `buf` and notes its send time.
-    fn body(&self, i: u64, buf: &mut Vec<u8>) {
-        buf.clear();
-        // Writing into a Vec cannot fail.
-        let _ = write!(buf, "m{i}");
-        for k in 1..self.words {
-            let w =
-                (i.wrapping_mul(self.words - 1).wrapping_add(k)).wrapping_mul(7919) % self.vocab;
-            let _ = write!(buf, " w{w}");
-        }
-        if let Some(slot) = usize::try_from(i).ok().and_then(|i| self.sent_at.get(i)) {
-            slot.store(self.now_ns().max(1), Ordering::Release);
-        }
-    }
-
-    /// Sees one OUT body.
-    fn on_out(&self, body: &[u8]) {
-        let n = self.received.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = self.now_ns();
-        if n == self.target.load(Ordering::Relaxed) {
-            self.target_at.store(now, Ordering::Relaxed);
-        }
-        // Vocabulary words start with `w`; only markers start with `m`.
-        let Some(rest) = body.strip_prefix(br#"{"word":"m"#) else {
-            if !body.starts_with(br#"{"word":""#) {
-                self.markers().foreign += 1;
-            }
-            return;
-        };
-        let marker = parse_marker(rest);
-        let mut markers = self.markers();
-        let Some((i, count)) = marker.filter(|(i, _)| *i < markers.copies.len()) else {
-            markers.foreign += 1;
-            return;
-        };
-        markers.copies[i] = markers.copies[i].saturating_add(1);
-        if count == 1 && markers.latency_ns[i] == 0 {
-            let sent = self.sent_at[i].load(Ordering::Acquire);
-            if sent > 0 {
-                markers.latency_ns[i] = now.saturating_sub(sent).max(1);
-            }
-        }
-    }
-
-    /// Missing markers, extra copies and latency percentiles (ms) of messages `range`.
-    fn phase_markers(&self, range: std::ops::Range<usize>) -> (u64, u64, Option<f64>, Option<f64>) {
-        let markers = self.markers();
-        let mut missing = 0;
-        let mut duplicates = 0;
-        let mut latencies = Vec::with_capacity(range.len());
-        for i in range {
-            match markers.copies[i] {
-                0 => missing += 1,
-                c => duplicates += u64::from(c - 1),
-            }
-            if markers.latency_ns[i] > 0 {
-                latencies.push(markers.latency_ns[i]);
-            }
-        }
-        latencies.sort_unstable();
-        let pct = |p: f64| {
-            // Nearest rank.
-            let rank = ((p / 100.0) * latencies.len() as f64).ceil() as usize;
-            latencies
-                .get(rank.saturating_sub(1))
-                .map(|ns| *ns as f64 / 1e6)
-        };
-        (missing, duplicates, pct(50.0), pct(99.0))
-    }
-}
-
-/// `(i, count)` from the rest of `{"word":"m<i>","count":<count>}` after `{"word":"m`.
-fn parse_marker(rest: &[u8]) -> Option<(usize, u64)> {
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    let i: usize = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
-    let rest = rest[digits..].strip_prefix(br#"","count":"#)?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    let count: u64 = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
-    (rest.get(digits..) == Some(b"}".as_slice())).then_some((i, count))
 }
 
 /// Aborts a spawned task when dropped, so a row that ends early leaves no client running.
@@ -873,334 +680,5 @@ impl Rig<'_> {
             p99_ms,
             cpu,
         })
-    }
-}
-
-/// One line about a row's outcome, for the progress log.
-fn summary(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Base(f, _) => format!("{:.0} msg/s consumed", f.con_per_s),
-        Outcome::Pipeline(r) => {
-            let t = &r.throughput;
-            format!(
-                "{:.0} msg/s in, {:.0} words/s out, OUT {}/{}{}",
-                t.in_per_s(),
-                t.words_per_s(),
-                t.out_received,
-                t.out_expected,
-                if r.clean() { "" } else { " (NOT CLEAN)" }
-            )
-        }
-        Outcome::Skipped(why) => format!("skipped: {why}"),
-        Outcome::Failed(why) => format!("FAILED: {why}"),
-    }
-}
-
-fn ms(v: Option<f64>) -> String {
-    match v {
-        None => "-".into(),
-        Some(v) if v < 10.0 => format!("{v:.2}"),
-        Some(v) if v < 100.0 => format!("{v:.1}"),
-        Some(v) => format!("{v:.0}"),
-    }
-}
-
-fn pct(v: Option<f64>) -> String {
-    v.map_or("-".into(), |v| format!("{:.0}", v * 100.0))
-}
-
-fn json_num(v: Option<f64>, decimals: usize) -> String {
-    v.filter(|v| v.is_finite())
-        .map_or("null".into(), |v| format!("{v:.decimals$}"))
-}
-
-/// The table, the ratios against the targets, a JSON line per row and `events_per_s`.
-fn report(args: &PipelineArgs, results: &[(Plan, Outcome)]) -> anyhow::Result<()> {
-    println!(
-        "rill bench pipeline: {} messages x {} words (vocabulary {}), confirmed persistent; \
-         job parallelism {}, prefetch {}; publisher window {}; OUT prefetch {}, ack every {}",
-        args.messages,
-        args.words,
-        args.vocab,
-        args.parallelism,
-        args.prefetch,
-        args.inflight,
-        args.out_prefetch,
-        args.out_ack_every
-    );
-    let rate_col = if args.rate > 0.0 {
-        format!("@{}/s p50/p99", args.rate)
-    } else {
-        "no rate phase".into()
-    };
-    println!(
-        "{:<10} {:<38} {:>9} {:>10} {:>17} {:>16} {:>18} {:>18}",
-        "row",
-        "configuration",
-        "in msg/s",
-        "words/s",
-        "OUT got/expected",
-        "sat. p50/p99 ms",
-        format!("{rate_col} ms"),
-        "CPU% broker/job/cli"
-    );
-    let mut failures = Vec::new();
-    for (plan, outcome) in results {
-        let name = format!(
-            "{}{}",
-            plan.row.key(),
-            checkpoint_suffix(plan.checkpoint_ms)
-        );
-        match outcome {
-            Outcome::Base(f, cpu) => println!(
-                "{:<10} {:<38} {:>9.0} {:>10} {:>17} {:>16} {:>18} {:>18}",
-                name,
-                plan.row.label(),
-                f.con_per_s,
-                "-",
-                format!("(pub {:.0}/s)", f.pub_per_s),
-                "-",
-                "-",
-                format!("{}/{}/{}", pct(cpu.broker), pct(cpu.job), pct(cpu.client)),
-            ),
-            Outcome::Pipeline(r) => {
-                let t = &r.throughput;
-                let l = r.latency.as_ref();
-                println!(
-                    "{:<10} {:<38} {:>9.0} {:>10.0} {:>17} {:>16} {:>18} {:>18}",
-                    name,
-                    plan.row.label(),
-                    t.in_per_s(),
-                    t.words_per_s(),
-                    format!("{}/{}", t.out_received, t.out_expected),
-                    format!("{}/{}", ms(t.p50_ms), ms(t.p99_ms)),
-                    l.map_or("-".into(), |l| format!("{}/{}", ms(l.p50_ms), ms(l.p99_ms))),
-                    format!(
-                        "{}/{}/{}",
-                        pct(t.cpu.broker),
-                        pct(t.cpu.job),
-                        pct(t.cpu.client)
-                    ),
-                );
-                for (what, p) in [("throughput", Some(t)), ("latency", l)] {
-                    let Some(p) = p else { continue };
-                    if !p.clean() {
-                        let problem = format!(
-                            "{what} phase: OUT got {} of {} expected outputs, {} messages missing, \
-                             {} duplicate marker outputs{}",
-                            p.out_received,
-                            p.out_expected,
-                            p.missing,
-                            p.duplicates,
-                            if p.stalled { ", OUT stalled" } else { "" }
-                        );
-                        println!("{:<10}   ! {problem}", "");
-                        failures.push(format!("row {name}: {problem}"));
-                    }
-                }
-                if l.is_none() && args.rate > 0.0 {
-                    println!(
-                        "{:<10}   ! no latency phase: the throughput phase was not clean",
-                        ""
-                    );
-                }
-                for note in &r.notes {
-                    println!("{:<10}   ! {note}", "");
-                    failures.push(format!("row {name}: {note}"));
-                }
-            }
-            Outcome::Skipped(why) => {
-                println!("{:<10} {:<38} skipped: {why}", name, plan.row.label())
-            }
-            Outcome::Failed(why) => {
-                println!("{:<10} {:<38} FAILED: {why}", name, plan.row.label());
-                failures.push(format!("row {name} failed"));
-            }
-        }
-    }
-    println!(
-        "(in msg/s and words/s: throughput phase, first publish to last output; sat. = its \
-         latencies, mostly queueing; {}; CPU%: throughput phase, 100 = one core, of {} cores)",
-        if args.rate > 0.0 {
-            format!(
-                "@rate = latency phase of {} s at a fixed rate, the latency to compare",
-                args.rate_secs
-            )
-        } else {
-            "no latency phase (--rate 0)".into()
-        },
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-
-    let rate_of = |row: Row, ckpt: Option<u64>| {
-        results.iter().find_map(|(p, o)| match o {
-            Outcome::Pipeline(r) if p.row == row && p.checkpoint_ms == ckpt => {
-                Some(r.throughput.in_per_s())
-            }
-            Outcome::Base(f, _) if p.row == row => Some(f.con_per_s),
-            _ => None,
-        })
-    };
-    let ckpt = first_checkpoint(args);
-    match args.compare_checkpoints {
-        None => {
-            let a = rate_of(Row::A, ckpt);
-            for (what, other, target) in [
-                ("(a)/(b)", rate_of(Row::B, ckpt), 2.0),
-                ("(a)/(c)", rate_of(Row::C, ckpt), 10.0),
-                ("(a)/base", rate_of(Row::Base, None), 0.5),
-            ] {
-                match (a, other) {
-                    (Some(a), Some(o)) if o > 0.0 => {
-                        let ratio = a / o;
-                        println!(
-                            "{what:<9} input msg/s: {ratio:>6.2}x   target >= {target}x: {}",
-                            if ratio >= target { "met" } else { "MISSED" }
-                        );
-                    }
-                    _ => println!("{what:<9} input msg/s: n/a (a row was not measured)"),
-                }
-            }
-        }
-        Some(ms) => {
-            for row in [Row::A, Row::B] {
-                if let (Some(off), Some(on)) = (rate_of(row, None), rate_of(row, Some(ms))) {
-                    println!(
-                        "({}) checkpoints every {ms} ms: {on:.0} vs {off:.0} msg/s without, \
-                         throughput loss {:.1}%",
-                        row.key(),
-                        (1.0 - on / off) * 100.0
-                    );
-                }
-            }
-        }
-    }
-
-    for (plan, outcome) in results {
-        println!("JSON {}", row_json(plan, outcome));
-    }
-    // (a)'s input rate; without (a), the first row measured, so that the line is always there.
-    let headline = rate_of(Row::A, first_checkpoint(args)).or_else(|| {
-        results.iter().find_map(|(_, o)| match o {
-            Outcome::Pipeline(r) => Some(r.throughput.in_per_s()),
-            Outcome::Base(f, _) => Some(f.con_per_s),
-            _ => None,
-        })
-    });
-    println!("events_per_s {:.0}", headline.unwrap_or(0.0));
-    if !failures.is_empty() {
-        bail!("{}", failures.join("; "));
-    }
-    Ok(())
-}
-
-/// The checkpoint setting of the rows the targets are read on: the one asked for, or in
-/// `--compare-checkpoints` mode the runs without.
-fn first_checkpoint(args: &PipelineArgs) -> Option<u64> {
-    match args.compare_checkpoints {
-        Some(_) => None,
-        None => args.checkpoint_interval_ms,
-    }
-}
-
-fn row_json(plan: &Plan, outcome: &Outcome) -> String {
-    let head = format!(
-        "\"row\":\"{}\",\"checkpoint_ms\":{}",
-        plan.row.key(),
-        plan.checkpoint_ms
-            .map_or("null".into(), |ms| ms.to_string())
-    );
-    let cpu = |c: &Cpu| {
-        format!(
-            "\"cpu_broker_pct\":{},\"cpu_job_pct\":{},\"cpu_client_pct\":{}",
-            json_num(c.broker.map(|v| v * 100.0), 0),
-            json_num(c.job.map(|v| v * 100.0), 0),
-            json_num(c.client.map(|v| v * 100.0), 0)
-        )
-    };
-    let phase = |p: &Phase| {
-        format!(
-            "{{\"messages\":{},\"seconds\":{:.3},\"in_per_s\":{:.0},\"words_per_s\":{:.0},\
-             \"out_expected\":{},\"out_received\":{},\"missing\":{},\"duplicates\":{},\
-             \"stalled\":{},\"p50_ms\":{},\"p99_ms\":{},{}}}",
-            p.messages,
-            p.seconds,
-            p.in_per_s(),
-            p.words_per_s(),
-            p.out_expected,
-            p.out_received,
-            p.missing,
-            p.duplicates,
-            p.stalled,
-            json_num(p.p50_ms, 3),
-            json_num(p.p99_ms, 3),
-            cpu(&p.cpu)
-        )
-    };
-    match outcome {
-        Outcome::Base(f, c) => format!(
-            "{{{head},\"pub_per_s\":{:.0},\"con_per_s\":{:.0},\"nacked\":{},{}}}",
-            f.pub_per_s,
-            f.con_per_s,
-            f.nacked,
-            cpu(c)
-        ),
-        Outcome::Pipeline(r) => format!(
-            "{{{head},\"clean\":{},\"throughput\":{},\"latency\":{}}}",
-            r.clean(),
-            phase(&r.throughput),
-            r.latency.as_ref().map_or("null".into(), phase)
-        ),
-        Outcome::Skipped(why) => format!("{{{head},\"skipped\":{:?}}}", why),
-        Outcome::Failed(why) => format!("{{{head},\"failed\":{:?}}}", why),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn markers_parse_from_wordcount_output() {
-        assert_eq!(parse_marker(br#"17","count":1}"#), Some((17, 1)));
-        assert_eq!(parse_marker(br#"17","count":12}"#), Some((17, 12)));
-        assert_eq!(parse_marker(br#"17x","count":1}"#), None);
-        assert_eq!(parse_marker(br#"17","count":1"#), None);
-        assert_eq!(parse_marker(br#"","count":1}"#), None);
-    }
-
-    #[test]
-    fn bodies_carry_the_marker_then_vocabulary_words() {
-        let t = Tracker::new(10, 5, 1000).unwrap();
-        let mut buf = Vec::new();
-        t.body(3, &mut buf);
-        let text = String::from_utf8(buf).unwrap();
-        let words: Vec<&str> = text.split(' ').collect();
-        assert_eq!(words.len(), 5);
-        assert_eq!(words[0], "m3");
-        assert!(words[1..].iter().all(|w| w.starts_with('w')));
-        assert!(t.sent_at[3].load(Ordering::Relaxed) > 0);
-    }
-
-    #[test]
-    fn missing_duplicate_and_latency_per_phase() {
-        let t = Tracker::new(4, 2, 10).unwrap();
-        let mut buf = Vec::new();
-        for i in 0..4 {
-            t.body(i, &mut buf);
-        }
-        t.on_out(br#"{"word":"m0","count":1}"#);
-        t.on_out(br#"{"word":"w3","count":1}"#);
-        t.on_out(br#"{"word":"m1","count":1}"#);
-        t.on_out(br#"{"word":"m1","count":2}"#);
-        t.on_out(br#"{"word":"m3","count":1}"#);
-        let (missing, dups, p50, p99) = t.phase_markers(0..4);
-        assert_eq!((missing, dups), (1, 1));
-        assert!(p50.is_some() && p99 >= p50);
-        assert_eq!(t.received.load(Ordering::Relaxed), 5);
-        assert_eq!(t.markers().foreign, 0);
-        t.on_out(br#"{"word":"m9","count":1}"#);
-        t.on_out(b"not json");
-        assert_eq!(t.markers().foreign, 2);
     }
 }
