@@ -39,7 +39,7 @@ mod markers;
 mod report;
 
 use crate::bench_amqp::{self, AmqpArgs};
-use crate::bench_procs::{Proc, RabbitNode, RillServer};
+use crate::bench_procs::{tree_cpu_seconds, Proc, RabbitNode, RillServer};
 use crate::bench_wire::{self, ConsumeSpec, Counters, Pace, WireConn};
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, ValueEnum};
@@ -445,8 +445,8 @@ impl CpuSample {
     fn take(pids: Pids) -> CpuSample {
         CpuSample {
             at: Instant::now(),
-            broker: pids.broker.and_then(bench_amqp::cpu_seconds),
-            job: pids.job.and_then(bench_amqp::cpu_seconds),
+            broker: pids.broker.and_then(tree_cpu_seconds),
+            job: pids.job.and_then(tree_cpu_seconds),
             client: bench_amqp::cpu_seconds(std::process::id()),
         }
     }

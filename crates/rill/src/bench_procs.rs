@@ -46,6 +46,40 @@ fn pid_of(pid: u32) -> anyhow::Result<Pid> {
         .ok_or_else(|| anyhow!("not a process id: {pid}"))
 }
 
+/// CPU seconds used so far by `pid` and its live descendants: `rill job run` is a supervisor
+/// whose `rill job worker` children do the work.
+pub fn tree_cpu_seconds(pid: u32) -> Option<f64> {
+    let own = crate::bench_amqp::cpu_seconds(pid)?;
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| Some((p, parent_pid(p)?)))
+        .collect();
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while let Some(&t) = tree.get(i) {
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == t).map(|(p, _)| *p));
+        i += 1;
+    }
+    let descendants: f64 = tree[1..]
+        .iter()
+        .filter_map(|p| crate::bench_amqp::cpu_seconds(*p))
+        .sum();
+    Some(own + descendants)
+}
+
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses: state, then the parent's pid.
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// A child process with its output in a log file; stopped (SIGTERM, then SIGKILL) on drop.
 pub struct Proc {
     name: String,
