@@ -283,11 +283,13 @@ pub async fn publish(
         count: None,
         rate: None,
     };
-    // The buffer keeps the fixed body from one publish to the next: no copy per message.
+    // The buffer keeps the body from one publish to the next: one copy in all, not one per
+    // message (bodies may be hundreds of kilobytes).
+    let mut filled = false;
     let fixed = |_: u64, buf: &mut Vec<u8>| {
-        if buf.as_slice() != body {
-            buf.clear();
+        if !filled {
             buf.extend_from_slice(body);
+            filled = true;
         }
     };
     publish_each(uri, queue, properties, pace, fixed, counters, stop).await
