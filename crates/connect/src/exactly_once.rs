@@ -239,7 +239,11 @@ impl Pending {
         self.in_flight
             .values()
             .cloned()
-            .chain(self.held.range(..=epoch).flat_map(|(_, v)| v.iter().cloned()))
+            .chain(
+                self.held
+                    .range(..=epoch)
+                    .flat_map(|(_, v)| v.iter().cloned()),
+            )
             .collect()
     }
 
@@ -323,12 +327,18 @@ mod tests {
     #[test]
     fn stamp_sets_the_dedup_header_and_a_message_id() {
         let p = stamp(BasicProperties::default(), "wc/1/0/1");
-        assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("wc/1/0/1"));
+        assert_eq!(
+            p.message_id().as_ref().map(|s| s.as_str()),
+            Some("wc/1/0/1")
+        );
         let kept = stamp(
             BasicProperties::default().with_message_id("1:Hello".into()),
             "wc/1/0/1",
         );
-        assert_eq!(kept.message_id().as_ref().map(|s| s.as_str()), Some("1:Hello"));
+        assert_eq!(
+            kept.message_id().as_ref().map(|s| s.as_str()),
+            Some("1:Hello")
+        );
         let h = kept.headers().clone().unwrap();
         assert!(h.inner().contains_key(DEDUP_HEADER));
     }

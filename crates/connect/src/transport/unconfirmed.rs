@@ -6,7 +6,7 @@
 //! sink number with everything before it confirmed.
 
 use crate::message::Outgoing;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 #[derive(Debug)]
 struct Entry {
@@ -16,21 +16,26 @@ struct Entry {
     confirmed: bool,
 }
 
+/// Every operation costs O(log n) at most in what is outstanding: sinks keep thousands of
+/// messages in flight and call these once per message.
 #[derive(Debug, Default)]
 pub(crate) struct Unconfirmed {
     /// Sink number of `entries[0]`.
     first: u64,
     entries: VecDeque<Entry>,
+    /// Sink numbers waiting to be (re)sent, in order.
+    unsent: BTreeSet<u64>,
     /// Broker number → sink number, for what is out and unconfirmed.
     by_wire: BTreeMap<u64, u64>,
+    /// Entries not confirmed.
+    outstanding: u64,
 }
 
 impl Unconfirmed {
     pub(crate) fn new() -> Unconfirmed {
         Unconfirmed {
             first: 1,
-            entries: VecDeque::new(),
-            by_wire: BTreeMap::new(),
+            ..Unconfirmed::default()
         }
     }
 
@@ -41,16 +46,17 @@ impl Unconfirmed {
             wire: None,
             confirmed: false,
         });
-        self.first + self.entries.len() as u64 - 1
+        let seq = self.first + self.entries.len() as u64 - 1;
+        self.unsent.insert(seq);
+        self.outstanding += 1;
+        seq
     }
 
     /// Messages waiting to be (re)sent, in sink order: (sink number, message).
     pub(crate) fn unsent(&self) -> impl Iterator<Item = (u64, &Outgoing)> + '_ {
-        self.entries
+        self.unsent
             .iter()
-            .enumerate()
-            .filter(|(_, e)| e.wire.is_none() && !e.confirmed)
-            .map(|(i, e)| (self.first + i as u64, &e.msg))
+            .filter_map(|&seq| self.get(seq).map(|e| (seq, &e.msg)))
     }
 
     /// The first unsent message, if any.
@@ -62,21 +68,31 @@ impl Unconfirmed {
     pub(crate) fn sent(&mut self, seq: u64, wire: u64) {
         if let Some(e) = self.entry(seq) {
             e.wire = Some(wire);
+            self.unsent.remove(&seq);
             self.by_wire.insert(wire, seq);
+        }
+    }
+
+    /// Takes the broker numbers `wire` (and, with `multiple`, every one below) out of
+    /// `by_wire`, returning their sink numbers.
+    fn settle_wire(&mut self, wire: u64, multiple: bool) -> Vec<u64> {
+        if multiple {
+            let rest = self.by_wire.split_off(&wire.saturating_add(1));
+            std::mem::replace(&mut self.by_wire, rest)
+                .into_values()
+                .collect()
+        } else {
+            self.by_wire.remove(&wire).into_iter().collect()
         }
     }
 
     /// A basic.ack from the broker.
     pub(crate) fn acked(&mut self, wire: u64, multiple: bool) {
-        let wires: Vec<u64> = if multiple {
-            self.by_wire.range(..=wire).map(|(w, _)| *w).collect()
-        } else {
-            vec![wire]
-        };
-        for w in wires {
-            if let Some(seq) = self.by_wire.remove(&w) {
-                if let Some(e) = self.entry(seq) {
+        for seq in self.settle_wire(wire, multiple) {
+            if let Some(e) = self.entry(seq) {
+                if !e.confirmed {
                     e.confirmed = true;
+                    self.outstanding -= 1;
                 }
             }
         }
@@ -85,16 +101,10 @@ impl Unconfirmed {
 
     /// A basic.nack: the broker did not take it; it goes out again.
     pub(crate) fn nacked(&mut self, wire: u64, multiple: bool) {
-        let wires: Vec<u64> = if multiple {
-            self.by_wire.range(..=wire).map(|(w, _)| *w).collect()
-        } else {
-            vec![wire]
-        };
-        for w in wires {
-            if let Some(seq) = self.by_wire.remove(&w) {
-                if let Some(e) = self.entry(seq) {
-                    e.wire = None;
-                }
+        for seq in self.settle_wire(wire, multiple) {
+            if let Some(e) = self.entry(seq) {
+                e.wire = None;
+                self.unsent.insert(seq);
             }
         }
     }
@@ -102,8 +112,11 @@ impl Unconfirmed {
     /// The channel is gone: everything unconfirmed goes out again on the next one.
     pub(crate) fn reset(&mut self) {
         self.by_wire.clear();
-        for e in &mut self.entries {
-            e.wire = None;
+        for (i, e) in self.entries.iter_mut().enumerate() {
+            if !e.confirmed {
+                e.wire = None;
+                self.unsent.insert(self.first + i as u64);
+            }
         }
     }
 
@@ -114,7 +127,12 @@ impl Unconfirmed {
 
     /// Sink numbers given out and not confirmed.
     pub(crate) fn outstanding(&self) -> u64 {
-        self.entries.iter().filter(|e| !e.confirmed).count() as u64
+        self.outstanding
+    }
+
+    fn get(&self, seq: u64) -> Option<&Entry> {
+        let i = usize::try_from(seq.checked_sub(self.first)?).ok()?;
+        self.entries.get(i)
     }
 
     fn entry(&mut self, seq: u64) -> Option<&mut Entry> {
