@@ -43,7 +43,7 @@ use timely::order::Product;
 use crate::checkpoint::{decode, encode, Checkpointing, KeyGroupState, SnapshotState};
 use crate::env::JobEnv;
 use crate::epoch::{meet, Time};
-use crate::error::{StateError, StreamError};
+use crate::error::{CheckpointError, StateError, StreamError};
 use crate::keygroup::KeyGroups;
 use crate::stream::{Builder, Inner};
 use crate::timers::{Namespace, Timer, TimerService};
@@ -84,7 +84,6 @@ pub(crate) trait Operator: 'static {
     /// The operator's state, per key group (timers are the driver's).
     fn snapshot(&self, groups: &KeyGroups) -> Result<BTreeMap<u32, Vec<u8>>, StateError>;
     /// Adds one key group's state written by [`Self::snapshot`].
-    #[cfg_attr(not(test), allow(dead_code))] // The checkpoint coordinator's restore calls it.
     fn restore(&mut self, group: &[u8]) -> Result<(), StateError>;
     /// Called once, after the input ended and everything was emitted.
     fn close(&mut self) {}
@@ -197,6 +196,7 @@ pub(crate) struct Driver<Op: Operator> {
     checked: u64,
     now: u64,
     groups: KeyGroups,
+    worker: usize,
     checkpoint: Option<Checkpointing>,
     closed: bool,
 }
@@ -224,6 +224,7 @@ impl<Op: Operator> Driver<Op> {
             checked: 0,
             now: 0,
             groups,
+            worker,
             checkpoint,
             closed: false,
         }
@@ -310,18 +311,31 @@ impl<Op: Operator> Driver<Op> {
                 Ok(Some(self.hold))
             }
             None => {
-                self.fire(true, em);
-                let mut cx = Ctx::<Op> {
-                    timers: &mut self.timers,
-                    out: &mut self.out,
-                    out_now: &mut self.out_now,
-                    late: &mut self.late,
-                    frontier: None,
-                    batch_frontier: u64::MAX,
-                    now: self.now,
-                };
-                self.op.input_ended(&mut cx);
-                self.flush_timer_output(em);
+                // A stopped job with checkpoints is not drained: what has not fired stays in
+                // the savepoint and fires in the restored job.
+                let stopping = self
+                    .checkpoint
+                    .as_ref()
+                    .is_some_and(Checkpointing::stopping);
+                if !stopping {
+                    self.fire(true, em);
+                    let mut cx = Ctx::<Op> {
+                        timers: &mut self.timers,
+                        out: &mut self.out,
+                        out_now: &mut self.out_now,
+                        late: &mut self.late,
+                        frontier: None,
+                        batch_frontier: u64::MAX,
+                        now: self.now,
+                    };
+                    self.op.input_ended(&mut cx);
+                    self.flush_timer_output(em);
+                }
+                if let Some(cp) = self.checkpoint.as_ref().filter(|c| c.is_stored()) {
+                    let groups = self.snapshot()?;
+                    let from = self.checked.max(self.epoch);
+                    cp.store_final(from, SnapshotState::KeyGroups(groups));
+                }
                 self.op.close();
                 self.closed = true;
                 Ok(None)
@@ -466,11 +480,40 @@ impl<Op: Operator> Driver<Op> {
         let Some(cp) = &self.checkpoint else {
             return Ok(());
         };
-        let Some(epoch) = cp.due(completed) else {
+        let Some(due) = cp.due(completed) else {
             return Ok(());
         };
         let groups = self.snapshot()?;
-        cp.store(epoch, SnapshotState::KeyGroups(groups))
+        cp.store(due, SnapshotState::KeyGroups(groups))
+    }
+
+    /// Restores the key groups this worker owns now from the checkpoint the job was
+    /// restored from (whichever old worker had them), if any.
+    pub(crate) fn restore_checkpoint(&mut self) -> Result<(), StreamError> {
+        let Some(cp) = self.checkpoint.clone() else {
+            return Ok(());
+        };
+        let Some((id, parts)) = cp.restored() else {
+            return Ok(());
+        };
+        let mut mine: Vec<&[u8]> = Vec::new();
+        for part in parts.iter().flatten() {
+            let SnapshotState::KeyGroups(groups) = part else {
+                return Err(CheckpointError::Incompatible {
+                    id,
+                    detail: format!("{} holds no keyed state", cp.operator()),
+                }
+                .into());
+            };
+            mine.extend(
+                groups
+                    .iter()
+                    .filter(|(g, _)| self.groups.worker_of(**g) == self.worker)
+                    .map(|(_, b)| b.as_slice()),
+            );
+        }
+        self.restore(id, mine.into_iter())?;
+        Ok(())
     }
 
     /// The operator's state and timers, per key group. Each group also records the
@@ -494,7 +537,6 @@ impl<Op: Operator> Driver<Op> {
     /// then continues with the records of later epochs. Groups from several workers (a
     /// restore at another parallelism) resume at the highest of their frontiers: a window
     /// that fired on any of them counts as fired (it may fire once more, never not at all).
-    #[cfg_attr(not(test), allow(dead_code))] // The checkpoint coordinator's restore calls it.
     pub(crate) fn restore<'a>(
         &mut self,
         epoch: u64,
@@ -560,6 +602,9 @@ where
         let mut cap = caps.next();
         let mut late_cap = caps.next();
         let mut driver = Driver::new(op, worker, groups, checkpoint);
+        if let Err(e) = driver.restore_checkpoint() {
+            reporter.report(e);
+        }
         // When a wake-up for processing-time timers is already due: scheduling one per
         // activation would pile up timely timers on a busy operator.
         let mut wake_at: Option<u64> = None;

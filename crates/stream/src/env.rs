@@ -7,9 +7,11 @@
 //! group, see [`crate::KeyGroups`]).
 //!
 //! The environment also sets the job's epoch interval (how often sources close an epoch, see
-//! the crate's "Time model"), the number of key groups, an optional checkpoint policy, and
-//! hands out the [`StopHandle`] that ends a running job cleanly.
+//! the crate's "Time model"), the number of key groups, checkpoints (a [`CheckpointConfig`],
+//! or a bare [`CheckpointPolicy`]), and hands out the [`StopHandle`] that ends a running job
+//! cleanly and the [`CheckpointTrigger`] that takes a checkpoint now.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +19,11 @@ use std::time::{Duration, Instant};
 
 use timely::dataflow::Scope;
 
-use crate::checkpoint::{CheckpointPolicy, Checkpointing};
+use crate::checkpoint::store::CheckpointStore;
+use crate::checkpoint::{
+    CheckpointConfig, CheckpointPolicy, CheckpointTrigger, Checkpointing, PartWriter, Schedule,
+    StoredJob,
+};
 use crate::completion::{self, Registry};
 use crate::epoch::{EpochClock, Time, DEFAULT_EPOCH_INTERVAL};
 use crate::error::StreamError;
@@ -83,8 +89,16 @@ pub struct StreamExecutionEnvironment {
     cluster: Option<ClusterConfig>,
     epoch_interval: Duration,
     key_groups: u32,
-    checkpoint: Option<Arc<dyn CheckpointPolicy>>,
+    checkpoint: Option<CheckpointSetting>,
     stop: StopHandle,
+    trigger: CheckpointTrigger,
+}
+
+/// What `set_checkpoint_policy` or `set_checkpointing` chose (the later call wins).
+#[derive(Clone)]
+enum CheckpointSetting {
+    Policy(Arc<dyn CheckpointPolicy>),
+    Stored(CheckpointConfig),
 }
 
 impl std::fmt::Debug for StreamExecutionEnvironment {
@@ -94,7 +108,14 @@ impl std::fmt::Debug for StreamExecutionEnvironment {
             .field("cluster", &self.cluster)
             .field("epoch_interval", &self.epoch_interval)
             .field("key_groups", &self.key_groups)
-            .field("checkpointing", &self.checkpoint.is_some())
+            .field(
+                "checkpointing",
+                &match &self.checkpoint {
+                    None => "off",
+                    Some(CheckpointSetting::Policy(_)) => "policy",
+                    Some(CheckpointSetting::Stored(_)) => "stored",
+                },
+            )
             .field("stop", &self.stop)
             .finish()
     }
@@ -127,6 +148,7 @@ impl StreamExecutionEnvironment {
             key_groups: DEFAULT_KEY_GROUPS,
             checkpoint: None,
             stop: StopHandle::new(),
+            trigger: CheckpointTrigger::default(),
         }
     }
 
@@ -196,10 +218,100 @@ impl StreamExecutionEnvironment {
         self.key_groups
     }
 
-    /// Snapshots operator state at the epochs `policy` picks (default: never, at no cost).
+    /// Snapshots operator state at the epochs `policy` picks (default: never, at no cost),
+    /// for inspection: nothing is written or restored. Replaces [`Self::set_checkpointing`].
     pub fn set_checkpoint_policy(&mut self, policy: Arc<dyn CheckpointPolicy>) -> &mut Self {
-        self.checkpoint = Some(policy);
+        self.checkpoint = Some(CheckpointSetting::Policy(policy));
         self
+    }
+
+    /// Takes checkpoints as `config` says and restores the newest complete one when a job
+    /// starts: see [`crate::checkpoint`] for what that means for readers and writers.
+    /// Replaces [`Self::set_checkpoint_policy`].
+    ///
+    /// ```
+    /// use rill_stream::{checkpoint::*, CollectSink, StreamExecutionEnvironment};
+    /// use std::sync::Arc;
+    /// let storage = Arc::new(MemoryStorage::new());
+    /// let run = |items: Vec<(char, u64)>| {
+    ///     let mut env = StreamExecutionEnvironment::new().with_parallelism(2);
+    ///     env.set_checkpointing(CheckpointConfig::with_storage(storage.clone()));
+    ///     let out = CollectSink::new();
+    ///     let sink = out.clone();
+    ///     env.execute("counts", move |env| {
+    ///         env.from_collection(items.clone()).key_by(|t| t.0).sum(|t| &mut t.1).collect_into(&sink);
+    ///     }).unwrap();
+    ///     out.take()
+    /// };
+    /// assert_eq!(run(vec![('a', 1), ('a', 1)]), vec![('a', 1), ('a', 2)]);
+    /// // The second run resumes from the first one's final savepoint: the collection's two
+    /// // records were emitted already, the third is new, and the count goes on.
+    /// assert_eq!(run(vec![('a', 1), ('a', 1), ('a', 1)]), vec![('a', 3)]);
+    /// ```
+    pub fn set_checkpointing(&mut self, config: CheckpointConfig) -> &mut Self {
+        self.checkpoint = Some(CheckpointSetting::Stored(config));
+        self
+    }
+
+    /// Builder form of [`Self::set_checkpointing`].
+    pub fn with_checkpointing(mut self, config: CheckpointConfig) -> Self {
+        self.set_checkpointing(config);
+        self
+    }
+
+    /// Takes a checkpoint of the running job now and reports completed ones (shared by
+    /// every job of this environment).
+    pub fn checkpoint_trigger(&self) -> CheckpointTrigger {
+        self.trigger.clone()
+    }
+
+    /// Loads what a job with checkpoints needs before it starts: removes a crashed run's
+    /// leftovers (in the process hosting the coordinator, worker 0, before any worker
+    /// runs) and loads the newest complete checkpoint.
+    fn prepare_checkpoints(
+        &self,
+        config: &CheckpointConfig,
+        job_name: &str,
+    ) -> Result<
+        (
+            Arc<CheckpointStore>,
+            Option<crate::checkpoint::store::Restored>,
+        ),
+        StreamError,
+    > {
+        let store = Arc::new(CheckpointStore::new(
+            config.storage.clone(),
+            job_name,
+            config.keep,
+        ));
+        if self.cluster.as_ref().is_none_or(|c| c.process == 0) {
+            store.retain(None)?;
+        }
+        let restored = if config.restore {
+            store.load_latest()?
+        } else {
+            None
+        };
+        if let Some(r) = &restored {
+            if r.meta.key_groups != self.key_groups {
+                return Err(crate::error::CheckpointError::Incompatible {
+                    id: r.id(),
+                    detail: format!(
+                        "it has {} key groups, the job {}: max parallelism cannot change",
+                        r.meta.key_groups, self.key_groups
+                    ),
+                }
+                .into());
+            }
+            tracing::info!(
+                job = job_name,
+                checkpoint = r.id(),
+                parallelism = r.parallelism(),
+                savepoint = r.meta.savepoint,
+                "restoring from checkpoint"
+            );
+        }
+        Ok((store, restored))
     }
 
     /// A handle that stops this environment's jobs cleanly: sources finish, the job drains,
@@ -265,7 +377,16 @@ impl StreamExecutionEnvironment {
         };
         let name = job_name.to_string();
         let (interval, key_groups) = (self.epoch_interval, self.key_groups);
-        let checkpoint = self.checkpoint.clone();
+        let prepared = match &self.checkpoint {
+            Some(CheckpointSetting::Stored(config)) => {
+                Some((config.clone(), self.prepare_checkpoints(config, job_name)?))
+            }
+            _ => None,
+        };
+        let base = prepared
+            .as_ref()
+            .and_then(|(_, (_, r))| r.as_ref())
+            .map_or(0, |r| r.id().saturating_add(1));
         // Connecting the processes is start-up, not job time (Flink's net runtime also
         // excludes deployment).
         let (allocators, others) = config
@@ -273,7 +394,29 @@ impl StreamExecutionEnvironment {
             .try_build()
             .map_err(StreamError::Startup)?;
         let start = Instant::now();
-        let clock = EpochClock::new(start, interval);
+        let clock = EpochClock::starting_at(start, interval, base);
+        let mode = match (&self.checkpoint, prepared) {
+            (Some(CheckpointSetting::Policy(p)), _) => Some(CheckpointMode::Policy(p.clone())),
+            (Some(CheckpointSetting::Stored(_)), Some((config, (store, restored)))) => {
+                // Checkpoints are whole epochs apart.
+                let every = config
+                    .interval
+                    .as_nanos()
+                    .div_ceil(interval.as_nanos().max(1))
+                    .clamp(1, u128::from(u32::MAX)) as u64;
+                self.trigger.start(clock.clone(), every, self.stop.clone());
+                self.trigger.restored(restored.as_ref().map(|r| r.id()));
+                Some(CheckpointMode::Stored(Arc::new(StoredJob {
+                    store,
+                    schedule: Schedule { every, base },
+                    restored: restored.map(Arc::new),
+                    trigger: self.trigger.clone(),
+                    max_failures: config.max_consecutive_failures.max(1),
+                    key_groups,
+                })))
+            }
+            _ => None,
+        };
         let guards =
             timely::execute::execute_from(allocators, others, config.worker, move |worker| {
                 let index = worker.index();
@@ -283,28 +426,55 @@ impl StreamExecutionEnvironment {
                     peers,
                     reporter: reporter.clone(),
                     job_name: name.clone(),
-                    clock,
+                    clock: clock.clone(),
                     key_groups: KeyGroups::new(key_groups, peers),
-                    checkpoint: checkpoint.clone(),
+                    checkpoint: mode.clone(),
+                    finishers: RefCell::default(),
                 });
+                let stored = matches!(mode, Some(CheckpointMode::Stored(_)));
                 // Timely's root scope needs a timestamp that refines `()`, which `Product`
                 // does not: the job runs in a child scope whose outer coordinate (the epoch)
                 // is the root's time.
+                let built = shared.clone();
                 worker.dataflow::<u64, _, _>(|root| {
                     root.scoped::<Time, _, _>("Job", |scope| {
                         let env = JobEnv {
                             scope,
-                            shared,
+                            shared: built,
                             registry: Rc::new(Registry::default()),
                         };
                         job(&env);
                         completion::build_tracker(&env);
                     })
                 });
+                if stored {
+                    while worker.has_dataflows() {
+                        worker.step_or_park(None);
+                    }
+                    // The final savepoint is committed: wait until the writers' output is
+                    // confirmed (a crash before that republishes it from the savepoint).
+                    let finishers = std::mem::take(&mut *shared.finishers.borrow_mut());
+                    for f in finishers {
+                        loop {
+                            if shared.reporter.failed() {
+                                break;
+                            }
+                            match f.borrow_mut().finish_committed() {
+                                Ok(true) => break,
+                                Ok(false) => std::thread::sleep(Duration::from_millis(1)),
+                                Err(e) => {
+                                    shared.reporter.report(e);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
             })
             .map_err(StreamError::Startup)?;
         let joined: Vec<_> = guards.join();
         self.stop.clear();
+        self.trigger.finish();
         for result in joined {
             result.map_err(StreamError::Worker)?;
         }
@@ -331,7 +501,16 @@ pub(crate) struct Shared {
     pub(crate) job_name: String,
     pub(crate) clock: EpochClock,
     pub(crate) key_groups: KeyGroups,
-    pub(crate) checkpoint: Option<Arc<dyn CheckpointPolicy>>,
+    pub(crate) checkpoint: Option<CheckpointMode>,
+    /// Writers to wait for once the dataflow ended (checkpoint mode).
+    pub(crate) finishers: RefCell<Vec<Rc<RefCell<dyn completion::Finisher>>>>,
+}
+
+/// How the running job checkpoints.
+#[derive(Clone)]
+pub(crate) enum CheckpointMode {
+    Policy(Arc<dyn CheckpointPolicy>),
+    Stored(Arc<StoredJob>),
 }
 
 /// One worker's handle on the job being built: create sources from it.
@@ -372,7 +551,7 @@ impl<'s> JobEnv<'s> {
     }
 
     pub(crate) fn clock(&self) -> EpochClock {
-        self.shared.clock
+        self.shared.clock.clone()
     }
 
     pub(crate) fn key_groups(&self) -> KeyGroups {
@@ -380,12 +559,34 @@ impl<'s> JobEnv<'s> {
     }
 
     /// Where an operator named `name` at `address` sends snapshots, if checkpointing is on.
+    /// With storage the operator is registered: every checkpoint needs a part from it on
+    /// every worker.
     pub(crate) fn checkpointing(&self, name: &str, address: &[usize]) -> Option<Checkpointing> {
-        self.shared.checkpoint.as_ref().map(|policy| Checkpointing {
-            policy: policy.clone(),
-            operator: format!("{name}@{address:?}"),
-            worker: self.shared.index,
-        })
+        let operator = format!("{name}@{address:?}");
+        match self.shared.checkpoint.as_ref()? {
+            CheckpointMode::Policy(policy) => Some(Checkpointing::policy(
+                policy.clone(),
+                &operator,
+                self.shared.index,
+            )),
+            CheckpointMode::Stored(job) => {
+                self.registry.add_operator(operator.clone());
+                Some(Checkpointing::Stored(Rc::new(PartWriter {
+                    job: job.clone(),
+                    operator,
+                    worker: self.shared.index,
+                    control: self.control().clone(),
+                })))
+            }
+        }
+    }
+
+    /// The job's checkpoints in storage, if on.
+    pub(crate) fn stored_job(&self) -> Option<&Arc<StoredJob>> {
+        match self.shared.checkpoint.as_ref()? {
+            CheckpointMode::Stored(job) => Some(job),
+            CheckpointMode::Policy(_) => None,
+        }
     }
 }
 

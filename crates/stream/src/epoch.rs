@@ -13,6 +13,8 @@
 //! The two coordinates move independently: a source with no watermarks stays at frontier 0
 //! while its epochs advance, and an idle source closes epochs without sending anything.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use timely::order::Product;
@@ -36,42 +38,78 @@ pub(crate) fn meet(frontier: AntichainRef<'_, Time>) -> Option<Time> {
     }))
 }
 
-/// Epoch numbers as a function of wall time: `elapsed since the job started / interval`.
+/// Epoch numbers as a function of wall time: `base + shift + elapsed since the job started
+/// / interval`.
 ///
 /// Every worker of a process shares the start instant, so their sources close the same epoch
 /// at about the same moment (less time waiting for alignment); processes differ by their
 /// start-up skew, which the frontier absorbs. A source that was busy or asleep over several
 /// boundaries skips the epochs in between.
-#[derive(Clone, Copy, Debug)]
+///
+/// `base` is where a restored job starts: after the epoch of the checkpoint it was restored
+/// from, so that epoch numbers never repeat across restarts (they end up in deduplication
+/// ids). `shift` moves the clock forward when a checkpoint is triggered by hand; it is shared
+/// by every clone in the process.
+#[derive(Clone, Debug)]
 pub(crate) struct EpochClock {
     start: Instant,
     interval: Duration,
+    base: u64,
+    shift: Arc<AtomicU64>,
 }
 
 impl EpochClock {
+    #[cfg(test)]
     pub(crate) fn new(start: Instant, interval: Duration) -> Self {
+        Self::starting_at(start, interval, 0)
+    }
+
+    /// A clock whose first epoch is `base`.
+    pub(crate) fn starting_at(start: Instant, interval: Duration, base: u64) -> Self {
         EpochClock {
             start,
             // A zero interval would divide by zero; a millisecond is already far more progress
             // traffic than any job needs.
             interval: interval.max(Duration::from_millis(1)),
+            base,
+            shift: Arc::default(),
         }
+    }
+
+    fn offset(&self) -> u64 {
+        self.base.saturating_add(self.shift.load(Ordering::Relaxed))
     }
 
     /// The epoch at `now`.
     #[inline]
     pub(crate) fn epoch_at(&self, now: Instant) -> u64 {
         let elapsed = now.saturating_duration_since(self.start).as_nanos();
-        u64::try_from(elapsed / self.interval.as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(elapsed / self.interval.as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.offset())
     }
 
     /// How long from `now` until the epoch after `epoch` starts.
     pub(crate) fn until_after(&self, epoch: u64, now: Instant) -> Duration {
+        let Some(ticks) = epoch.saturating_add(1).checked_sub(self.offset()) else {
+            return Duration::ZERO;
+        };
         let next = self
             .interval
-            .checked_mul(u32::try_from(epoch.saturating_add(1)).unwrap_or(u32::MAX))
+            .checked_mul(u32::try_from(ticks).unwrap_or(u32::MAX))
             .and_then(|d| self.start.checked_add(d));
         next.map_or(self.interval, |at| at.saturating_duration_since(now))
+    }
+
+    /// Moves the clock forward so that the epoch starting now is the next checkpoint epoch
+    /// (one with `e % every == every - 1`) after the current one; returns it.
+    pub(crate) fn jump_to_checkpoint(&self, now: Instant, every: u64) -> u64 {
+        let every = every.max(1);
+        let current = self.epoch_at(now);
+        let next = current.saturating_add(1);
+        let target = next.saturating_add((every - 1 + every - next % every) % every);
+        self.shift.fetch_add(target - current, Ordering::Relaxed);
+        target
     }
 }
 
@@ -99,6 +137,17 @@ mod tests {
             clock.until_after(2, start + Duration::from_millis(25)),
             Duration::from_millis(5)
         );
+        // A restored clock starts after its checkpoint; a trigger jumps to a checkpoint epoch.
+        let restored = EpochClock::starting_at(start, Duration::from_millis(10), 100);
+        assert_eq!(restored.epoch_at(start + Duration::from_millis(25)), 102);
+        assert_eq!(
+            restored.until_after(102, start + Duration::from_millis(25)),
+            Duration::from_millis(5)
+        );
+        assert_eq!(restored.jump_to_checkpoint(start, 10), 109);
+        assert_eq!(restored.epoch_at(start), 109);
+        assert_eq!(restored.clone().jump_to_checkpoint(start, 10), 119);
+        assert_eq!(restored.epoch_at(start), 119);
         // Before the start (another worker's clock): epoch 0, not a panic.
         assert_eq!(
             EpochClock::new(start + Duration::from_secs(1), Duration::ZERO).epoch_at(start),

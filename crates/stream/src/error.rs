@@ -1,4 +1,5 @@
-//! Errors of the stream layer. One enum for job execution, one for state (de)serialisation.
+//! Errors of the stream layer. One enum for job execution, one for state (de)serialisation,
+//! one for checkpoints (storage, restore).
 
 use thiserror::Error;
 
@@ -32,6 +33,9 @@ pub enum StreamError {
     /// State could not be snapshotted or restored.
     #[error(transparent)]
     State(#[from] StateError),
+    /// Checkpoint storage or restore failed (see [`CheckpointError`]).
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     /// A connector (or another library a job uses) failed. The error is kept as it was so
     /// that callers can look into it (a broker's reply code, say) with `downcast_ref`.
     #[error("{0}")]
@@ -47,4 +51,51 @@ pub enum StateError {
     /// The bytes do not decode as this backend's state.
     #[error("could not decode state: {0}")]
     Decode(String),
+}
+
+/// Why a checkpoint could not be written or a job could not be restored from one.
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    /// A storage operation failed (a full disk is `ErrorKind::StorageFull`, ENOSPC).
+    #[error("checkpoint storage: {context}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored file does not decode or fails its checksum.
+    #[error("corrupt checkpoint file {path}: {detail}")]
+    Corrupt {
+        /// The file, relative to the checkpoint directory.
+        path: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// Some part of a checkpoint is missing (a worker's write failed, or it never wrote it).
+    #[error("checkpoint {id} is incomplete: no part for {missing}")]
+    Incomplete {
+        /// The checkpoint (its epoch).
+        id: u64,
+        /// The first missing part: operator and worker.
+        missing: String,
+    },
+    /// The checkpoint was taken by a job of another shape: restoring it would misplace state.
+    #[error("checkpoint {id} does not fit this job: {detail}")]
+    Incompatible {
+        /// The checkpoint (its epoch).
+        id: u64,
+        /// What differs (operators, key groups, job name).
+        detail: String,
+    },
+    /// Checkpoints failed this many times in a row: the job stops rather than run on
+    /// without a recent recovery point.
+    #[error("{failures} consecutive checkpoints failed; the last: {last}")]
+    TooManyFailures {
+        /// Consecutive failures.
+        failures: u32,
+        /// The last failure.
+        last: String,
+    },
 }

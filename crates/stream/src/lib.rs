@@ -25,7 +25,9 @@
 //!   count windows, allowed lateness and late-data side outputs.
 //! - [`state`]: [`ValueState`], [`ListState`], [`MapState`] and the [`StateBackend`] trait;
 //!   [`keygroup`]: [`KeyGroups`], how keys map to workers and snapshots.
-//! - [`checkpoint`]: the [`CheckpointPolicy`] seam and [`OperatorSnapshot`].
+//! - [`checkpoint`]: checkpoints — [`CheckpointConfig`], storage behind [`CheckpointStorage`]
+//!   (file, memory, faulty), the on-disk layout, the coordinator's completion records,
+//!   restore, [`CheckpointTrigger`]; and the bare [`CheckpointPolicy`] seam.
 //! - [`stop`]: [`StopHandle`], stopping a job cleanly.
 //! - [`sink`]: print (Flink's `N> ` format), collect into a `Vec`, text and JSON-lines files.
 //! - [`bench`](mod@bench): the jobs behind `rill bench wordcount` (shared with the `bench_wordcount` example).
@@ -113,10 +115,13 @@ pub mod watermark;
 pub mod window;
 pub mod writer;
 
-pub use checkpoint::{CheckpointPolicy, OperatorSnapshot, SnapshotState};
+pub use checkpoint::{
+    CheckpointConfig, CheckpointPolicy, CheckpointStorage, CheckpointTrigger, OperatorSnapshot,
+    SnapshotState,
+};
 pub use env::{ClusterConfig, JobEnv, JobExecutionResult, StreamExecutionEnvironment};
 pub use epoch::DEFAULT_EPOCH_INTERVAL;
-pub use error::{StateError, StreamError};
+pub use error::{CheckpointError, StateError, StreamError};
 pub use keyed::{AggregateFunction, KeyedProcessFunction, KeyedStream, ProcessContext};
 pub use keygroup::{KeyGroups, DEFAULT_KEY_GROUPS};
 pub use reader::{ReaderContext, ReaderOutput, ReaderStatus, SourceReader, Waker};
@@ -126,7 +131,7 @@ pub use state::{ListState, MapState, MemoryStateBackend, StateBackend, ValueStat
 pub use stop::StopHandle;
 pub use stream::{DataStream, OutputTag};
 pub use types::{Data, Key, ShortStr};
-pub use watermark::WatermarkStrategy;
+pub use watermark::{WatermarkState, WatermarkStrategy};
 pub use window::{
     CountWindow, CountWindowedStream, ProcessWindowFunction, SessionWindows, SlidingWindows,
     TimeDomain, TimeWindow, TumblingWindows, WindowAssigner, WindowedStream,

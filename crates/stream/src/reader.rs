@@ -28,13 +28,13 @@ use timely::dataflow::operators::generic::OutputBuilder;
 use timely::order::Product;
 use timely::scheduling::SyncActivator;
 
-use crate::checkpoint::SnapshotState;
+use crate::checkpoint::{Checkpointing, SnapshotState};
 use crate::completion::{failure_notices, EpochListener, Notice};
 use crate::env::JobEnv;
-use crate::error::StreamError;
+use crate::error::{CheckpointError, StreamError};
 use crate::stream::{Builder, DataStream};
 use crate::types::Data;
-use crate::watermark::{WatermarkGen, WatermarkStrategy};
+use crate::watermark::{WatermarkGen, WatermarkState, WatermarkStrategy};
 
 /// Wakes a reader's or writer's operator from any thread (timely's `SyncActivator`).
 ///
@@ -161,10 +161,25 @@ pub trait SourceReader<T>: 'static {
     }
 
     /// The reader's position after emitting everything of epochs `<= epoch`, for a
-    /// checkpoint (called only if the job's checkpoint policy picks `epoch`).
+    /// checkpoint (called only when `epoch` is a checkpoint; with the job's checkpoints in
+    /// storage also when the reader finished, with its last epoch).
+    ///
+    /// With checkpoints, `on_epoch_complete(c)` is called only for completed checkpoints
+    /// `c` (see [`crate::checkpoint`]): ack then what was emitted in epochs `<= c`.
     fn snapshot(&mut self, epoch: u64) -> Result<Vec<u8>, StreamError> {
         let _ = epoch;
         Ok(Vec::new())
+    }
+
+    /// Resumes from a checkpoint, before `open`: `snapshots[i]` is what old reader `i`'s
+    /// [`Self::snapshot`] returned (empty if it had nothing), for every reader of the job
+    /// that took it. At the same parallelism a reader's own is `snapshots[worker_index]`; at
+    /// another one each reader picks what it now owns (a stream reader: the positions of its
+    /// partitions, whichever old reader had them). The default ignores them: right for
+    /// readers whose broker keeps the position (a queue with acks).
+    fn restore(&mut self, snapshots: &[Vec<u8>]) -> Result<(), StreamError> {
+        let _ = snapshots;
+        Ok(())
     }
 
     /// Called once when the job ends, after the final `on_epoch_complete`.
@@ -247,13 +262,13 @@ impl<T: 'static, R: SourceReader<T>> EpochListener for ReaderCell<T, R> {
         self.reader.on_epoch_complete(epoch)
     }
 
-    fn job_end(&mut self, completed: bool) -> Result<(), StreamError> {
+    fn job_end(&mut self, completed: bool, final_ack: bool) -> Result<(), StreamError> {
         if self.closed {
             return Ok(());
         }
         self.closed = true;
         let last = self.last_epoch;
-        let acked = if completed && self.completed.is_none_or(|c| c < last) {
+        let acked = if completed && final_ack && self.completed.is_none_or(|c| c < last) {
             self.completed = Some(last);
             self.reader.on_epoch_complete(last)
         } else {
@@ -306,8 +321,19 @@ impl<'s> JobEnv<'s> {
             let mut caps = caps.into_iter();
             // Data at (epoch, frontier); notices at (epoch, 0). Held and dropped together.
             let mut cap = caps.next().zip(caps.next());
-            let mut open_error = cell.borrow_mut().reader.open(&ctx).err();
             let mut gen = WatermarkGen::new(strategy);
+            let mut open_error = {
+                let mut cell = cell.borrow_mut();
+                restore_reader(
+                    checkpoint.as_ref(),
+                    &mut cell.reader,
+                    &mut gen,
+                    index,
+                    peers,
+                )
+                .and_then(|()| cell.reader.open(&ctx))
+                .err()
+            };
             let (mut batch, mut rises) = (Vec::new(), Vec::new());
             let mut next_wake: Option<Instant> = None;
             move |_frontiers| {
@@ -330,9 +356,16 @@ impl<'s> JobEnv<'s> {
                     if epoch > c.outer {
                         // Epochs up to `epoch - 1` are closed here: everything of them is out.
                         if let Some(cp) = &checkpoint {
-                            if let Some(e) = cp.due(c.outer..epoch) {
-                                let position = cell.reader.snapshot(e)?;
-                                cp.store(e, SnapshotState::Worker(position))?;
+                            if let Some(due) = cp.due(c.outer..epoch) {
+                                let position = cell.reader.snapshot(due.to)?;
+                                let watermark = gen.state();
+                                cp.store(
+                                    due,
+                                    SnapshotState::Source {
+                                        position,
+                                        watermark,
+                                    },
+                                )?;
                             }
                         }
                         c.downgrade(&Product::new(epoch, c.inner));
@@ -382,6 +415,19 @@ impl<'s> JobEnv<'s> {
                     Ok(ReaderStatus::Idle) => schedule(clock.until_after(epoch, now)),
                     Ok(ReaderStatus::IdleFor(d)) => schedule(d.min(clock.until_after(epoch, now))),
                     Ok(ReaderStatus::Finished) => {
+                        if let Some(cp) = checkpoint.as_ref().filter(|_| !reporter.failed()) {
+                            // It stands for this reader in every later checkpoint.
+                            match cell.borrow_mut().reader.snapshot(c.outer) {
+                                Ok(position) => cp.store_final(
+                                    c.outer,
+                                    SnapshotState::Source {
+                                        position,
+                                        watermark: gen.state(),
+                                    },
+                                ),
+                                Err(e) => reporter.report(e),
+                            }
+                        }
                         if failed_here {
                             let mut notices = failure_notices(index, peers);
                             notice_out
@@ -405,5 +451,74 @@ impl<'s> JobEnv<'s> {
         });
         self.registry.add_progress(notice_stream);
         DataStream::new(data_stream, self.clone())
+    }
+}
+
+/// Hands a reader its old snapshots and its watermark generator its old state.
+pub(crate) fn restore_reader<T, R: SourceReader<T>>(
+    checkpoint: Option<&Checkpointing>,
+    reader: &mut R,
+    gen: &mut WatermarkGen<T>,
+    index: usize,
+    peers: usize,
+) -> Result<(), StreamError> {
+    let Some((positions, marks)) = restored_sources(checkpoint)? else {
+        return Ok(());
+    };
+    gen.restore(resumed_watermark(checkpoint, &marks, index, peers));
+    reader.restore(&positions)
+}
+
+/// A source's parts in the checkpoint the job was restored from: positions and watermark
+/// states by old worker.
+#[allow(clippy::type_complexity)]
+pub(crate) fn restored_sources(
+    checkpoint: Option<&Checkpointing>,
+) -> Result<Option<(Vec<Vec<u8>>, Vec<Option<WatermarkState>>)>, StreamError> {
+    let Some((id, parts)) = checkpoint.and_then(Checkpointing::restored) else {
+        return Ok(None);
+    };
+    let mut positions = Vec::with_capacity(parts.len());
+    let mut marks = Vec::with_capacity(parts.len());
+    for part in parts {
+        match part {
+            Some(SnapshotState::Source {
+                position,
+                watermark,
+            }) => {
+                positions.push(position.clone());
+                marks.push(Some(*watermark));
+            }
+            None => {
+                positions.push(Vec::new());
+                marks.push(None);
+            }
+            Some(_) => {
+                return Err(CheckpointError::Incompatible {
+                    id,
+                    detail: format!(
+                        "{} holds no source state",
+                        checkpoint.map_or("", |c| c.operator())
+                    ),
+                }
+                .into())
+            }
+        }
+    }
+    Ok(Some((positions, marks)))
+}
+
+/// Where a source's watermark resumes: its own old state at the same parallelism, else the
+/// lowest of all (nothing becomes late that was not).
+pub(crate) fn resumed_watermark(
+    checkpoint: Option<&Checkpointing>,
+    marks: &[Option<WatermarkState>],
+    index: usize,
+    peers: usize,
+) -> WatermarkState {
+    let same = checkpoint.and_then(Checkpointing::restored_parallelism) == Some(peers);
+    match (same, marks.get(index)) {
+        (true, Some(Some(own))) => *own,
+        _ => WatermarkState::lowest(marks.iter().flatten().copied()),
     }
 }

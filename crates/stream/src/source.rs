@@ -22,8 +22,10 @@ use timely::dataflow::operators::generic::operator::source;
 use timely::order::Product;
 use timely::scheduling::SyncActivator;
 
+use crate::checkpoint::{Checkpointing, SnapshotState};
 use crate::env::JobEnv;
-use crate::error::StreamError;
+use crate::error::{CheckpointError, StreamError};
+use crate::reader::restored_sources;
 use crate::stream::DataStream;
 use crate::types::Data;
 use crate::watermark::{WatermarkGen, WatermarkStrategy};
@@ -46,7 +48,7 @@ impl<'s> JobEnv<'s> {
         I::IntoIter: 'static,
     {
         let it = (self.worker_index() == 0).then(|| iter.into_iter().map(|x| (0, x)));
-        self.iter_source("FromIter", it, WatermarkStrategy::no_watermarks())
+        self.iter_source("FromIter", it, WatermarkStrategy::no_watermarks(), false)
     }
 
     /// [`Self::from_iter`] over a `Vec`.
@@ -73,7 +75,7 @@ impl<'s> JobEnv<'s> {
         strategy: WatermarkStrategy<T>,
     ) -> DataStream<'s, T> {
         let it = (self.worker_index() == 0).then(|| items.into_iter());
-        self.iter_source("FromTimestamped", it, strategy)
+        self.iter_source("FromTimestamped", it, strategy, false)
     }
 
     /// A parallel source of the numbers `start..=end` (Flink's `fromSequence`): each worker
@@ -92,6 +94,7 @@ impl<'s> JobEnv<'s> {
             "FromSequence",
             Some((lo..hi).map(|x| (0, x))),
             WatermarkStrategy::no_watermarks(),
+            true,
         )
     }
 
@@ -109,14 +112,19 @@ impl<'s> JobEnv<'s> {
         let it = make(self.worker_index(), self.parallelism())
             .into_iter()
             .map(|x| (0, x));
-        self.iter_source("FromParallelIter", Some(it), strategy)
+        self.iter_source("FromParallelIter", Some(it), strategy, true)
     }
 
+    /// An in-worker source over `iter` (`None` on workers where it is inactive). With
+    /// checkpoints its position is how many records it emitted: restored by skipping them,
+    /// which needs the same iterator on the same worker (`parallel` sources restore only at
+    /// the parallelism they were checkpointed at).
     fn iter_source<T: Data, I>(
         &self,
         name: &str,
         iter: Option<I>,
         strategy: WatermarkStrategy<T>,
+        parallel: bool,
     ) -> DataStream<'s, T>
     where
         I: Iterator<Item = (u64, T)> + 'static,
@@ -124,11 +132,33 @@ impl<'s> JobEnv<'s> {
         let scope = self.scope;
         let clock = self.clock();
         let control = self.control().clone();
-        let stream = source::<_, Builder<T>, _, _>(scope, name, move |cap, info| {
+        let reporter = self.reporter();
+        let (index, peers) = (self.worker_index(), self.parallelism());
+        let stream = source::<_, Builder<T>, _, _>(scope, name, |cap, info| {
+            let checkpoint = self.checkpointing(name, &info.address);
             let activator = scope.activator_for(info.address);
             let mut iter = iter;
-            let mut cap = iter.is_some().then_some(cap);
             let mut gen = WatermarkGen::new(strategy);
+            let mut emitted: u64 = 0;
+            let restored = restore_iter(
+                checkpoint.as_ref(),
+                iter.as_mut(),
+                &mut gen,
+                (index, peers, parallel),
+            );
+            match restored {
+                Ok(n) => emitted = n,
+                Err(e) => reporter.report(e),
+            }
+            let position = |emitted: u64, gen: &WatermarkGen<T>| SnapshotState::Source {
+                position: emitted.to_le_bytes().to_vec(),
+                watermark: gen.state(),
+            };
+            if let (None, Some(cp)) = (&iter, &checkpoint) {
+                // Inactive here: an empty part stands for it in every checkpoint.
+                cp.store_final(0, position(0, &gen));
+            }
+            let mut cap = iter.is_some().then_some(cap);
             move |output| {
                 let (Some(c), Some(it)) = (cap.as_mut(), iter.as_mut()) else {
                     cap = None;
@@ -137,12 +167,22 @@ impl<'s> JobEnv<'s> {
                 // Never registered with the stop handle: it re-activates itself until done,
                 // so it sees a stop at its next batch anyway.
                 if control.should_stop() {
+                    if let Some(cp) = checkpoint.as_ref().filter(|_| !reporter.failed()) {
+                        cp.store_final(c.outer, position(emitted, &gen));
+                    }
                     cap = None;
                     iter = None;
                     return;
                 }
                 let epoch = clock.epoch_at(Instant::now());
                 if epoch > c.outer {
+                    if let Some(cp) = &checkpoint {
+                        if let Some(due) = cp.due(c.outer..epoch) {
+                            if let Err(e) = cp.store(due, position(emitted, &gen)) {
+                                reporter.report(e);
+                            }
+                        }
+                    }
                     c.downgrade(&Product::new(epoch, c.inner));
                 }
                 let mut batch = Vec::with_capacity(SOURCE_BATCH);
@@ -152,6 +192,7 @@ impl<'s> JobEnv<'s> {
                         exhausted = true;
                         break;
                     };
+                    emitted += 1;
                     let ts = gen.stamp(&item, attached);
                     batch.push((ts, item));
                     let f = gen.frontier();
@@ -165,6 +206,9 @@ impl<'s> JobEnv<'s> {
                     output.session(&*c).give_container(&mut batch);
                 }
                 if exhausted {
+                    if let Some(cp) = &checkpoint {
+                        cp.store_final(c.outer, position(emitted, &gen));
+                    }
                     cap = None;
                     iter = None;
                 } else {
@@ -490,4 +534,50 @@ impl SourceFunction<String> for TextFileSource {
         }
         Ok(())
     }
+}
+
+/// Restores an in-memory source: skips what it emitted before and resumes its watermark.
+/// Returns how many records it skipped.
+fn restore_iter<T, I: Iterator>(
+    checkpoint: Option<&Checkpointing>,
+    iter: Option<&mut I>,
+    gen: &mut WatermarkGen<T>,
+    (index, peers, parallel): (usize, usize, bool),
+) -> Result<u64, StreamError> {
+    let Some(it) = iter else {
+        return Ok(0);
+    };
+    let Some((positions, marks)) = restored_sources(checkpoint)? else {
+        return Ok(0);
+    };
+    let old = match parallel {
+        false => 0,
+        true if checkpoint.and_then(Checkpointing::restored_parallelism) == Some(peers) => index,
+        true => {
+            return Err(CheckpointError::Incompatible {
+                id: checkpoint
+                    .and_then(Checkpointing::restored)
+                    .map_or(0, |(id, _)| id),
+                detail: format!(
+                    "{} is an in-memory parallel source: it restores only at the parallelism \
+                     it was checkpointed at",
+                    checkpoint.map_or("", |c| c.operator())
+                ),
+            }
+            .into())
+        }
+    };
+    let n = positions
+        .get(old)
+        .and_then(|p| <[u8; 8]>::try_from(p.as_slice()).ok())
+        .map_or(0, u64::from_le_bytes);
+    if let Some(Some(w)) = marks.get(old) {
+        gen.restore(*w);
+    }
+    for _ in 0..n {
+        if it.next().is_none() {
+            break;
+        }
+    }
+    Ok(n)
 }

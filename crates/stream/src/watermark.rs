@@ -8,6 +8,8 @@
 //! as Flink's final `Long.MAX_VALUE` watermark: every pending event-time window fires.
 
 use std::rc::Rc;
+
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +83,29 @@ pub(crate) fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// What a watermark generator needs to resume where it was: the largest timestamp seen and
+/// the highest watermark emitted explicitly. Part of a source's checkpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatermarkState {
+    /// The largest timestamp seen (`None`: none yet).
+    pub max_ts: Option<u64>,
+    /// One above the highest explicit watermark (0: none).
+    pub explicit: u64,
+}
+
+impl WatermarkState {
+    /// The lowest of several generators' states: where one generator that takes over all
+    /// their inputs resumes without turning late what none of them would have.
+    pub fn lowest(states: impl IntoIterator<Item = WatermarkState>) -> WatermarkState {
+        let mut it = states.into_iter();
+        let first = it.next().unwrap_or_default();
+        it.fold(first, |a, b| WatermarkState {
+            max_ts: a.max_ts.min(b.max_ts),
+            explicit: a.explicit.min(b.explicit),
+        })
+    }
+}
+
 /// A strategy in action: the largest timestamp seen and the resulting frontier.
 pub(crate) struct WatermarkGen<T> {
     strategy: WatermarkStrategy<T>,
@@ -95,6 +120,20 @@ impl<T> WatermarkGen<T> {
             max_ts: None,
             explicit: 0,
         }
+    }
+
+    /// The state to checkpoint.
+    pub(crate) fn state(&self) -> WatermarkState {
+        WatermarkState {
+            max_ts: self.max_ts,
+            explicit: self.explicit,
+        }
+    }
+
+    /// Resumes from a checkpoint.
+    pub(crate) fn restore(&mut self, state: WatermarkState) {
+        self.max_ts = state.max_ts;
+        self.explicit = state.explicit;
     }
 
     /// The record's event timestamp; updates the largest timestamp seen.

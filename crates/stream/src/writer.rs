@@ -24,10 +24,10 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::order::Product;
 
-use crate::checkpoint::SnapshotState;
-use crate::completion::{failure_notices, EpochListener, Notice};
+use crate::checkpoint::{Checkpointing, Due, SnapshotState};
+use crate::completion::{failure_notices, EpochListener, Finisher, Notice};
 use crate::epoch::meet;
-use crate::error::StreamError;
+use crate::error::{CheckpointError, StreamError};
 use crate::reader::Waker;
 use crate::stream::DataStream;
 use crate::types::Data;
@@ -113,17 +113,31 @@ pub trait SinkWriter<T>: 'static {
     /// ended.
     fn confirmed_epoch(&mut self) -> Result<Option<u64>, StreamError>;
 
-    /// Pending output of epochs `<= epoch`, for a checkpoint (called only if the job's
-    /// checkpoint policy picks `epoch`; two-phase commit will use it).
+    /// Output of epochs `<= epoch` not yet committed, for a checkpoint (called when `epoch`
+    /// is a checkpoint; with the job's checkpoints in storage also when the input ended,
+    /// with `u64::MAX`: all of it). The output stays pending: it is committed in
+    /// `on_epoch_complete`.
     fn snapshot(&mut self, epoch: u64) -> Result<Vec<u8>, StreamError> {
         let _ = epoch;
         Ok(Vec::new())
     }
 
-    /// Every sink and reader of the job is done with epochs `<= epoch` (two-phase commit
-    /// will commit here).
+    /// Without checkpoints: every sink and reader of the job is done with epochs
+    /// `<= epoch`. With checkpoints in storage this is the two-phase commit: checkpoint
+    /// `epoch` is complete, so publish the pending output of epochs `<= epoch` (see
+    /// [`crate::checkpoint`]).
     fn on_epoch_complete(&mut self, epoch: u64) -> Result<(), StreamError> {
         let _ = epoch;
+        Ok(())
+    }
+
+    /// Resumes from a checkpoint, before `open`: the snapshots of the old writers this
+    /// writer takes over (old writer `i` goes to writer `i % parallelism`, so each is
+    /// handed to exactly one). That output belongs to a completed checkpoint: the writer
+    /// gets `on_epoch_complete` for it right after `open` and republishes it then, under
+    /// the ids it had. The default ignores them (for writers that snapshot nothing).
+    fn restore(&mut self, snapshots: &[Vec<u8>]) -> Result<(), StreamError> {
+        let _ = snapshots;
         Ok(())
     }
 
@@ -147,15 +161,56 @@ impl<T: 'static, W: SinkWriter<T>> EpochListener for WriterCell<T, W> {
         self.writer.on_epoch_complete(epoch)
     }
 
-    fn job_end(&mut self, completed: bool) -> Result<(), StreamError> {
+    fn job_end(&mut self, completed: bool, final_ack: bool) -> Result<(), StreamError> {
         match self.ended {
-            Some(e) if completed && self.completed.is_none_or(|c| c < e) => {
+            Some(e) if completed && final_ack && self.completed.is_none_or(|c| c < e) => {
                 self.completed = Some(e);
                 self.writer.on_epoch_complete(e)
             }
             _ => Ok(()),
         }
     }
+}
+
+impl<T: 'static, W: SinkWriter<T>> Finisher for WriterCell<T, W> {
+    fn finish_committed(&mut self) -> Result<bool, StreamError> {
+        self.writer.finish()
+    }
+}
+
+/// Hands a writer the old writers' snapshots it takes over; returns the checkpoint's id (to
+/// commit them once the writer is open).
+fn restore_writer<T, W: SinkWriter<T>>(
+    checkpoint: Option<&Checkpointing>,
+    writer: &mut W,
+    index: usize,
+    peers: usize,
+) -> Result<Option<u64>, StreamError> {
+    let Some((id, parts)) = checkpoint.and_then(Checkpointing::restored) else {
+        return Ok(None);
+    };
+    let mut share = Vec::new();
+    for (old, part) in parts.iter().enumerate() {
+        if old % peers != index {
+            continue;
+        }
+        match part {
+            Some(SnapshotState::Worker(bytes)) => share.push(bytes.clone()),
+            None => {}
+            Some(_) => {
+                return Err(CheckpointError::Incompatible {
+                    id,
+                    detail: format!(
+                        "{} holds no writer state",
+                        checkpoint.map_or("", |c| c.operator())
+                    ),
+                }
+                .into())
+            }
+        }
+    }
+    writer.restore(&share)?;
+    Ok(Some(id))
 }
 
 impl<'s, T: Data> DataStream<'s, T> {
@@ -185,12 +240,33 @@ impl<'s, T: Data> DataStream<'s, T> {
             waker: Waker::new(scope.worker().sync_activator_for(info.address.to_vec())),
         };
         let checkpoint = env.checkpointing("SinkTo", &info.address);
+        // With checkpoints in storage the output is in the checkpoint: epochs do not wait
+        // for confirms, and the commit happens when a checkpoint completes.
+        let stored = checkpoint.as_ref().is_some_and(Checkpointing::is_stored);
+        if stored {
+            env.shared.finishers.borrow_mut().push(cell.clone());
+        }
         let reporter = env.reporter();
 
         builder.build(move |caps| {
-            // On the progress output, at the lowest epoch written to and not yet confirmed.
+            // On the progress output, at the lowest epoch written to and not yet confirmed
+            // (with checkpoints: whose part is not yet written).
             let mut cap = caps.into_iter().next();
-            let mut open_error = cell.borrow_mut().writer.open(&ctx).err();
+            let mut open_error = {
+                let mut cell = cell.borrow_mut();
+                (|| -> Result<(), StreamError> {
+                    let restored =
+                        restore_writer(checkpoint.as_ref(), &mut cell.writer, index, peers)?;
+                    cell.writer.open(&ctx)?;
+                    if let Some(id) = restored {
+                        // The restored output belongs to a completed checkpoint.
+                        cell.completed = Some(id);
+                        cell.writer.on_epoch_complete(id)?;
+                    }
+                    Ok(())
+                })()
+                .err()
+            };
             let mut unconfirmed: BTreeSet<u64> = BTreeSet::new();
             let mut max_written: Option<u64> = None;
             let mut finishing = false;
@@ -211,7 +287,9 @@ impl<'s, T: Data> DataStream<'s, T> {
                             return;
                         }
                         let epoch = incap.stamp().iter().map(|t| t.outer).min().unwrap_or(0);
-                        unconfirmed.insert(epoch);
+                        if !stored {
+                            unconfirmed.insert(epoch);
+                        }
                         max_written = max_written.max(Some(epoch));
                         for (ts, v) in data.drain(..) {
                             if let Err(e) = cell.writer.write(epoch, v, ts) {
@@ -230,16 +308,30 @@ impl<'s, T: Data> DataStream<'s, T> {
                         // The input ended: the last epoch written to is the last to end.
                         None => max_written,
                     };
+                    let before = cell.ended;
                     if let Some(e) = ended_now.filter(|e| cell.ended.is_none_or(|x| x < *e)) {
                         let first = cell.ended.map_or(0, |x| x + 1);
                         cell.writer.end_epoch(e)?;
                         cell.ended = Some(e);
-                        if let Some(cp) = &checkpoint {
-                            if let Some(at) = cp.due(first..e + 1) {
+                        // At the end, the final part below holds everything.
+                        if let Some(cp) = checkpoint.as_ref().filter(|_| bound.is_some()) {
+                            for at in cp.due_each(first..e + 1) {
                                 let pending = cell.writer.snapshot(at)?;
-                                cp.store(at, SnapshotState::Worker(pending))?;
+                                let due = Due { from: at, to: at };
+                                cp.store(due, SnapshotState::Worker(pending))?;
                             }
                         }
+                    }
+                    if let (true, Some(cp)) = (stored, &checkpoint) {
+                        let Some(b) = bound else {
+                            // Everything pending goes into the savepoint, committed when it
+                            // completes; `finish` is awaited after that.
+                            let from = before.map_or(0, |x| x + 1).max(max_written.unwrap_or(0));
+                            let pending = cell.writer.snapshot(u64::MAX)?;
+                            cp.store_final(from, SnapshotState::Worker(pending));
+                            return Ok(None);
+                        };
+                        return Ok(Some(b.outer));
                     }
                     if let Some(confirmed) = cell.writer.confirmed_epoch()? {
                         unconfirmed = unconfirmed.split_off(&(confirmed.saturating_add(1)));

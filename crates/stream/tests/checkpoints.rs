@@ -109,7 +109,10 @@ fn snapshots_are_aligned_on_epochs() {
                 slot.1.insert(k, n);
             }
         } else if s.operator.starts_with("counter") {
-            let SnapshotState::Worker(bytes) = &s.state else {
+            let SnapshotState::Source {
+                position: bytes, ..
+            } = &s.state
+            else {
                 panic!("a reader's snapshot is its own: {s:?}");
             };
             let position = u64::from_le_bytes(bytes[..].try_into().expect("8 bytes"));

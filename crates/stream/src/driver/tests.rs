@@ -218,11 +218,7 @@ where
     for seed in seeds {
         let steps = script(seed, 40);
         let log: Log<Op::Out> = Arc::default();
-        let checkpoint = Checkpointing {
-            policy: Arc::new(EveryEpoch(log.clone())),
-            operator: "test".into(),
-            worker: 0,
-        };
+        let checkpoint = Checkpointing::policy(Arc::new(EveryEpoch(log.clone())), "test", 0);
         let mut original = Driver::new(make(), 0, GROUPS, Some(checkpoint));
         // Note in which step each snapshot was taken.
         let mut taken_in = Vec::new();
@@ -525,11 +521,7 @@ fn a_restored_window_remembers_it_fired() {
         )
     };
     let log: Log<Rec> = Arc::default();
-    let checkpoint = Checkpointing {
-        policy: Arc::new(EveryEpoch(log.clone())),
-        operator: "test".into(),
-        worker: 0,
-    };
+    let checkpoint = Checkpointing::policy(Arc::new(EveryEpoch(log.clone())), "test", 0);
     let mut d = Driver::new(make(), 0, GROUPS, Some(checkpoint));
     let steps = [
         Step {
