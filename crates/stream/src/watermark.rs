@@ -95,9 +95,20 @@ pub struct WatermarkState {
 
 impl WatermarkState {
     /// The lowest of several generators' states: where one generator that takes over all
-    /// their inputs resumes without turning late what none of them would have.
+    /// their inputs resumes without turning late what none of them would have. Generators
+    /// that saw nothing (finished or idle readers) have no say.
+    ///
+    /// ```
+    /// use rill_stream::WatermarkState;
+    /// let a = WatermarkState { max_ts: Some(50), explicit: 0 };
+    /// let b = WatermarkState { max_ts: Some(30), explicit: 0 };
+    /// let lowest = WatermarkState::lowest([a, WatermarkState::default(), b]);
+    /// assert_eq!(lowest.max_ts, Some(30));
+    /// ```
     pub fn lowest(states: impl IntoIterator<Item = WatermarkState>) -> WatermarkState {
-        let mut it = states.into_iter();
+        let mut it = states
+            .into_iter()
+            .filter(|s| *s != WatermarkState::default());
         let first = it.next().unwrap_or_default();
         it.fold(first, |a, b| WatermarkState {
             max_ts: a.max_ts.min(b.max_ts),
