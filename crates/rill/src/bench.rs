@@ -9,6 +9,11 @@
 //! `amqp` measures one broker (`bench_amqp`, on the pipelined client of `bench_wire`);
 //! `pipeline` measures brokers and the wordcount job together (`bench_pipeline`, with its
 //! child processes in `bench_procs`).
+//!
+//! `checkpoint` builds keyed running counts of N distinct keys, checkpoints them to a
+//! directory, and restores them in a new environment: it prints the checkpoint's write time
+//! and size on disk, and the time from starting the restored job until its first new
+//! output (`events_per_s` is keys written per second of checkpoint time).
 
 use std::path::PathBuf;
 
@@ -34,6 +39,22 @@ enum Bench {
     /// Producer -> IN -> wordcount job -> OUT -> consumer: the job embedded in the broker,
     /// standalone against Rill and standalone against RabbitMQ, side by side.
     Pipeline(crate::bench_pipeline::PipelineArgs),
+    /// Checkpoint and restore a large keyed state.
+    Checkpoint(CheckpointArgs),
+}
+
+#[derive(Args, Debug)]
+struct CheckpointArgs {
+    /// Distinct keys in the keyed state.
+    #[arg(long, default_value_t = 1_000_000)]
+    keys: u64,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Checkpoint directory (must be empty or absent); default a fresh one under the
+    /// system's temporary directory, removed afterwards.
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -75,7 +96,56 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         Bench::WordcountBaseline(args) => baseline(args),
         Bench::Amqp(args) => crate::bench_amqp::run(args),
         Bench::Pipeline(args) => crate::bench_pipeline::run(args),
+        Bench::Checkpoint(args) => checkpoint(args),
     }
+}
+
+fn checkpoint(args: CheckpointArgs) -> anyhow::Result<()> {
+    let (dir, temporary) = match &args.dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("rill-bench-checkpoint-{}", std::process::id())),
+            true,
+        ),
+    };
+    if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
+        bail!("{} is not empty", dir.display());
+    }
+    let report = bench::checkpoint(&dir, args.keys, args.workers);
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let report = report.context("running the checkpoint benchmark")?;
+    let write = report
+        .checkpoint
+        .duration
+        .context("the coordinator's process reports the write time")?;
+    println!(
+        "checkpoint: keys={} workers={} id={} bytes={} restored_count={} ok={}",
+        report.keys,
+        args.workers,
+        report.checkpoint.id,
+        report.checkpoint.bytes,
+        report.restored_count,
+        report.restored_count == 2
+    );
+    println!("checkpoint_write_s {:.3}", write.as_secs_f64());
+    println!("checkpoint_bytes {}", report.checkpoint.bytes);
+    println!(
+        "restore_to_first_output_s {:.3}",
+        report.restore_to_first_output.as_secs_f64()
+    );
+    println!(
+        "events_per_s {:.0}",
+        report.keys as f64 / write.as_secs_f64().max(1e-9)
+    );
+    if report.restored_count != 2 {
+        bail!(
+            "the restored count is {}, expected 2",
+            report.restored_count
+        );
+    }
+    Ok(())
 }
 
 fn wordcount(args: WordcountArgs) -> anyhow::Result<()> {

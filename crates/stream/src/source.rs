@@ -187,12 +187,14 @@ impl<'s> JobEnv<'s> {
                 }
                 let mut batch = Vec::with_capacity(SOURCE_BATCH);
                 let mut exhausted = false;
+                // Counted in a local: a captured counter would be stored on every record.
+                let mut taken: u64 = 0;
                 for _ in 0..SOURCE_BATCH {
                     let Some((attached, item)) = it.next() else {
                         exhausted = true;
                         break;
                     };
-                    emitted += 1;
+                    taken += 1;
                     let ts = gen.stamp(&item, attached);
                     batch.push((ts, item));
                     let f = gen.frontier();
@@ -205,6 +207,7 @@ impl<'s> JobEnv<'s> {
                 if !batch.is_empty() {
                     output.session(&*c).give_container(&mut batch);
                 }
+                emitted += taken;
                 if exhausted {
                     if let Some(cp) = &checkpoint {
                         cp.store_final(c.outer, position(emitted, &gen));
