@@ -6,6 +6,7 @@
 //! to the sinks.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::hash::Hash;
 use std::rc::Rc;
 
@@ -23,12 +24,14 @@ use timely::progress::Stamp;
 
 use timely::order::Product;
 
+use crate::checkpoint::SnapshotState;
 use crate::env::JobEnv;
 use crate::epoch::{meet, Time};
 use crate::keyed::KeyedStream;
 use crate::keygroup::KeyGroups;
+use crate::reader::{restored_sources, resumed_watermark};
 use crate::types::{Data, Key};
-use crate::watermark::{WatermarkGen, WatermarkStrategy};
+use crate::watermark::{WatermarkGen, WatermarkState, WatermarkStrategy};
 
 /// The timely stream behind a [`DataStream`]: records with their event timestamps.
 pub(crate) type Inner<'s, T> = StreamVec<'s, Time, (u64, T)>;
@@ -229,18 +232,37 @@ impl<'s, T: Data> DataStream<'s, T> {
     /// Re-stamps records with `strategy`'s timestamps and generates watermarks from them,
     /// replacing upstream watermarks (Flink's `assignTimestampsAndWatermarks`). The
     /// watermark advances record by record, in each worker's input order.
+    ///
+    /// With checkpoints the generator's state at the end of each checkpoint epoch is saved
+    /// (exact when its input comes from one source in epoch order, as it does after a
+    /// source or a chain of `map`s; after a `union` of sources it may be slightly ahead).
     pub fn assign_timestamps_and_watermarks(
         self,
         strategy: WatermarkStrategy<T>,
     ) -> DataStream<'s, T> {
+        let env = self.env.clone();
+        let (index, peers) = (env.worker_index(), env.parallelism());
+        let reporter = env.reporter();
         // The capability's epoch follows the input frontier's (records keep the epoch they
         // were read in); its frontier is the generated one.
         let inner = self.inner.unary_frontier::<Builder<T>, _, _, _>(
             Pipeline,
             "AssignTimestamps",
-            |cap, _| {
+            |cap, info| {
+                let checkpoint = env.checkpointing("AssignTimestamps", &info.address);
                 let mut cap = Some(cap);
                 let mut gen = WatermarkGen::new(strategy);
+                match restored_sources(checkpoint.as_ref()) {
+                    Ok(Some((_, marks))) => {
+                        gen.restore(resumed_watermark(checkpoint.as_ref(), &marks, index, peers))
+                    }
+                    Ok(None) => {}
+                    Err(e) => reporter.report(e),
+                }
+                // The generator's state after the last record of each epoch handled, for
+                // checkpoints (only kept with checkpoints on).
+                let mut ends: BTreeMap<u64, WatermarkState> = BTreeMap::new();
+                let mut done = gen.state();
                 move |(input, frontier), output| {
                     let Some(c) = cap.as_mut() else {
                         input.for_each(|_, _| {});
@@ -269,8 +291,45 @@ impl<'s, T: Data> DataStream<'s, T> {
                         if !batch.is_empty() {
                             output.session(&at).give_container(&mut batch);
                         }
+                        if checkpoint.is_some() {
+                            ends.insert(epoch, gen.state());
+                        }
                     });
-                    match meet(frontier.frontier()) {
+                    let bound = meet(frontier.frontier());
+                    if let Some(cp) = &checkpoint {
+                        let upto = bound.map_or(u64::MAX, |m| m.outer);
+                        // The state at the end of every epoch before `upto`.
+                        while let Some(entry) = ends.first_entry() {
+                            if *entry.key() >= upto {
+                                break;
+                            }
+                            done = entry.remove();
+                        }
+                        let state = done;
+                        let position = Vec::new();
+                        match bound {
+                            Some(m) if m.outer > c.outer => {
+                                if let Some(due) = cp.due(c.outer..m.outer) {
+                                    let s = SnapshotState::Source {
+                                        position,
+                                        watermark: state,
+                                    };
+                                    if let Err(e) = cp.store(due, s) {
+                                        reporter.report(e);
+                                    }
+                                }
+                            }
+                            Some(_) => {}
+                            None => cp.store_final(
+                                c.outer,
+                                SnapshotState::Source {
+                                    position,
+                                    watermark: gen.state(),
+                                },
+                            ),
+                        }
+                    }
+                    match bound {
                         Some(m) if m.outer > c.outer => {
                             c.downgrade(&Product::new(m.outer, c.inner));
                         }

@@ -145,3 +145,85 @@ fn snapshots_are_aligned_on_epochs() {
         "{complete:?} fully snapshotted epochs, {readers} reader snapshots"
     );
 }
+
+/// Emits increasing timestamps a few at a time, logging the epoch of each.
+struct Stamps {
+    worker: u64,
+    next: u64,
+    log: Arc<Mutex<Vec<(u64, u64, u64)>>>,
+}
+
+impl SourceReader<u64> for Stamps {
+    fn poll(&mut self, out: &mut ReaderOutput<'_, u64>) -> Result<ReaderStatus, StreamError> {
+        for _ in 0..10 {
+            if self.next == 600 {
+                return Ok(ReaderStatus::Finished);
+            }
+            // Out of order by up to 4.
+            let ts = self.next * 3 + (self.next * 7) % 5;
+            self.log
+                .lock()
+                .map_err(|_| StreamError::Worker("poisoned".into()))?
+                .push((self.worker, out.epoch(), ts));
+            out.collect(ts);
+            self.next += 1;
+        }
+        Ok(ReaderStatus::IdleFor(Duration::from_micros(300)))
+    }
+}
+
+#[test]
+fn assigned_watermarks_are_snapshotted_at_epoch_ends() {
+    let policy = Arc::new(EveryEpoch::default());
+    let log: Arc<Mutex<Vec<(u64, u64, u64)>>> = Arc::default();
+    let mut env = StreamExecutionEnvironment::new()
+        .with_parallelism(2)
+        .with_epoch_interval(Duration::from_millis(2));
+    env.set_checkpoint_policy(policy.clone());
+    let l = log.clone();
+    env.execute("stamps", move |env| {
+        let l = l.clone();
+        env.from_reader(
+            move |worker, _| Stamps {
+                worker: worker as u64,
+                next: 0,
+                log: l,
+            },
+            WatermarkStrategy::no_watermarks(),
+            "stamps",
+        )
+        .assign_timestamps_and_watermarks(
+            WatermarkStrategy::for_monotonous_timestamps().with_timestamp_assigner(|t, _| *t),
+        )
+        .collect_into(&CollectSink::new());
+    })
+    .expect("job runs");
+    let log = log.lock().expect("log").clone();
+    let snapshots = policy.0.lock().expect("snapshots").clone();
+    let mut checked = 0;
+    for s in snapshots
+        .iter()
+        .filter(|s| s.operator.starts_with("AssignTimestamps"))
+    {
+        let SnapshotState::Source { watermark, .. } = &s.state else {
+            panic!("a generator's state: {s:?}");
+        };
+        // Exactly the records of this worker's epochs up to the snapshot's.
+        let max = log
+            .iter()
+            .filter(|(w, e, _)| *w == s.worker as u64 && *e <= s.epoch)
+            .map(|(_, _, ts)| *ts)
+            .max();
+        assert_eq!(
+            watermark.max_ts, max,
+            "worker {} epoch {}",
+            s.worker, s.epoch
+        );
+        checked += 1;
+    }
+    let epochs: std::collections::BTreeSet<u64> = log.iter().map(|r| r.1).collect();
+    assert!(
+        epochs.len() > 3 && checked > 3,
+        "{checked} snapshots over {epochs:?}"
+    );
+}
