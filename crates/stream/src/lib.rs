@@ -58,7 +58,9 @@
 //! records only after every earlier epoch is complete (Flink's alignment), and can snapshot
 //! their state right then ([`CheckpointPolicy`]). At the sinks, an epoch is complete once
 //! every sink on every worker has confirmed its output for it; [`SourceReader`]s are told and
-//! ack their deliveries (at-least-once). When sources disagree (one is in a later epoch with
+//! ack their deliveries (at-least-once). With checkpoints ([`CheckpointConfig`]) every
+//! n-th epoch is a checkpoint, and readers and writers hear only of completed checkpoints:
+//! acks and two-phase commits then give exactly-once results (see [`checkpoint`]). When sources disagree (one is in a later epoch with
 //! a lower watermark), epoch order wins: the operator's frontier then stays below the later
 //! epoch's watermark until it handled that epoch's records, so no record is ever handled
 //! after timers beyond its own frontier fired.

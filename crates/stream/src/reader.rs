@@ -16,6 +16,12 @@
 //! epochs. When the job ends (input exhausted, or stopped) it gets a final
 //! `on_epoch_complete` and then `close`; after a failure only `close`: nothing may be acked
 //! then, and unacked deliveries are redelivered later (at-least-once).
+//!
+//! With checkpoints in storage ([`crate::checkpoint`]) `on_epoch_complete(c)` comes only for
+//! completed checkpoints `c` (the final savepoint included): the reader acks what it emitted
+//! in epochs `<= c`, which durable state now reflects. [`SourceReader::snapshot`] is taken
+//! at every checkpoint epoch (and when the reader finishes), [`SourceReader::restore`]
+//! hands it back after a restart, before `open`.
 
 use std::cell::RefCell;
 use std::marker::PhantomData;

@@ -12,6 +12,14 @@
 //! When the input ends, `finish` is polled (each time the writer wakes the operator) until
 //! everything written is confirmed; only then does the job end. A writer error fails the
 //! job: no epoch completes afterwards, anywhere.
+//!
+//! With checkpoints in storage ([`crate::checkpoint`]) the writer is the participant of a
+//! two-phase commit instead: its epochs count as done once its pending output is in the
+//! checkpoint ([`SinkWriter::snapshot`], taken synchronously at each checkpoint epoch), not
+//! when confirmed; `on_epoch_complete(c)` commits (publishes) the output of epochs `<= c`
+//! once checkpoint `c` is durable; `confirmed_epoch` is not asked; after the input ended its
+//! pending output goes into the final savepoint, and `finish` is polled once that savepoint
+//! was committed and the dataflow ended, until what was published is confirmed.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
