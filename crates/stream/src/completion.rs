@@ -341,14 +341,21 @@ fn complete(
     peers: usize,
 ) -> Result<CompletedCheckpoint, CheckpointError> {
     let id = match savepoint {
-        true => job
-            .store
-            .final_id(expected, last.or(job.schedule.base.checked_sub(1)))?,
+        true => job.store.final_id(
+            expected,
+            job.schedule.base,
+            last.or(job.schedule.base.checked_sub(1)),
+        )?,
         false => id,
     };
-    let meta = job
-        .store
-        .complete(id, expected, peers, job.key_groups, savepoint)?;
+    let meta = job.store.complete(
+        id,
+        job.schedule.base,
+        expected,
+        peers,
+        job.key_groups,
+        savepoint,
+    )?;
     let duration = job.store.take_duration(&meta);
     tracing::info!(
         checkpoint = id,

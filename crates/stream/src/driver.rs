@@ -41,6 +41,7 @@ use timely::dataflow::operators::Capability;
 use timely::order::Product;
 
 use crate::checkpoint::{decode, encode, Checkpointing, KeyGroupState, SnapshotState};
+use crate::completion::Notice;
 use crate::env::JobEnv;
 use crate::epoch::{meet, Time};
 use crate::error::{CheckpointError, StateError, StreamError};
@@ -595,12 +596,20 @@ where
     };
     let activator = scope.activator_for(info.address.clone());
     let checkpoint = env.checkpointing(name, &info.address);
+    // With checkpoints in storage, a dataless output whose capability follows the others
+    // tells the coordinator when this operator's parts are written, even if nothing
+    // downstream of it reaches a sink.
+    if checkpoint.as_ref().is_some_and(Checkpointing::is_stored) {
+        let (_, parts) = builder.new_output::<Vec<Notice>>();
+        env.registry.add_progress(parts);
+    }
     let reporter = env.reporter();
     let (worker, groups) = (env.worker_index(), env.key_groups());
     builder.build(move |caps| {
         let mut caps = caps.into_iter();
         let mut cap = caps.next();
-        let mut late_cap = caps.next();
+        let mut late_cap = if with_late { caps.next() } else { None };
+        let mut parts_cap = caps.next();
         let mut driver = Driver::new(op, worker, groups, checkpoint);
         if let Err(e) = driver.restore_checkpoint() {
             reporter.report(e);
@@ -643,6 +652,9 @@ where
                     if let Some(lc) = late_cap.as_mut() {
                         let _ = lc.try_downgrade(&hold);
                     }
+                    if let Some(pc) = parts_cap.as_mut() {
+                        let _ = pc.try_downgrade(&hold);
+                    }
                     if wake_at.is_some_and(|w| w <= now) {
                         wake_at = None;
                     }
@@ -656,11 +668,13 @@ where
                 Ok(None) => {
                     cap = None;
                     late_cap = None;
+                    parts_cap = None;
                 }
                 Err(e) => {
                     reporter.report(e);
                     cap = None;
                     late_cap = None;
+                    parts_cap = None;
                 }
             }
         }

@@ -801,3 +801,44 @@ impl SourceReader<u64> for IdleForever {
         Ok(ReaderStatus::Idle)
     }
 }
+
+#[test]
+fn a_keyed_operator_whose_output_goes_nowhere_is_in_every_checkpoint() {
+    let storage = memory();
+    let log = log(200);
+    let broker = Broker::default();
+    for run in 0..3 {
+        let env = checkpointed(&storage, 2);
+        let trigger = env.checkpoint_trigger();
+        let kill = Kill::stop_after(60 * (run + 1), env.stop_handle());
+        let (l, b) = (log.clone(), broker.clone());
+        env.execute("dangling", move |env| {
+            let (l, k) = (l.clone(), kill.clone());
+            let k2 = k.clone();
+            let input = env.from_reader(
+                move |worker, _| LogReader {
+                    log: l,
+                    worker,
+                    offset: 0,
+                    kill: k2,
+                },
+                WatermarkStrategy::no_watermarks(),
+                "log",
+            );
+            // Its state is checkpointed although nothing reads its output.
+            let _unused = input.clone().key_by(|r| r.1).sum(|r| &mut r.2);
+            let b = b.clone();
+            input
+                .map(|r| format!("{}", r.2))
+                .sink_to(move |w, _| TwoPhase::new(&b, w, &k));
+        })
+        .expect("the savepoint has every operator's parts");
+        let last = trigger.stats().last.expect("a savepoint");
+        eprintln!("run {run}: {:?} {}", trigger.stats(), broker.values().len());
+        assert!(last.savepoint, "run {run}: {last:?}");
+    }
+    // Stopped after 60 and 60 + 120 records, then to the end: every record once.
+    let mut all: Vec<String> = (0..200u64).map(|i| i.to_string()).collect();
+    all.sort();
+    assert_eq!(broker.values(), all);
+}

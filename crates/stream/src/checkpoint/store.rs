@@ -294,12 +294,13 @@ impl CheckpointStore {
             .collect())
     }
 
-    /// The final checkpoint's id: above every epoch any operator's final part says it
-    /// reached, and above `after` (the last checkpoint completed). `None` if some operator
-    /// wrote no final part.
+    /// The final checkpoint's id: above every epoch any operator's final part (of this
+    /// run: from `base` on) says it reached, and above `after` (the last checkpoint
+    /// completed). An error if some operator wrote no final part.
     pub(crate) fn final_id(
         &self,
         expected: &[(String, u32)],
+        base: u64,
         after: Option<u64>,
     ) -> Result<u64, CheckpointError> {
         let parts = self.list_parts()?;
@@ -308,7 +309,9 @@ impl CheckpointStore {
             let h = operator_hash(op);
             let from = parts
                 .iter()
-                .filter(|(n, _)| n.operator == h && n.worker == *worker && n.to == u64::MAX)
+                .filter(|(n, _)| {
+                    n.operator == h && n.worker == *worker && n.to == u64::MAX && n.from >= base
+                })
                 .map(|(n, _)| n.from)
                 .max()
                 .ok_or_else(|| CheckpointError::Incomplete {
@@ -321,11 +324,14 @@ impl CheckpointStore {
     }
 
     /// Records checkpoint `id` complete if every expected part covering it is there:
-    /// fsyncs the parts directory, writes the record atomically, then removes what is no
-    /// longer needed. Never records a checkpoint with a part missing.
+    /// fsyncs the parts directory and writes the record atomically. Never records a
+    /// checkpoint with a part missing. Only parts of this run count (from its first epoch,
+    /// `base`, on): a final part of an earlier run also covers later epochs, but holds that
+    /// run's state.
     pub(crate) fn complete(
         &self,
         id: u64,
+        base: u64,
         expected: &[(String, u32)],
         parallelism: usize,
         key_groups: u32,
@@ -336,10 +342,9 @@ impl CheckpointStore {
         let mut total = 0;
         for (op, worker) in expected {
             let h = operator_hash(op);
-            let Some((_, file)) = parts
-                .iter()
-                .find(|(n, _)| n.operator == h && n.worker == *worker && n.covers(id))
-            else {
+            let Some((_, file)) = parts.iter().find(|(n, _)| {
+                n.operator == h && n.worker == *worker && n.from >= base && n.covers(id)
+            }) else {
                 return Err(CheckpointError::Incomplete {
                     id,
                     missing: format!("{op} on worker {worker}"),
@@ -585,17 +590,17 @@ mod tests {
         let mem = MemoryStorage::new();
         let store = CheckpointStore::new(Arc::new(mem.clone()), "job", 2);
         store.write_part(&part("a@[1]", 0, 3, 3)).expect("write");
-        let missing = store.complete(3, &expected(), 2, 8, false).unwrap_err();
+        let missing = store.complete(3, 0, &expected(), 2, 8, false).unwrap_err();
         assert!(matches!(missing, CheckpointError::Incomplete { id: 3, .. }));
         assert!(store.list_metas().expect("list").is_empty());
         // A range part of worker 1 covers 3 and 7; worker 0 writes 7 on its own.
         store.write_part(&part("a@[1]", 1, 3, 7)).expect("write");
         store
-            .complete(3, &expected(), 2, 8, false)
+            .complete(3, 0, &expected(), 2, 8, false)
             .expect("complete");
         store.write_part(&part("a@[1]", 0, 7, 7)).expect("write");
         store
-            .complete(7, &expected(), 2, 8, false)
+            .complete(7, 0, &expected(), 2, 8, false)
             .expect("complete");
         store
             .write_part(&part("a@[1]", 0, 9, u64::MAX))
@@ -603,9 +608,17 @@ mod tests {
         store
             .write_part(&part("a@[1]", 1, 12, u64::MAX))
             .expect("write");
-        let f = store.final_id(&expected(), Some(7)).expect("final");
+        let f = store.final_id(&expected(), 0, Some(7)).expect("final");
         assert_eq!(f, 12);
-        store.complete(f, &expected(), 2, 8, true).expect("final");
+        store
+            .complete(f, 0, &expected(), 2, 8, true)
+            .expect("final");
+        // The next run (from epoch 13) may not use this run's final parts.
+        let next = store
+            .complete(20, 13, &expected(), 2, 8, false)
+            .unwrap_err();
+        assert!(matches!(next, CheckpointError::Incomplete { id: 20, .. }));
+        assert!(store.final_id(&expected(), 13, Some(12)).is_err());
         store.retain(Some(f)).expect("retain");
         let metas: Vec<u64> = store
             .list_metas()
@@ -633,14 +646,14 @@ mod tests {
             store.write_part(&part("a@[1]", w, 1, 1)).expect("write");
         }
         store
-            .complete(1, &expected(), 2, 8, false)
+            .complete(1, 0, &expected(), 2, 8, false)
             .expect("complete");
         for w in 0..2 {
             store.write_part(&part("a@[1]", w, 2, 2)).expect("write");
         }
         // The record's rename fails: checkpoint 2 does not exist.
         faulty.fail_nth(StorageOp::Rename, faulty.calls(StorageOp::Rename) + 1);
-        assert!(store.complete(2, &expected(), 2, 8, false).is_err());
+        assert!(store.complete(2, 0, &expected(), 2, 8, false).is_err());
         assert_eq!(store.load_latest().expect("load").map(|r| r.id()), Some(1));
         // A full disk tears a part: it never becomes a `.part`.
         faulty.disk_full_after(5);
@@ -650,7 +663,7 @@ mod tests {
         };
         assert_eq!(source.raw_os_error(), Some(28));
         faulty.heal();
-        assert!(store.complete(4, &expected(), 2, 8, false).is_err());
+        assert!(store.complete(4, 0, &expected(), 2, 8, false).is_err());
         // Start-up clean-up removes the torn and unlisted files.
         store.retain(None).expect("retain");
         let left = mem.list(PARTS).expect("list");
