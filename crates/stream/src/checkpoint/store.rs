@@ -443,8 +443,9 @@ impl CheckpointStore {
     }
 
     /// Keeps the newest `keep` records and removes parts no kept record lists, among those
-    /// of epochs up to `upto` (all of them if `None`: nothing is being written). Failures
-    /// to remove are logged: garbage left behind is removed next time.
+    /// of epochs up to `upto` (all of them if `None`: at start-up, nothing is being
+    /// written). Failures to remove are logged — garbage left behind is removed next time —
+    /// except at start-up, where a leftover part that cannot be removed is an error.
     pub(crate) fn retain(&self, upto: Option<u64>) -> Result<(), CheckpointError> {
         let metas = self.list_metas()?;
         let cut = metas.len().saturating_sub(self.keep);
@@ -477,8 +478,21 @@ impl CheckpointStore {
             };
             if garbage {
                 let path = format!("{PARTS}/{file}");
-                if let Err(e) = self.storage.remove(&path) {
-                    tracing::warn!(path, error = %e, "could not remove an old checkpoint part");
+                match self.storage.remove(&path) {
+                    Ok(()) => {}
+                    // At start-up a leftover of a crashed run must go: the new run's epochs
+                    // start after the newest checkpoint, so the leftover's epochs are the
+                    // new run's too, and it could stand in for a part the run failed to
+                    // write.
+                    Err(source) if upto.is_none() => {
+                        return Err(CheckpointError::Io {
+                            context: format!("removing the crashed run's leftover {path}"),
+                            source,
+                        })
+                    }
+                    Err(e) => {
+                        tracing::warn!(path, error = %e, "could not remove an old checkpoint part")
+                    }
                 }
             }
         }
