@@ -471,7 +471,10 @@ impl StreamExecutionEnvironment {
                     }
                 }
             })
-            .map_err(StreamError::Startup)?;
+            .map_err(|e| {
+                self.trigger.finish();
+                StreamError::Startup(e)
+            })?;
         let joined: Vec<_> = guards.join();
         self.stop.clear();
         self.trigger.finish();
