@@ -34,15 +34,20 @@ use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use timely::communication::Pull;
 use timely::dataflow::channels::pact::ParallelizationContract;
+use timely::dataflow::channels::Message;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::InputHandleCore;
 use timely::dataflow::operators::generic::{OutputBuilder, OutputBuilderSession};
 use timely::dataflow::operators::Capability;
 use timely::order::Product;
+use timely::progress::frontier::MutableAntichain;
+use timely::scheduling::Activator;
 
 use crate::checkpoint::{decode, encode, Checkpointing, KeyGroupState, SnapshotState};
 use crate::completion::Notice;
-use crate::env::JobEnv;
+use crate::env::{JobEnv, Reporter};
 use crate::epoch::{meet, Time};
 use crate::error::{CheckpointError, StateError, StreamError};
 use crate::keygroup::KeyGroups;
@@ -595,10 +600,10 @@ where
     let scope = env.scope;
     let mut builder = OperatorBuilder::new(name.to_owned(), scope);
     let info = builder.operator_info();
-    let mut input = builder.new_input(input, pact);
+    let input = builder.new_input(input, pact);
     let (main_out, main_stream) = builder.new_output::<Vec<(u64, Op::Out)>>();
-    let mut main_out = OutputBuilder::<_, Builder<Op::Out>>::from(main_out);
-    let (mut late_out, late_stream) = if with_late {
+    let main_out = OutputBuilder::<_, Builder<Op::Out>>::from(main_out);
+    let (late_out, late_stream) = if with_late {
         let (o, s) = builder.new_output::<Vec<(u64, Op::In)>>();
         (Some(OutputBuilder::<_, Builder<Op::In>>::from(o)), Some(s))
     } else {
@@ -615,15 +620,91 @@ where
     }
     let reporter = env.reporter();
     let (worker, groups) = (env.worker_index(), env.key_groups());
-    builder.build(move |caps| {
+    builder.build(move |caps| -> Logic {
         let mut caps = caps.into_iter();
-        let mut cap = caps.next();
-        let mut late_cap = if with_late { caps.next() } else { None };
-        let mut parts_cap = caps.next();
+        let cap = caps.next();
+        let late_cap = if with_late { caps.next() } else { None };
+        let parts = caps.next();
         let mut driver = Driver::new(op, worker, groups, checkpoint);
         if let Err(e) = driver.restore_checkpoint() {
             reporter.report(e);
         }
+        let running = Running {
+            input,
+            main_out,
+            late_out,
+            cap,
+            late_cap,
+            driver,
+            activator,
+            reporter,
+        };
+        // Two instances, so that the operator without checkpoint parts compiles exactly as
+        // it would without them.
+        match parts {
+            Some(p) => Box::new(running.logic(Some(p))),
+            None => Box::new(running.logic(())),
+        }
+    });
+    Built {
+        main: main_stream,
+        late: late_stream,
+    }
+}
+
+/// An operator's activation logic, as timely runs it.
+type Logic = Box<dyn FnMut(&[MutableAntichain<Time>])>;
+
+/// A capability held beside the outputs' and moved with them: the progress of the
+/// operator's checkpoint parts, or `()` when there are none.
+trait Held: 'static {
+    fn downgrade(&mut self, hold: &Time);
+    fn release(&mut self);
+}
+
+impl Held for () {
+    #[inline(always)]
+    fn downgrade(&mut self, _hold: &Time) {}
+    #[inline(always)]
+    fn release(&mut self) {}
+}
+
+impl Held for Option<Capability<Time>> {
+    fn downgrade(&mut self, hold: &Time) {
+        if let Some(c) = self.as_mut() {
+            let _ = c.try_downgrade(hold);
+        }
+    }
+    fn release(&mut self) {
+        *self = None;
+    }
+}
+
+/// What a keyed operator's activations work on.
+struct Running<Op: Operator, Pl: Pull<Message<Time, Vec<(u64, Op::In)>>>> {
+    input: InputHandleCore<Time, Vec<(u64, Op::In)>, Pl>,
+    main_out: OutputBuilder<Time, Builder<Op::Out>>,
+    late_out: Option<OutputBuilder<Time, Builder<Op::In>>>,
+    cap: Option<Capability<Time>>,
+    late_cap: Option<Capability<Time>>,
+    driver: Driver<Op>,
+    activator: Activator,
+    reporter: Reporter,
+}
+
+impl<Op: Operator, Pl: Pull<Message<Time, Vec<(u64, Op::In)>>> + 'static> Running<Op, Pl> {
+    /// One activation: input through the driver, outputs, capabilities, wake-ups.
+    fn logic<H: Held>(self, mut held: H) -> impl FnMut(&[MutableAntichain<Time>]) + 'static {
+        let Running {
+            mut input,
+            mut main_out,
+            mut late_out,
+            mut cap,
+            mut late_cap,
+            mut driver,
+            activator,
+            reporter,
+        } = self;
         // When a wake-up for processing-time timers is already due: scheduling one per
         // activation would pile up timely timers on a busy operator.
         let mut wake_at: Option<u64> = None;
@@ -662,9 +743,7 @@ where
                     if let Some(lc) = late_cap.as_mut() {
                         let _ = lc.try_downgrade(&hold);
                     }
-                    if let Some(pc) = parts_cap.as_mut() {
-                        let _ = pc.try_downgrade(&hold);
-                    }
+                    held.downgrade(&hold);
                     if wake_at.is_some_and(|w| w <= now) {
                         wake_at = None;
                     }
@@ -678,20 +757,16 @@ where
                 Ok(None) => {
                     cap = None;
                     late_cap = None;
-                    parts_cap = None;
+                    held.release();
                 }
                 Err(e) => {
                     reporter.report(e);
                     cap = None;
                     late_cap = None;
-                    parts_cap = None;
+                    held.release();
                 }
             }
         }
-    });
-    Built {
-        main: main_stream,
-        late: late_stream,
     }
 }
 
