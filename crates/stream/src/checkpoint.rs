@@ -60,7 +60,9 @@
 //!   keeps it pending); `SinkWriter::on_epoch_complete(c)` is the two-phase commit: publish
 //!   the pending output of epochs `<= c`. Each record must carry an id that is the same
 //!   every time it is published (e.g. writer/epoch/sequence) so that a deduplicating
-//!   broker drops a republish. Epoch numbers never repeat across restarts. The writer's
+//!   broker drops a republish. A restored run's epochs start after its checkpoint's, so
+//!   the epoch of committed output never recurs with other output (a crashed run's epochs
+//!   after its last checkpoint do recur, but nothing of them was committed). The writer's
 //!   epochs do not wait for `confirmed_epoch` (the output is in the checkpoint);
 //!   `confirmed_epoch` is not called, and `finish` is polled only after the final commit,
 //!   once the dataflow has ended, until the published output is confirmed.

@@ -47,8 +47,8 @@ pub(crate) fn meet(frontier: AntichainRef<'_, Time>) -> Option<Time> {
 /// boundaries skips the epochs in between.
 ///
 /// `base` is where a restored job starts: after the epoch of the checkpoint it was restored
-/// from, so that epoch numbers never repeat across restarts (they end up in deduplication
-/// ids). `shift` moves the clock forward when a checkpoint is triggered by hand; it is shared
+/// from, so that no epoch whose output was committed recurs (epochs end up in deduplication
+/// ids; a crashed run's epochs after its last checkpoint recur, but committed nothing). `shift` moves the clock forward when a checkpoint is triggered by hand; it is shared
 /// by every clone in the process.
 #[derive(Clone, Debug)]
 pub(crate) struct EpochClock {
