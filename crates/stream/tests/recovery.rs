@@ -740,28 +740,36 @@ fn exact_counts(n: u64) -> Vec<String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
     /// Any number of kills at random points — in a reader after n records, or in a writer's
-    /// commit after the completion record — at parallelism 1 or 2, then a run to the end:
+    /// commit after the completion record — each with a storage fault somewhere (a write,
+    /// fsync, rename or directory fsync fails), at parallelism 1 or 2, then a run to the end:
     /// every message is counted exactly once.
     #[test]
     fn exactly_once_through_random_kills(
-        kills in proptest::collection::vec((0u64..250, 0u64..6, 1usize..=2, any::<bool>()), 0..5),
+        kills in proptest::collection::vec(
+            (0u64..250, 0u64..6, 1usize..=2, any::<bool>(), 0usize..4, 1u64..80),
+            0..5,
+        ),
         last_parallelism in 1usize..=2,
     ) {
         let n = 200;
-        let storage = memory();
+        let faulty = Arc::new(FaultyStorage::new(memory()));
+        let storage: Arc<dyn CheckpointStorage> = faulty.clone();
         let queue = queue_of(n);
         let broker = Broker::default();
-        for (records, commit, parallelism, in_commit) in kills {
+        let ops = [StorageOp::Write, StorageOp::Sync, StorageOp::Rename, StorageOp::SyncDir];
+        for (records, commit, parallelism, in_commit, op, nth) in kills {
             let kill = match in_commit {
                 true => Kill { in_commit: Some(commit + 1), ..Kill::default() },
                 false => Kill::after(records),
             };
+            faulty.fail_nth(ops[op], faulty.calls(ops[op]) + nth);
             // A kill point past the end lets the run finish: that is fine too.
             let _ = count_from_queue(&storage, parallelism, &queue, &broker, kill);
         }
+        faulty.heal();
         count_from_queue(&storage, last_parallelism, &queue, &broker, Kill::none())
             .expect("the last run finishes");
         prop_assert_eq!(broker.values(), exact_counts(n));
