@@ -24,9 +24,10 @@ use timely::progress::Stamp;
 
 use timely::order::Product;
 
-use crate::checkpoint::SnapshotState;
+use crate::checkpoint::{decode, encode, Checkpointing, SnapshotState};
 use crate::env::JobEnv;
 use crate::epoch::{meet, Time};
+use crate::error::{CheckpointError, StreamError};
 use crate::keyed::KeyedStream;
 use crate::keygroup::KeyGroups;
 use crate::reader::{restored_sources, resumed_watermark};
@@ -390,6 +391,12 @@ impl<'s, T: Data> DataStream<'s, T> {
     /// the partial results go to worker 0, which combines them with `merge` — a global
     /// aggregate over a bounded stream (Flink's `windowAll(GlobalWindows)` with a combiner).
     ///
+    /// With checkpoints in storage the partial results are checkpointed (the input of an
+    /// epoch is folded once the epoch is complete), restored at any parallelism (an old
+    /// worker's partial goes to worker `old % parallelism`, and on to the merge), and a
+    /// stopped job emits nothing: its partial results stay in the savepoint. Without
+    /// checkpoints its output holds the job's epochs until the end, as before.
+    ///
     /// ```
     /// # use rill_stream::*;
     /// # let out = CollectSink::new(); let sink = out.clone();
@@ -407,29 +414,116 @@ impl<'s, T: Data> DataStream<'s, T> {
         mut merge: impl FnMut(&mut A, A) + 'static,
     ) -> DataStream<'s, A> {
         let local_init = init.clone();
-        let partials = self.inner.unary_frontier::<Builder<A>, _, _, _>(
-            Pipeline,
-            "FoldLocal",
-            move |cap, _| {
-                let mut cap = Some(cap);
-                let mut acc = Some(local_init);
-                move |(input, frontier), output| {
-                    input.for_each(|_, data| {
-                        if let Some(a) = acc.as_mut() {
-                            for (_, d) in data.drain(..) {
-                                fold(a, d);
+        let env = self.env.clone();
+        let (index, peers) = (env.worker_index(), env.parallelism());
+        let reporter = env.reporter();
+        let partials =
+            self.inner
+                .unary_frontier::<Builder<A>, _, _, _>(Pipeline, "FoldLocal", |cap, info| {
+                    let checkpoint = env.checkpointing("FoldLocal", &info.address);
+                    let mut cap = Some(cap);
+                    let mut acc = Some(local_init);
+                    // With checkpoints: the partial results of old workers this one took over
+                    // (sent on at the end beside its own, for the global merge) and input held
+                    // until its epoch is complete, so that a snapshot holds exactly the epochs
+                    // before it.
+                    let mut extra: Vec<A> = Vec::new();
+                    let mut held: BTreeMap<u64, Vec<T>> = BTreeMap::new();
+                    let mut passed: u64 = 0;
+                    match restored_folds::<A>(checkpoint.as_ref(), index, peers) {
+                        Ok(Some((own, others))) => {
+                            if own.is_some() {
+                                acc = own;
+                            }
+                            extra = others;
+                        }
+                        Ok(None) => {}
+                        Err(e) => reporter.report(e),
+                    }
+                    move |(input, frontier), output| {
+                        let Some(cp) = &checkpoint else {
+                            input.for_each(|_, data| {
+                                if let Some(a) = acc.as_mut() {
+                                    for (_, d) in data.drain(..) {
+                                        fold(a, d);
+                                    }
+                                }
+                            });
+                            if frontier.is_empty() {
+                                if let (Some(c), Some(a)) = (cap.take(), acc.take()) {
+                                    output.session(&c).give((u64::MAX, a));
+                                }
+                            }
+                            return;
+                        };
+                        input.for_each(|incap, data| {
+                            let epoch = incap.stamp().iter().map(|t| t.outer).min().unwrap_or(0);
+                            held.entry(epoch)
+                                .or_default()
+                                .extend(data.drain(..).map(|(_, d)| d));
+                        });
+                        let bound = meet(frontier.frontier());
+                        let upto = bound.map_or(u64::MAX, |m| m.outer);
+                        while let Some(entry) = held.first_entry() {
+                            if *entry.key() >= upto {
+                                break;
+                            }
+                            let records = entry.remove();
+                            if let Some(a) = acc.as_mut() {
+                                for d in records {
+                                    fold(a, d);
+                                }
                             }
                         }
-                    });
-                    if frontier.is_empty() {
-                        if let (Some(c), Some(a)) = (cap.take(), acc.take()) {
-                            output.session(&c).give((u64::MAX, a));
+                        let state = |acc: &Option<A>, extra: &Vec<A>| encode(&(acc, extra));
+                        match bound {
+                            Some(m) if m.outer > passed => {
+                                if let Some(due) = cp.due(passed..m.outer) {
+                                    let stored = state(&acc, &extra)
+                                        .map_err(StreamError::from)
+                                        .and_then(|s| cp.store(due, SnapshotState::Worker(s)));
+                                    if let Err(e) = stored {
+                                        reporter.report(e);
+                                    }
+                                }
+                                passed = m.outer;
+                                // Its result comes at the end, but its epochs are done: let
+                                // checkpoints downstream complete.
+                                if let Some(c) = cap.as_mut() {
+                                    c.downgrade(&Product::new(m.outer.max(c.outer), 0));
+                                }
+                            }
+                            Some(_) => {}
+                            None => {
+                                // Once: the input ended.
+                                let Some(c) = cap.take() else {
+                                    return;
+                                };
+                                match state(&acc, &extra) {
+                                    Ok(s) => cp.store_final(passed, SnapshotState::Worker(s)),
+                                    Err(e) => reporter.report(e.into()),
+                                }
+                                // A stopped job is not drained: the partial result stays in the
+                                // savepoint.
+                                if let (false, Some(a)) = (cp.stopping(), acc.take()) {
+                                    let mut session = output.session(&c);
+                                    session.give((u64::MAX, a));
+                                    for e in extra.drain(..) {
+                                        session.give((u64::MAX, e));
+                                    }
+                                }
+                            }
                         }
                     }
-                }
-            },
-        );
+                });
         let is_zero = self.env.worker_index() == 0;
+        // With checkpoints a stopped job emits no global result: its parts are in the
+        // savepoint.
+        let keep = self
+            .env
+            .stored_job()
+            .is_some()
+            .then(|| self.env.control().clone());
         let global = partials.unary_frontier::<Builder<A>, _, _, _>(
             Exchange::new(|_: &(u64, A)| 0u64),
             "FoldGlobal",
@@ -444,8 +538,17 @@ impl<'s, T: Data> DataStream<'s, T> {
                             }
                         }
                     });
+                    if keep.is_some() {
+                        // As in the local fold: epochs pass, the result comes at the end.
+                        if let (Some(m), Some(c)) = (meet(frontier.frontier()), cap.as_mut()) {
+                            if m.outer > c.outer {
+                                c.downgrade(&Product::new(m.outer, 0));
+                            }
+                        }
+                    }
                     if frontier.is_empty() {
-                        if let (Some(c), Some(a)) = (cap.take(), acc.take()) {
+                        let stopped = keep.as_ref().is_some_and(|c| c.should_stop());
+                        if let (Some(c), Some(a), false) = (cap.take(), acc.take(), stopped) {
                             output.session(&c).give((u64::MAX, a));
                         }
                     }
@@ -548,4 +651,39 @@ impl<T, K: Hash, KF: Fn(&T) -> K> Distributor<Vec<(u64, T)>> for KeyDistributor<
     fn relax(&mut self) {
         self.targets = Vec::new();
     }
+}
+
+/// A `fold_at_end`'s partial results from the checkpoint the job was restored from: its own
+/// old worker's (at the same index), and those of the old workers it takes over (old
+/// worker `i` goes to worker `i % parallelism`).
+#[allow(clippy::type_complexity)]
+fn restored_folds<A: Data>(
+    checkpoint: Option<&Checkpointing>,
+    index: usize,
+    peers: usize,
+) -> Result<Option<(Option<A>, Vec<A>)>, StreamError> {
+    let Some((id, parts)) = checkpoint.and_then(Checkpointing::restored) else {
+        return Ok(None);
+    };
+    let (mut own, mut others) = (None, Vec::new());
+    for (old, part) in parts.iter().enumerate() {
+        if old % peers != index {
+            continue;
+        }
+        let Some(SnapshotState::Worker(bytes)) = part else {
+            return Err(CheckpointError::Incompatible {
+                id,
+                detail: "a fold's part holds no partial result".into(),
+            }
+            .into());
+        };
+        let (acc, extra): (Option<A>, Vec<A>) = decode(bytes)?;
+        match (old == index, acc) {
+            (true, a) => own = a,
+            (false, Some(a)) => others.push(a),
+            (false, None) => {}
+        }
+        others.extend(extra);
+    }
+    Ok(Some((own, others)))
 }

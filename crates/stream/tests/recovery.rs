@@ -863,3 +863,52 @@ fn a_keyed_operator_whose_output_goes_nowhere_is_in_every_checkpoint() {
     all.sort();
     assert_eq!(broker.values(), all);
 }
+
+#[test]
+fn a_fold_at_end_resumes_from_its_partial_results() {
+    let log = log(300);
+    let total: u64 = log.iter().map(|r| r.2).sum();
+    // (parallelism before, after, stopped rather than crashed)
+    for (before, after, stop) in [(2, 2, true), (2, 1, false), (1, 2, true)] {
+        let storage = memory();
+        let broker = Broker::default();
+        let run = |parallelism: usize, kill: &dyn Fn(StopHandle) -> Kill| {
+            let env = checkpointed(&storage, parallelism);
+            let kill = kill(env.stop_handle());
+            let (l, b) = (log.clone(), broker.clone());
+            env.execute("fold", move |env| {
+                let (l, k) = (l.clone(), kill.clone());
+                let k2 = k.clone();
+                let b = b.clone();
+                env.from_reader(
+                    move |worker, _| LogReader {
+                        log: l,
+                        worker,
+                        offset: 0,
+                        kill: k2,
+                    },
+                    WatermarkStrategy::no_watermarks(),
+                    "log",
+                )
+                .fold_at_end(0u64, |acc, r| *acc += r.2, |acc, other| *acc += other)
+                .map(|sum| sum.to_string())
+                .sink_to(move |w, _| TwoPhase::new(&b, w, &k));
+            })
+        };
+        let first = run(before, &|handle| match stop {
+            true => Kill::stop_after(140, handle),
+            false => Kill {
+                after_checkpoints: 2,
+                ..Kill::after(140)
+            },
+        });
+        assert_eq!(first.is_ok(), stop);
+        assert!(broker.values().is_empty(), "no result before the end");
+        run(after, &|_| Kill::none()).expect("restored run");
+        assert_eq!(
+            broker.values(),
+            vec![total.to_string()],
+            "{before} -> {after}"
+        );
+    }
+}
