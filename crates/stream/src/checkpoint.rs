@@ -29,12 +29,15 @@
 //! group, with their event-time frontier; [`crate::SourceReader`]s their
 //! [`crate::SourceReader::snapshot`] and their watermark generator's state; in-memory
 //! sources (`from_collection`, `from_sequence`, …) how many records they emitted and their
-//! watermark state; [`crate::SinkWriter`]s their [`crate::SinkWriter::snapshot`]: the output
-//! pending commit. Parts are written synchronously on the worker when the operator sees the
-//! checkpoint epoch complete, before its capabilities move past it. Not in a checkpoint:
-//! [`crate::SourceFunction`]s (they run on their own thread and are replayed from their
-//! start), `fold_at_end`, and what plain sinks (`collect_into`, `print`, files) already
-//! wrote: only [`crate::SinkWriter`]s give exactly-once output.
+//! watermark state; `assign_timestamps_and_watermarks` its generator's state;
+//! `fold_at_end` its partial results; [`crate::SinkWriter`]s their
+//! [`crate::SinkWriter::snapshot`]: the output pending commit. Parts are written
+//! synchronously on the worker (a large keyed state pauses that worker while it is encoded
+//! and fsynced) when the operator sees the checkpoint epoch complete, before its
+//! capabilities move past it. Not in a checkpoint: [`crate::SourceFunction`]s (they run on
+//! their own thread and are replayed from their start), and what plain sinks
+//! (`collect_into`, `print`, files) already wrote: only [`crate::SinkWriter`]s give
+//! exactly-once output.
 //!
 //! # Completion
 //! Every part is durable before the operator's capability passes the checkpoint epoch, so
