@@ -487,9 +487,11 @@ fn two_processes_crash_and_restore_exactly() {
     let done = two_processes(dir.path(), &log, &broker, Kill::none());
     assert!(done.iter().all(Result::is_ok), "{done:?}");
     assert_eq!(broker.values(), expected);
-    // The savepoint's record and the parts it lists are on disk.
+    // The newest records (3 are kept) and no temporary files are left on disk.
     let fs = FileStorage::new(dir.path());
-    assert!(!fs.list("checkpoints").expect("list").is_empty());
+    let records = fs.list("checkpoints").expect("list");
+    assert!(!records.is_empty() && records.len() <= 3, "{records:?}");
+    assert!(records.iter().all(|r| r.ends_with(".meta")), "{records:?}");
 }
 
 #[test]
