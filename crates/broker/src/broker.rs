@@ -146,6 +146,11 @@ impl Broker {
         }
     }
 
+    /// Where the broker keeps durable state (None for an in-memory broker).
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.inner.persistence.as_ref().map(|p| p.data_dir())
+    }
+
     pub fn persistence(&self) -> Option<&Arc<Persistence>> {
         self.inner.persistence.as_ref()
     }

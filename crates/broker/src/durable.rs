@@ -326,6 +326,11 @@ impl Persistence {
         Ok((keys, recovered))
     }
 
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
     pub fn synced_epoch(&self) -> u64 {
         self.sync.synced_epoch()
     }

@@ -58,7 +58,9 @@ pub fn input_id(msg: &Incoming) -> Option<u128> {
 }
 
 /// Ids of inputs taken into account, by the epoch they were taken in, for the last few
-/// checkpoints.
+/// checkpoints that took any. Checkpoints without new inputs do not move the window: while
+/// the broker is down the job keeps taking (empty) checkpoints, and the deliveries whose
+/// acks the crash lost come back first when it returns — their ids must still be there.
 ///
 /// ```
 /// use rill_connect::exactly_once::IdWindow;
@@ -67,11 +69,14 @@ pub fn input_id(msg: &Incoming) -> Option<u128> {
 /// assert!(!w.insert(1, 10)); // seen
 /// w.insert(2, 20);
 /// w.checkpointed(1);
-/// w.checkpointed(2);
-/// assert!(!w.insert(3, 10)); // still within the last 2 checkpoints
-/// w.checkpointed(3); // keeps what checkpoints 2 and 3 covered: epochs 2 and 3
-/// assert!(w.insert(4, 10)); // forgotten: checkpoint 1's
-/// assert!(!w.insert(4, 20));
+/// w.checkpointed(2); // nothing new since checkpoint 1: the window does not move
+/// w.insert(3, 30);
+/// w.checkpointed(3);
+/// assert!(!w.insert(4, 10)); // still within the last 2 checkpoints that took inputs
+/// w.insert(4, 40);
+/// w.checkpointed(4); // keeps what checkpoints 3 and 4 covered
+/// assert!(w.insert(5, 10)); // forgotten: checkpoint 1's
+/// assert!(!w.insert(5, 30));
 /// ```
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct IdWindow {
@@ -82,6 +87,9 @@ pub struct IdWindow {
     checkpoints: Vec<u64>,
     #[serde(skip)]
     seen: HashSet<u128>,
+    /// Ids were added since the last checkpoint counted.
+    #[serde(skip)]
+    fresh: bool,
 }
 
 impl IdWindow {
@@ -98,12 +106,16 @@ impl IdWindow {
             return false;
         }
         self.by_epoch.entry(epoch).or_default().push(id);
+        self.fresh = true;
         true
     }
 
     /// Checkpoint `epoch` is complete. Ids are kept for the epochs the `keep` newest
     /// checkpoints covered; older ones go (their acks are long done).
     pub fn checkpointed(&mut self, epoch: u64) {
+        if !std::mem::take(&mut self.fresh) {
+            return;
+        }
         self.checkpoints.push(epoch);
         if self.checkpoints.len() <= self.keep {
             return;
@@ -132,6 +144,7 @@ impl IdWindow {
                 .collect(),
             checkpoints: self.checkpoints.clone(),
             seen: HashSet::new(),
+            fresh: false,
         }
     }
 

@@ -9,8 +9,16 @@
 //! epochs stay open, so the sources' prefetch windows fill up and consumption pauses until
 //! the broker catches up; a resource alarm in the broker holds the publisher back as it
 //! holds back any client.
+//!
+//! **With checkpoints** ([`QueueSink::exactly_once`]) the sink is a two-phase commit, as
+//! Flink's `TwoPhaseCommitSinkFunction`: a record's message is held, goes into the next
+//! checkpoint, and is published only once that checkpoint is complete, with the id
+//! `job/epoch/worker/sequence` in its `x-deduplication-header` (see
+//! [`crate::exactly_once`]). After a crash the restored checkpoint's messages are published
+//! again under the same ids, and a deduplicating target drops the copies.
 
 use crate::endpoint::Endpoint;
+use crate::exactly_once::{output_id, stamp, Pending, PendingMessage};
 use crate::format::{Encoder, Json, RawBytes, Text};
 use crate::message::Outgoing;
 use crate::transport::{PublishSpec, QueueSetup, SinkTransport};
@@ -48,6 +56,8 @@ pub struct QueueSink<T, E> {
     encoder: E,
     properties: Option<PropertiesFn<T>>,
     counters: Option<Arc<JobCounters>>,
+    /// With checkpoints: the job name in output ids.
+    two_phase: Option<String>,
     _t: PhantomData<fn() -> T>,
 }
 
@@ -65,6 +75,7 @@ impl<T: Data> QueueSink<T, RawBytes> {
             encoder: RawBytes,
             properties: None,
             counters: None,
+            two_phase: None,
             _t: PhantomData,
         }
     }
@@ -81,6 +92,7 @@ impl<T: Data> QueueSink<T, RawBytes> {
             encoder: RawBytes,
             properties: None,
             counters: None,
+            two_phase: None,
             _t: PhantomData,
         }
     }
@@ -96,8 +108,16 @@ impl<T: Data, E> QueueSink<T, E> {
             encoder,
             properties: self.properties,
             counters: self.counters,
+            two_phase: self.two_phase,
             _t: PhantomData,
         }
+    }
+
+    /// For jobs with checkpoints: a two-phase commit (see the module docs); `job` names the
+    /// job in the output ids, so it must stay the same across restarts.
+    pub fn exactly_once(mut self, job: &str) -> Self {
+        self.two_phase = Some(job.to_owned());
+        self
     }
 
     /// Bodies are the records as text.
@@ -154,6 +174,10 @@ impl<T: Data, E: Encoder<T> + Clone> QueueSink<T, E> {
             ended: None,
             confirmed_seq: 0,
             body: Vec::new(),
+            two_phase: self.two_phase.clone().map(|job| TwoPhase {
+                job,
+                pending: Pending::default(),
+            }),
         }
     }
 
@@ -180,6 +204,13 @@ pub struct QueueWriter<T, E> {
     ended: Option<u64>,
     confirmed_seq: u64,
     body: Vec<u8>,
+    two_phase: Option<TwoPhase>,
+}
+
+/// A two-phase-commit writer's state.
+struct TwoPhase {
+    job: String,
+    pending: Pending,
 }
 
 impl<T, E> QueueWriter<T, E> {
@@ -197,6 +228,25 @@ impl<T, E> QueueWriter<T, E> {
             c.set_confirms_outstanding(self.worker, outstanding);
         }
         self.confirmed_seq = confirmed;
+        if let Some(tp) = self.two_phase.as_mut() {
+            tp.pending.confirmed(confirmed);
+        }
+        Ok(())
+    }
+
+    /// Publishes committed output (two-phase mode).
+    fn publish_committed(&mut self, msgs: Vec<PendingMessage>) -> Result<(), StreamError> {
+        let exchange: Arc<str> = Arc::from(self.spec.exchange.as_str());
+        let n = msgs.len() as u64;
+        for m in msgs {
+            let seq = self.transport()?.publish(m.outgoing(&exchange))?;
+            if let Some(tp) = self.two_phase.as_mut() {
+                tp.pending.published(seq, m);
+            }
+        }
+        if let Some(c) = &self.counters {
+            c.add_out(n);
+        }
         Ok(())
     }
 }
@@ -231,6 +281,17 @@ impl<T: Data, E: Encoder<T>> SinkWriter<T> for QueueWriter<T, E> {
             Routing::Fixed(k) => k.clone(),
             Routing::Computed(f) => f(&value),
         };
+        if let Some(tp) = self.two_phase.as_mut() {
+            let seq = tp.pending.next_seq(epoch);
+            let id = output_id(&tp.job, epoch, self.worker, seq);
+            tp.pending.hold(PendingMessage {
+                epoch,
+                routing_key,
+                properties: stamp(properties, &id),
+                body: Bytes::copy_from_slice(&self.body),
+            });
+            return Ok(());
+        }
         let msg = Outgoing {
             exchange: Arc::from(self.spec.exchange.as_str()),
             routing_key,
@@ -272,9 +333,51 @@ impl<T: Data, E: Encoder<T>> SinkWriter<T> for QueueWriter<T, E> {
         })
     }
 
+    fn snapshot(&mut self, epoch: u64) -> Result<Vec<u8>, StreamError> {
+        // What the broker confirmed meanwhile need not be in the checkpoint.
+        if self.transport.is_some() {
+            self.poll()?;
+        }
+        match &self.two_phase {
+            Some(tp) => bincode::serialize(&tp.pending.snapshot(epoch))
+                .map_err(|e| StreamError::Serialize(e.to_string())),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn on_epoch_complete(&mut self, epoch: u64) -> Result<(), StreamError> {
+        let Some(tp) = self.two_phase.as_mut() else {
+            return Ok(());
+        };
+        // Checkpoint `epoch` is complete: its held output is committed; publish it.
+        let committed = tp.pending.commit(epoch);
+        self.publish_committed(committed)?;
+        self.poll()
+    }
+
+    fn restore(&mut self, snapshots: &[Vec<u8>]) -> Result<(), StreamError> {
+        let Some(tp) = self.two_phase.as_mut() else {
+            return Ok(());
+        };
+        // Output of a completed checkpoint: committed right after open, under its ids.
+        for s in snapshots.iter().filter(|s| !s.is_empty()) {
+            let msgs: Vec<PendingMessage> = bincode::deserialize(s)
+                .map_err(|e| StreamError::Source(format!("restoring pending output: {e}")))?;
+            for m in msgs {
+                tp.pending.hold(m);
+            }
+        }
+        Ok(())
+    }
+
     fn finish(&mut self) -> Result<bool, StreamError> {
         self.poll()?;
-        if self.transport.as_ref().is_some_and(|t| t.outstanding() > 0) {
+        if self.transport.as_ref().is_some_and(|t| t.outstanding() > 0)
+            || self
+                .two_phase
+                .as_ref()
+                .is_some_and(|tp| !tp.pending.is_empty())
+        {
             return Ok(false);
         }
         if let Some(t) = self.transport.as_mut() {

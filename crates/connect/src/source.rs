@@ -13,9 +13,18 @@
 //! epoch. A crash before that leaves the delivery unacked and the broker redelivers it:
 //! at-least-once. The job never holds more than `prefetch` unacked deliveries per consumer,
 //! which is its backpressure: a slow job slows its own consumption, never the producers.
+//!
+//! **With checkpoints** ([`QueueSource::exactly_once`]) epochs complete only when a
+//! checkpoint covering them is durable, so a delivery is acked once its effect is in a
+//! checkpoint; and the reader remembers the ids of what recent checkpoints covered (see
+//! [`crate::exactly_once`]) to drop a redelivery whose ack was lost in a crash. The prefetch
+//! window must then hold everything that arrives between two checkpoints; when it fills up
+//! before a checkpoint completes, the reader says so in the log instead of stalling
+//! silently.
 
 use crate::endpoint::Endpoint;
 use crate::error::ConnectError;
+use crate::exactly_once::{input_id, IdWindow};
 use crate::format::{BadInputPolicy, Decoder, Json, RawBytes, Text};
 use crate::message::{DeliveryTag, Incoming};
 use crate::transport::{ConsumeSpec, QueueSetup, SourceTransport};
@@ -32,7 +41,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Unacked deliveries per consumer when nothing is said.
-pub const DEFAULT_PREFETCH: u16 = 2000;
+pub const DEFAULT_PREFETCH: u32 = 2000;
 
 /// How often a reader refreshes its lag gauge.
 const LAG_EVERY: Duration = Duration::from_millis(500);
@@ -58,8 +67,14 @@ pub struct QueueSource<T, D> {
     decoder: D,
     bad_input: BadInputPolicy,
     counters: Option<Arc<JobCounters>>,
+    /// With checkpoints: remember input ids for this many checkpoints.
+    remember: Option<usize>,
     _t: PhantomData<fn() -> T>,
 }
+
+/// Checkpoints' worth of input ids a reader remembers when nothing is said: a lost ack is
+/// redelivered as soon as the consumer is back, so a few checkpoints are plenty.
+pub const DEFAULT_REMEMBERED_CHECKPOINTS: usize = 4;
 
 impl QueueSource<Bytes, RawBytes> {
     /// Consumes `queue`, which must exist (see [`QueueSource::setup`]), with the default
@@ -76,6 +91,7 @@ impl QueueSource<Bytes, RawBytes> {
             decoder: RawBytes,
             bad_input: BadInputPolicy::Fail,
             counters: None,
+            remember: None,
             _t: PhantomData,
         }
     }
@@ -90,8 +106,19 @@ impl<T: Data, D> QueueSource<T, D> {
             decoder,
             bad_input: self.bad_input,
             counters: self.counters,
+            remember: self.remember,
             _t: PhantomData,
         }
+    }
+
+    /// For jobs with checkpoints: remember the ids (`message_id`, or the
+    /// `x-deduplication-header` header) of the inputs the last `checkpoints` checkpoints
+    /// covered, in those checkpoints, and drop (ack) a delivery carrying one of them: it was
+    /// redelivered because its ack was lost in a crash, and its effect is already in the
+    /// restored state.
+    pub fn exactly_once(mut self, checkpoints: usize) -> Self {
+        self.remember = Some(checkpoints);
+        self
     }
 
     /// Records are UTF-8 text.
@@ -105,7 +132,7 @@ impl<T: Data, D> QueueSource<T, D> {
     }
 
     /// Unacked deliveries each consumer may hold.
-    pub fn prefetch(mut self, prefetch: u16) -> Self {
+    pub fn prefetch(mut self, prefetch: u32) -> Self {
         self.spec.prefetch = prefetch.max(1);
         self
     }
@@ -149,6 +176,10 @@ impl<T: Data, D: Decoder<T> + Clone> QueueSource<T, D> {
             buf: Vec::new(),
             epochs: VecDeque::new(),
             lag_at: None,
+            ids: self.remember.map(IdWindow::new),
+            held: 0,
+            full_since: None,
+            warned_at: None,
             _t: PhantomData,
         }
     }
@@ -184,8 +215,18 @@ pub struct QueueReader<T, D> {
     /// Per epoch still open: the highest delivery tag emitted in it and how many.
     epochs: VecDeque<(u64, DeliveryTag, u64)>,
     lag_at: Option<Instant>,
+    /// With checkpoints: ids of inputs recent checkpoints covered.
+    ids: Option<IdWindow>,
+    /// Deliveries emitted (or skipped) and not acked yet.
+    held: u64,
+    /// Since when the window has been full.
+    full_since: Option<Instant>,
+    warned_at: Option<Instant>,
     _t: PhantomData<fn() -> T>,
 }
+
+/// A full window for this long with no checkpoint completing is worth a warning.
+const FULL_WINDOW_WARNING: Duration = Duration::from_secs(5);
 
 impl<T, D> QueueReader<T, D> {
     fn transport(&mut self) -> Result<&mut Box<dyn SourceTransport>, StreamError> {
@@ -196,12 +237,35 @@ impl<T, D> QueueReader<T, D> {
 
     /// Remembers that `tag` went out in `epoch` (to be acked with it).
     fn note(&mut self, epoch: u64, tag: DeliveryTag) {
+        self.held += 1;
         match self.epochs.back_mut() {
             Some((e, last, n)) if *e == epoch => {
                 *last = (*last).max(tag);
                 *n += 1;
             }
             _ => self.epochs.push_back((epoch, tag, 1)),
+        }
+    }
+
+    /// Says so when the prefetch window stays full: the job then consumes only as fast as
+    /// its epochs (with checkpoints: its checkpoints) complete.
+    fn watch_window(&mut self) {
+        if self.held < u64::from(self.spec.prefetch) {
+            self.full_since = None;
+            return;
+        }
+        let since = *self.full_since.get_or_insert_with(Instant::now);
+        let quiet = self
+            .warned_at
+            .is_none_or(|w| w.elapsed() >= Duration::from_secs(60));
+        if since.elapsed() >= FULL_WINDOW_WARNING && quiet {
+            self.warned_at = Some(Instant::now());
+            tracing::warn!(
+                queue = %self.spec.queue,
+                prefetch = self.spec.prefetch,
+                full_for_s = since.elapsed().as_secs(),
+                "the prefetch window is full and no epoch completes: consumption waits for the job's next checkpoint; raise the prefetch above what arrives between two checkpoints, or checkpoint more often"
+            );
         }
     }
 
@@ -241,9 +305,18 @@ impl<T: Data, D: Decoder<T>> SourceReader<T> for QueueReader<T, D> {
             return Err(e.into());
         }
         let epoch = out.epoch();
-        let (mut n, mut bad) = (0u64, 0u64);
+        let (mut n, mut bad, mut seen) = (0u64, 0u64, 0u64);
         let mut result = Ok(());
         for msg in buf.drain(..) {
+            if let Some(ids) = self.ids.as_mut() {
+                if input_id(&msg).is_some_and(|id| !ids.insert(epoch, id)) {
+                    // Already in the state: a redelivery after a lost ack. Acked with this
+                    // epoch, not processed again.
+                    self.note(epoch, msg.tag);
+                    seen += 1;
+                    continue;
+                }
+            }
             match self.decoder.decode(&msg) {
                 Ok(value) => {
                     out.collect(value);
@@ -283,11 +356,39 @@ impl<T: Data, D: Decoder<T>> SourceReader<T> for QueueReader<T, D> {
             c.add_in(n + bad);
             c.add_bad_input(bad);
         }
+        if seen > 0 {
+            tracing::info!(queue = %self.spec.queue, deliveries = seen, "dropped redeliveries of inputs a checkpoint already covers");
+        }
         self.refresh_lag();
+        self.watch_window();
         result.map(|()| ReaderStatus::Idle)
     }
 
+    fn restore(&mut self, snapshots: &[Vec<u8>]) -> Result<(), StreamError> {
+        // Any consumer may get a redelivery, so every reader learns every old reader's ids.
+        if let Some(ids) = self.ids.as_mut() {
+            for s in snapshots.iter().filter(|s| !s.is_empty()) {
+                let old: IdWindow = bincode::deserialize(s)
+                    .map_err(|e| StreamError::Source(format!("restoring queue source ids: {e}")))?;
+                ids.absorb(old);
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&mut self, epoch: u64) -> Result<Vec<u8>, StreamError> {
+        match &self.ids {
+            Some(ids) => bincode::serialize(&ids.snapshot(epoch))
+                .map_err(|e| StreamError::Serialize(e.to_string())),
+            None => Ok(Vec::new()),
+        }
+    }
+
     fn on_epoch_complete(&mut self, epoch: u64) -> Result<(), StreamError> {
+        if let Some(ids) = self.ids.as_mut() {
+            // With checkpoints, only completed checkpoints are announced.
+            ids.checkpointed(epoch);
+        }
         let mut last: Option<DeliveryTag> = None;
         let mut n = 0;
         while self.epochs.front().is_some_and(|(e, _, _)| *e <= epoch) {
@@ -298,6 +399,8 @@ impl<T: Data, D: Decoder<T>> SourceReader<T> for QueueReader<T, D> {
         }
         if let Some(tag) = last {
             self.transport()?.ack_upto(tag)?;
+            self.held = self.held.saturating_sub(n);
+            self.full_since = None;
             if let Some(c) = &self.counters {
                 c.add_acked(n);
             }

@@ -10,8 +10,10 @@
 //! **Position:** for each partition the reader knows the offset after the last record it
 //! emitted and the offset after the last record whose epoch completed (everything before it
 //! went all the way through the job). After a lost connection it resumes just after what it
-//! emitted (a stream does not redeliver by itself); [`StreamReader::positions`] and the
-//! reader's snapshot give the completed positions, from which a restarted job resumes.
+//! emitted (a stream does not redeliver by itself). With checkpoints, the positions are in
+//! every checkpoint, and a restored job reads each partition again from exactly where its
+//! checkpoint was: a stream keeps its messages, so this is exactly-once without any ids.
+//! [`StreamReader::positions`] gives the completed positions.
 
 use crate::endpoint::Endpoint;
 use crate::error::ConnectError;
@@ -73,7 +75,7 @@ pub struct StreamSource<T, D> {
     start: StartOffset,
     /// Per partition, where to resume instead of `start` (a restored position).
     resume: BTreeMap<String, u64>,
-    prefetch: u16,
+    prefetch: u32,
     decoder: D,
     bad_input: BadInputPolicy,
     counters: Option<Arc<JobCounters>>,
@@ -121,7 +123,7 @@ impl<T: Data, D> StreamSource<T, D> {
     }
 
     /// Undone deliveries each partition's consumer may hold.
-    pub fn prefetch(mut self, prefetch: u16) -> Self {
+    pub fn prefetch(mut self, prefetch: u32) -> Self {
         self.prefetch = prefetch.max(1);
         self
     }
@@ -213,7 +215,7 @@ fn offset_arguments(start: StartOffset) -> FieldTable {
 /// One worker's reader of a [`StreamSource`].
 pub struct StreamReader<T, D> {
     endpoint: Endpoint,
-    prefetch: u16,
+    prefetch: u32,
     decoder: D,
     bad_input: BadInputPolicy,
     counters: Option<Arc<JobCounters>>,
@@ -344,6 +346,22 @@ impl<T: Data, D: Decoder<T>> SourceReader<T> for StreamReader<T, D> {
         }
         if let Some(c) = &self.counters {
             c.add_acked(acked);
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, snapshots: &[Vec<u8>]) -> Result<(), StreamError> {
+        // Every old reader's positions: this reader takes those of the partitions it owns
+        // now (at another parallelism they may have been another worker's).
+        for s in snapshots.iter().filter(|s| !s.is_empty()) {
+            let positions: BTreeMap<String, u64> = serde_json::from_slice(s)
+                .map_err(|e| StreamError::Source(format!("restoring stream positions: {e}")))?;
+            for p in &mut self.partitions {
+                if let Some(&at) = positions.get(&p.queue) {
+                    p.start = StartOffset::Offset(at);
+                    p.completed_to = Some(at);
+                }
+            }
         }
         Ok(())
     }

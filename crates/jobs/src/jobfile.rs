@@ -149,13 +149,13 @@ pub fn parse(text: &str, path: &Path) -> Result<JobSpec, JobFileError> {
         };
     }
     if let Some(p) = &raw.prefetch {
-        options.prefetch = match u16::try_from(*p.get_ref()) {
-            Ok(n) if n >= 1 => n,
+        options.prefetch = match u32::try_from(*p.get_ref()) {
+            Ok(n) if (1..=10_000_000).contains(&n) => Some(n),
             _ => {
                 return Err(invalid(
                     "prefetch",
                     p.span(),
-                    "must be between 1 and 65535".into(),
+                    "must be between 1 and 10000000".into(),
                 ))
             }
         };
@@ -264,7 +264,7 @@ mod tests {
             Path::new("wc.toml"),
         )
         .unwrap();
-        assert_eq!(spec.options.prefetch, 50);
+        assert_eq!(spec.options.prefetch, Some(50));
         assert_eq!(spec.options.bad_input, BadInputPolicy::DeadLetter);
         assert!(!spec.options.durable_queues);
         assert_eq!(spec.options.credentials.vhost, "v");

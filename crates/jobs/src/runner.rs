@@ -11,6 +11,14 @@
 //! it closes client connections. Its progress counters are registered with the broker.
 //!
 //! Either way it logs its progress every few seconds ([`crate::progress`]).
+//!
+//! **Checkpoints** (a checkpoint interval or directory given): the job restores its newest
+//! complete checkpoint when it starts, takes one every interval, and a final one (a
+//! savepoint) when it is stopped; its sources ack and its sinks publish per completed
+//! checkpoint, which gives exactly-once results into deduplicating queues
+//! (`docs/exactly-once.md`). A standalone job keeps them in `--checkpoint-dir` (default
+//! `./rill-checkpoints/<name>`); an embedded one under the broker's data directory,
+//! `<data-dir>/jobs/<name>/checkpoints`, so it restarts with the broker from where it was.
 
 use crate::progress::{ProgressLogger, PROGRESS_EVERY};
 use crate::spec::{BuiltinJob, JobSpec};
@@ -19,7 +27,9 @@ use rill_broker::jobs::JobCounters;
 use rill_broker::Broker;
 use rill_connect::transport::Credentials;
 use rill_connect::{ConnectError, Endpoint};
+use rill_stream::checkpoint::CheckpointConfig;
 use rill_stream::{ClusterConfig, JobEnv, StopHandle, StreamError, StreamExecutionEnvironment};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,12 +92,34 @@ impl JobError {
     }
 }
 
-/// The environment a job runs in.
-fn environment(spec: &JobSpec) -> StreamExecutionEnvironment {
+/// Checkpoint interval when only a directory is given.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The environment a job runs in, checkpointing into `checkpoints` if given.
+fn environment(spec: &JobSpec, checkpoints: Option<PathBuf>) -> StreamExecutionEnvironment {
     let mut env = StreamExecutionEnvironment::new();
     env.set_parallelism(spec.options.parallelism);
     env.set_epoch_interval(ACK_EPOCH);
+    if let Some(dir) = checkpoints {
+        let interval = spec
+            .options
+            .checkpoint_interval_ms
+            .map_or(DEFAULT_CHECKPOINT_INTERVAL, Duration::from_millis);
+        tracing::info!(job = %spec.name, dir = %dir.display(), interval_ms = interval.as_millis() as u64, "checkpoints");
+        env.set_checkpointing(CheckpointConfig::new(dir).with_interval(interval));
+    }
     env
+}
+
+/// Where a standalone job keeps its checkpoints, if it takes any.
+pub fn standalone_checkpoint_dir(spec: &JobSpec) -> Option<PathBuf> {
+    match &spec.options.checkpoint_dir {
+        Some(dir) => Some(dir.clone()),
+        None if spec.options.checkpointing() => {
+            Some(PathBuf::from("rill-checkpoints").join(&spec.name))
+        }
+        None => None,
+    }
 }
 
 /// What builds a job's dataflow on each worker, given where its connectors connect and
@@ -98,11 +130,22 @@ pub type BuildFn = dyn Fn(&JobEnv<'_>, &Endpoint, &Arc<JobCounters>) + Send + Sy
 fn builtin(spec: &JobSpec) -> Arc<BuildFn> {
     let job = spec.job.clone();
     let options = spec.options.clone();
+    let name = spec.name.clone();
     Arc::new(move |jenv, endpoint, counters| match &job {
         BuiltinJob::Wordcount {
             source_queue,
             sink_queue,
-        } => crate::wordcount::build(jenv, endpoint, source_queue, sink_queue, &options, counters),
+        } => crate::wordcount::build(
+            jenv,
+            endpoint,
+            &crate::wordcount::Wordcount {
+                name: &name,
+                source_queue,
+                sink_queue,
+                options: &options,
+            },
+            counters,
+        ),
     })
 }
 
@@ -126,11 +169,17 @@ pub fn run_standalone(
     uri: &str,
     cluster: Option<ClusterConfig>,
 ) -> Result<(), JobError> {
-    let mut env = environment(spec);
+    let mut env = environment(spec, standalone_checkpoint_dir(spec));
     if let Some(c) = cluster {
         env.set_cluster(c);
     }
     crate::signals::stop_on_terminate(env.stop_handle());
+    let trigger = env.checkpoint_trigger();
+    crate::signals::on_user1(move || {
+        if let Some(id) = trigger.trigger() {
+            tracing::info!(checkpoint = id, "checkpoint requested");
+        }
+    });
     let orphaned = env.stop_handle();
     crate::supervisor::stop_when_orphaned(move || orphaned.stop());
     let counters = Arc::new(JobCounters::new(&spec.name, spec.options.parallelism));
@@ -206,12 +255,19 @@ impl EmbeddedJobRun {
         }
     }
 
-    /// A job file's built-in job.
-    pub fn from_spec(spec: &JobSpec) -> EmbeddedJobRun {
+    /// A job file's built-in job; with checkpoints, they live under `data_dir` (the broker's)
+    /// unless the job file names a directory.
+    pub fn from_spec(spec: &JobSpec, data_dir: &Path) -> EmbeddedJobRun {
+        let checkpoints = spec.options.checkpointing().then(|| {
+            spec.options
+                .checkpoint_dir
+                .clone()
+                .unwrap_or_else(|| data_dir.join("jobs").join(&spec.name).join("checkpoints"))
+        });
         EmbeddedJobRun {
             name: spec.name.clone(),
             parallelism: spec.options.parallelism,
-            env: environment(spec),
+            env: environment(spec, checkpoints),
             credentials: spec.options.credentials.clone(),
             build: builtin(spec),
         }

@@ -37,8 +37,9 @@ impl BuiltinJob {
 pub struct JobOptions {
     /// Worker threads (each runs one consumer per source queue).
     pub parallelism: usize,
-    /// Unacked deliveries each source consumer may hold.
-    pub prefetch: u16,
+    /// Unacked deliveries each source consumer may hold (None: [`JobOptions::prefetch`]
+    /// picks).
+    pub prefetch: Option<u32>,
     pub bad_input: BadInputPolicy,
     /// Declare the job's queues if they are missing (otherwise a missing queue is an error).
     pub declare_queues: bool,
@@ -51,15 +52,38 @@ pub struct JobOptions {
     pub checkpoint_dir: Option<PathBuf>,
 }
 
-/// Unacked deliveries per consumer when nothing is said: enough to keep a job busy while the
-/// deliveries of the last epoch are being acknowledged.
-pub const DEFAULT_PREFETCH: u16 = 2000;
+/// Unacked deliveries per consumer when nothing is said, without checkpoints: enough to keep
+/// a job busy while the deliveries of the last epoch (20 ms) are being acknowledged.
+pub const DEFAULT_PREFETCH: u32 = 2000;
+
+/// ... and with checkpoints, where deliveries are acked once per checkpoint: the window must
+/// hold what arrives between two checkpoints. In-process there is no protocol limit; over
+/// AMQP 0-9-1 the most a consumer can ask for is 65535.
+pub const CHECKPOINT_PREFETCH_EMBEDDED: u32 = 200_000;
+pub const CHECKPOINT_PREFETCH_AMQP: u32 = 65_535;
+
+impl JobOptions {
+    /// Whether the job takes checkpoints (and so gives exactly-once results).
+    pub fn checkpointing(&self) -> bool {
+        self.checkpoint_interval_ms.is_some() || self.checkpoint_dir.is_some()
+    }
+
+    /// The prefetch to use: the one asked for, or the default for the mode.
+    pub fn prefetch(&self, embedded: bool) -> u32 {
+        self.prefetch
+            .unwrap_or(match (self.checkpointing(), embedded) {
+                (false, _) => DEFAULT_PREFETCH,
+                (true, true) => CHECKPOINT_PREFETCH_EMBEDDED,
+                (true, false) => CHECKPOINT_PREFETCH_AMQP,
+            })
+    }
+}
 
 impl Default for JobOptions {
     fn default() -> Self {
         JobOptions {
             parallelism: 1,
-            prefetch: DEFAULT_PREFETCH,
+            prefetch: None,
             bad_input: BadInputPolicy::Fail,
             declare_queues: true,
             durable_queues: true,

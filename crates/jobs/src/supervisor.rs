@@ -12,11 +12,14 @@
 //! on unsupervised.
 //!
 //! SIGTERM or SIGINT to the supervisor is passed on to the workers, which stop cleanly (and
-//! take a final checkpoint); the supervisor exits 0 once they all did.
+//! take a final checkpoint); the supervisor exits 0 once they all did. SIGUSR1 is passed on
+//! too: it asks every worker for a checkpoint now (`rill job savepoint`, which finds the
+//! supervisor through the pid file it keeps in the checkpoint directory).
 
 use rustix::process::{kill_process, Pid, Signal};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,11 +98,22 @@ pub fn supervise(
     name: &str,
     processes: usize,
     restart: RestartStrategy,
+    pid_file: Option<&Path>,
     worker: impl Fn(usize, &[String]) -> Command,
 ) -> i32 {
+    let _pid_file = pid_file.map(PidFile::write);
     let stopping = Arc::new(AtomicBool::new(false));
     let flag = stopping.clone();
     crate::signals::on_terminate(move || flag.store(true, Ordering::Release));
+    let requests = Arc::new(AtomicU64::new(0));
+    let counter = requests.clone();
+    crate::signals::on_user1(move || {
+        counter.fetch_add(1, Ordering::AcqRel);
+    });
+    let signals = Signals {
+        stopping,
+        checkpoint_requests: requests,
+    };
     let mut attempt = 0u32;
     loop {
         let hosts = match cluster_hosts(processes) {
@@ -125,7 +139,7 @@ pub fn supervise(
             }
         }
         tracing::info!(job = name, processes, pids = ?children.iter().map(Child::id).collect::<Vec<_>>(), "workers started");
-        let failure = watch(name, &mut children, &stopping);
+        let failure = watch(name, &mut children, &signals);
         let code = match failure {
             Outcome::Done(code) => return code,
             Outcome::Failed(code) => code,
@@ -160,7 +174,7 @@ pub fn supervise(
         );
         let until = Instant::now() + pause;
         while Instant::now() < until {
-            if stopping.load(Ordering::Acquire) {
+            if signals.stopping.load(Ordering::Acquire) {
                 return 0;
             }
             std::thread::sleep(POLL);
@@ -175,11 +189,30 @@ enum Outcome {
     Failed(i32),
 }
 
-fn watch(name: &str, children: &mut [Child], stopping: &AtomicBool) -> Outcome {
+/// What the supervisor was asked from outside.
+struct Signals {
+    stopping: Arc<AtomicBool>,
+    /// SIGUSR1s received: each is passed on to the workers.
+    checkpoint_requests: Arc<AtomicU64>,
+}
+
+fn watch(name: &str, children: &mut [Child], signals: &Signals) -> Outcome {
     let mut signalled = false;
     let mut codes: Vec<Option<i32>> = vec![None; children.len()];
+    let mut forwarded = signals.checkpoint_requests.load(Ordering::Acquire);
     loop {
-        if stopping.load(Ordering::Acquire) && !signalled {
+        let requested = signals.checkpoint_requests.load(Ordering::Acquire);
+        if requested != forwarded {
+            forwarded = requested;
+            tracing::info!(
+                job = name,
+                "checkpoint requested: passing it on to the workers"
+            );
+            for c in children.iter() {
+                send(c, Signal::USR1);
+            }
+        }
+        if signals.stopping.load(Ordering::Acquire) && !signalled {
             signalled = true;
             tracing::info!(job = name, "stopping the workers");
             for c in children.iter() {
@@ -224,9 +257,82 @@ fn watch(name: &str, children: &mut [Child], stopping: &AtomicBool) -> Outcome {
 }
 
 fn terminate(child: &Child) {
+    send(child, Signal::TERM);
+}
+
+fn send(child: &Child, signal: Signal) {
     if let Some(pid) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) {
-        let _ = kill_process(pid, Signal::TERM);
+        let _ = kill_process(pid, signal);
     }
+}
+
+/// The supervisor's pid in a file, removed when it exits.
+struct PidFile(PathBuf);
+
+/// Its name in the checkpoint directory.
+pub const PID_FILE: &str = "supervisor.pid";
+
+impl PidFile {
+    fn write(path: &Path) -> PidFile {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(e) = std::fs::write(path, std::process::id().to_string()) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the pid file: rill job savepoint will not find this job");
+        }
+        PidFile(path.to_path_buf())
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Asks the job supervised from `checkpoint_dir` for a checkpoint now and waits up to
+/// `timeout` for it to complete; returns its id.
+pub fn request_checkpoint(checkpoint_dir: &Path, timeout: Duration) -> Result<u64, String> {
+    let pid_path = checkpoint_dir.join(PID_FILE);
+    let text = std::fs::read_to_string(&pid_path)
+        .map_err(|e| format!("no running job found ({}: {e})", pid_path.display()))?;
+    let pid = text
+        .trim()
+        .parse::<i32>()
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| format!("{} does not hold a pid", pid_path.display()))?;
+    let before = latest_checkpoint(checkpoint_dir);
+    kill_process(pid, Signal::USR1).map_err(|e| {
+        format!(
+            "cannot signal the job's supervisor (pid {}): {e}",
+            pid.as_raw_nonzero()
+        )
+    })?;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match latest_checkpoint(checkpoint_dir) {
+            Some(id) if Some(id) > before => return Ok(id),
+            _ => std::thread::sleep(POLL),
+        }
+    }
+    Err(format!(
+        "no new checkpoint completed within {} s",
+        timeout.as_secs()
+    ))
+}
+
+/// The id of the newest completed checkpoint in `dir` (its completion records are
+/// `checkpoints/<id>.meta`).
+pub fn latest_checkpoint(dir: &Path) -> Option<u64> {
+    std::fs::read_dir(dir.join("checkpoints"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name();
+            name.to_str()?.strip_suffix(".meta")?.parse::<u64>().ok()
+        })
+        .max()
 }
 
 fn kill_all(children: &mut [Child]) {

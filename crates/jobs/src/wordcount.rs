@@ -8,11 +8,14 @@
 //! - each word occurrence bumps that word's running count and publishes one persistent
 //!   message to the sink queue through the default exchange, with body
 //!   `{"word":"<w>","count":<n>}` and a `message_id` (see [`message_id`]);
-//! - a body that is not UTF-8 is bad input, handled by the job's `bad_input` policy.
+//! - a body that is not UTF-8 is bad input, handled by the job's `bad_input` policy;
+//! - with checkpoints, a sink queue the job declares deduplicates on
+//!   `x-deduplication-header`, which the job sets on every message (`job/epoch/worker/seq`),
+//!   so that its output is exactly-once (`docs/exactly-once.md`).
 
 use crate::spec::JobOptions;
 use rill_broker::jobs::JobCounters;
-use rill_codec::{BasicProperties, FieldTable, ShortString};
+use rill_codec::{AMQPValue, BasicProperties, FieldTable, ShortString};
 use rill_connect::transport::QueueSetup;
 use rill_connect::{Endpoint, QueueSink, QueueSource};
 use rill_stream::JobEnv;
@@ -64,31 +67,73 @@ pub fn message_id(word: &str, count: u64) -> String {
     format!("{count}:#{hash:016x}")
 }
 
-/// Adds the word count to the job being built on `env`: `source_queue` → words → running
-/// count per word → `sink_queue`.
+/// A word count job: its name (in output ids) and queues.
+#[derive(Debug, Clone, Copy)]
+pub struct Wordcount<'a> {
+    pub name: &'a str,
+    pub source_queue: &'a str,
+    pub sink_queue: &'a str,
+    pub options: &'a JobOptions,
+}
+
+/// Keys a deduplicating sink queue remembers (`x-cache-size`), when the job declares it: it
+/// must cover the output a restored job may publish again, the pending output of about two
+/// checkpoints.
+pub const SINK_DEDUP_CACHE: i64 = 1_000_000;
+
+/// How long it remembers them (`x-cache-ttl`, ms): a republish follows a restart within
+/// seconds; an hour leaves room for a broker that was down a while.
+pub const SINK_DEDUP_TTL_MS: i64 = 3_600_000;
+
+/// Adds the word count to the job being built on `env`: the source queue → words → running
+/// count per word → the sink queue. With checkpoints, exactly-once: the source remembers
+/// input ids, the sink is a two-phase commit, and a sink queue the job declares
+/// deduplicates (`x-message-deduplication`).
 pub fn build(
     env: &JobEnv<'_>,
     endpoint: &Endpoint,
-    source_queue: &str,
-    sink_queue: &str,
-    options: &JobOptions,
+    wc: &Wordcount<'_>,
     counters: &Arc<JobCounters>,
 ) {
-    let setup = if options.declare_queues {
+    let options = wc.options;
+    let exactly_once = options.checkpointing();
+    let setup = |dedup: bool| {
+        if !options.declare_queues {
+            return QueueSetup::Existing;
+        }
+        let mut arguments = FieldTable::default();
+        if dedup {
+            rill_codec::field_table_insert(
+                &mut arguments,
+                "x-message-deduplication",
+                AMQPValue::Boolean(true),
+            );
+            rill_codec::field_table_insert(
+                &mut arguments,
+                "x-cache-size",
+                AMQPValue::LongLongInt(SINK_DEDUP_CACHE),
+            );
+            rill_codec::field_table_insert(
+                &mut arguments,
+                "x-cache-ttl",
+                AMQPValue::LongLongInt(SINK_DEDUP_TTL_MS),
+            );
+        }
         QueueSetup::DeclareIfMissing {
             durable: options.durable_queues,
-            arguments: FieldTable::default(),
+            arguments,
         }
-    } else {
-        QueueSetup::Existing
     };
-    let lines = QueueSource::new(endpoint.clone(), source_queue)
+    let mut source = QueueSource::new(endpoint.clone(), wc.source_queue)
         .text()
-        .prefetch(options.prefetch)
-        .setup(setup.clone())
+        .prefetch(options.prefetch(endpoint.is_embedded()))
+        .setup(setup(false))
         .bad_input(options.bad_input)
-        .counters(counters.clone())
-        .build(env);
+        .counters(counters.clone());
+    if exactly_once {
+        source = source.exactly_once(rill_connect::source::DEFAULT_REMEMBERED_CHECKPOINTS);
+    }
+    let lines = source.build(env);
     let counts = lines
         .flat_map(|line: String| {
             words(&line)
@@ -99,14 +144,17 @@ pub fn build(
         .key_by(|(word, _)| word.clone())
         .sum(|t| &mut t.1)
         .map(|(word, count)| WordCount { word, count });
-    QueueSink::to_queue(endpoint.clone(), sink_queue)
+    let mut sink = QueueSink::to_queue(endpoint.clone(), wc.sink_queue)
         .json()
-        .setup(setup)
+        .setup(setup(exactly_once))
         .properties(|wc: &WordCount| {
             BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_message_id(ShortString::from(message_id(&wc.word, wc.count)))
         })
-        .counters(counters.clone())
-        .build(counts);
+        .counters(counters.clone());
+    if exactly_once {
+        sink = sink.exactly_once(wc.name);
+    }
+    sink.build(counts);
 }

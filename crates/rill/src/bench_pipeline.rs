@@ -99,9 +99,10 @@ pub struct PipelineArgs {
     /// The job's worker threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     parallelism: u16,
-    /// Unacked deliveries each of the job's source consumers may hold.
-    #[arg(long, default_value_t = rill_jobs::spec::DEFAULT_PREFETCH, value_parser = clap::value_parser!(u16).range(1..))]
-    prefetch: u16,
+    /// Unacked deliveries each of the job's source consumers may hold (default: the job's own,
+    /// which depends on checkpoints and on embedded or standalone).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    prefetch: Option<u32>,
     /// Unconfirmed publishes the load generator keeps in flight.
     #[arg(long, default_value_t = 1000)]
     inflight: usize,
@@ -390,9 +391,12 @@ fn write_job_file(
 ) -> anyhow::Result<()> {
     let mut text = format!(
         "name = \"bench-wordcount\"\njob = \"wordcount\"\nsource_queue = \"{}\"\n\
-         sink_queue = \"{}\"\nparallelism = {}\nprefetch = {}\ndurable_queues = true\n",
-        queues.input, queues.output, args.parallelism, args.prefetch
+         sink_queue = \"{}\"\nparallelism = {}\ndurable_queues = true\n",
+        queues.input, queues.output, args.parallelism
     );
+    if let Some(p) = args.prefetch {
+        text.push_str(&format!("prefetch = {p}\n"));
+    }
     if let Some((ms, dir)) = checkpoint {
         text.push_str(&format!(
             "checkpoint_interval_ms = {ms}\ncheckpoint_dir = {:?}\n",
@@ -415,8 +419,10 @@ fn start_job(
         .args(["--source-queue", &queues.input])
         .args(["--sink-queue", &queues.output])
         .args(["--parallelism", &args.parallelism.to_string()])
-        .args(["--prefetch", &args.prefetch.to_string()])
         .args(["--name", "bench-wordcount"]);
+    if let Some(p) = args.prefetch {
+        cmd.args(["--prefetch", &p.to_string()]);
+    }
     if let Some((ms, checkpoint_dir)) = checkpoint {
         cmd.args(["--checkpoint-interval-ms", &ms.to_string()])
             .arg("--checkpoint-dir")

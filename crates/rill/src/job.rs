@@ -24,9 +24,21 @@ enum JobCommand {
     /// waits for its publishes to be confirmed, and exits 0), restarting its worker
     /// processes when one fails.
     Run(RunArgs),
+    /// Ask a running job for a checkpoint now, and wait until it is complete.
+    Savepoint(SavepointArgs),
     /// One worker process of a job (started by `rill job run`).
     #[command(hide = true)]
     Worker(WorkerArgs),
+}
+
+#[derive(Args, Debug)]
+struct SavepointArgs {
+    /// The job's checkpoint directory (as given to `rill job run --checkpoint-dir`).
+    #[arg(long)]
+    checkpoint_dir: PathBuf,
+    /// How long to wait for the checkpoint to complete.
+    #[arg(long, default_value_t = 60_000)]
+    timeout_ms: u64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -68,9 +80,11 @@ struct RunArgs {
     /// Worker processes (one timely cluster over loopback); must divide --parallelism.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     processes: u16,
-    /// Unacked deliveries each consumer may hold.
-    #[arg(long, default_value_t = rill_jobs::spec::DEFAULT_PREFETCH, value_parser = clap::value_parser!(u16).range(1..))]
-    prefetch: u16,
+    /// Unacked deliveries each consumer may hold (at most 65535 over AMQP). Default: 2000,
+    /// or 65535 with checkpoints (acks come once per checkpoint, so the window must hold
+    /// what arrives between two).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    prefetch: Option<u32>,
     /// What to do with a message that is not UTF-8: skip (ack it), dead-letter (nack it
     /// without requeue) or fail (stop with an error).
     #[arg(long, default_value = "fail")]
@@ -114,6 +128,7 @@ struct WorkerArgs {
 pub fn run(cmd: JobCmd) -> i32 {
     match cmd.command {
         JobCommand::Run(args) => supervise(args),
+        JobCommand::Savepoint(args) => savepoint(args),
         JobCommand::Worker(args) => worker(args),
     }
 }
@@ -169,14 +184,42 @@ fn supervise(args: RunArgs) -> i32 {
     };
     // Workers get our arguments as they were, plus their place in the cluster.
     let passed: Vec<std::ffi::OsString> = std::env::args_os().skip(3).collect();
-    let name = spec(&args).name;
-    rill_jobs::supervisor::supervise(&name, usize::from(args.processes), restart, |i, hosts| {
-        let mut cmd = std::process::Command::new(&exe);
-        cmd.arg("job").arg("worker").args(&passed);
-        cmd.arg("--process").arg(i.to_string());
-        cmd.arg("--hosts").arg(hosts.join(","));
-        cmd
-    })
+    let spec = spec(&args);
+    let pid_file = rill_jobs::runner::standalone_checkpoint_dir(&spec)
+        .map(|dir| dir.join(rill_jobs::supervisor::PID_FILE));
+    rill_jobs::supervisor::supervise(
+        &spec.name,
+        usize::from(args.processes),
+        restart,
+        pid_file.as_deref(),
+        |i, hosts| {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("job").arg("worker").args(&passed);
+            cmd.arg("--process").arg(i.to_string());
+            cmd.arg("--hosts").arg(hosts.join(","));
+            cmd
+        },
+    )
+}
+
+fn savepoint(args: SavepointArgs) -> i32 {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    match rill_jobs::supervisor::request_checkpoint(&args.checkpoint_dir, timeout) {
+        Ok(id) => {
+            println!(
+                "checkpoint {id} complete: {}",
+                args.checkpoint_dir
+                    .join("checkpoints")
+                    .join(format!("{id:020}.meta"))
+                    .display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("rill job savepoint: {e}");
+            1
+        }
+    }
 }
 
 fn worker(args: WorkerArgs) -> i32 {

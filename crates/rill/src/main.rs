@@ -96,6 +96,7 @@ fn server(args: ServerArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let data_dir = args.data_dir.clone();
     let mut server = rill_server::Server::new(rill_server::ServerConfig {
         bind: args.bind,
         port: args.port,
@@ -110,7 +111,7 @@ fn server(args: ServerArgs) -> anyhow::Result<()> {
     });
     for spec in specs {
         server = server.job(Box::new(rill_jobs::runner::EmbeddedJobRun::from_spec(
-            &spec,
+            &spec, &data_dir,
         )));
     }
     Ok(server.run_blocking()?)

@@ -113,7 +113,7 @@ fn numbered(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("m{i}")).collect()
 }
 
-fn consume_spec(queue: &str, setup: QueueSetup, prefetch: u16) -> ConsumeSpec {
+fn consume_spec(queue: &str, setup: QueueSetup, prefetch: u32) -> ConsumeSpec {
     ConsumeSpec {
         queue: queue.into(),
         setup,

@@ -326,10 +326,43 @@ impl Classic {
         n
     }
 
-    /// Keeps the deduplication cache in `keys` from now on, with the keys it recovered.
-    pub(super) fn restore_keys(&self, keys: DurableKeys, recovered: Vec<KeyRecord>) {
-        if let Some(d) = self.state.lock().dedup.as_mut() {
-            d.attach_log(keys, recovered);
+    /// Keeps the deduplication cache in `keys` from now on, with the keys it recovered, and
+    /// the keys of the recovered messages themselves. A message's key reaches its log only
+    /// after the message is synced (a key must never outlive a lost message), so a crash in
+    /// between leaves a message whose key is gone; its publisher had no confirm and sends it
+    /// again. Reading the keys back from the messages still in the queue catches that copy.
+    pub(super) fn restore_keys(&self, q: &Queue, keys: DurableKeys, recovered: Vec<KeyRecord>) {
+        let mut st = self.state.lock();
+        let QueueState { dedup, ready, .. } = &mut *st;
+        let Some(d) = dedup.as_mut() else {
+            return;
+        };
+        d.attach_log(keys, recovered);
+        let (Some(durable), Some(args)) = (&self.durable, q.args.dedup.as_ref()) else {
+            return;
+        };
+        let now = now_ms();
+        let mut reader = ReadAhead::default();
+        let mut restored = 0u64;
+        for pos in ready.iter().filter_map(|e| e.pos) {
+            let Ok(msg) = reader.read(durable, pos) else {
+                continue;
+            };
+            let Some(key) = args.key_of(&msg) else {
+                continue;
+            };
+            if matches!(d.check(&key, now), Check::New) {
+                match d.remember(&key, now, None, true) {
+                    Ok(_) => restored += 1,
+                    Err(e) => {
+                        tracing::error!(queue = %q.config.name, error = %e, "cannot write a deduplication key");
+                        break;
+                    }
+                }
+            }
+        }
+        if restored > 0 {
+            tracing::info!(queue = %q.config.name, keys = restored, "deduplication keys recovered from messages whose keys the crash lost");
         }
     }
 

@@ -270,7 +270,7 @@ impl Queue {
     /// queue declared with `x-message-deduplication` and disk persistence; streams have none).
     pub fn restore_keys(&self, keys: DurableKeys, recovered: Vec<KeyRecord>) {
         match &self.kind {
-            QueueKind::Classic(c) => c.restore_keys(keys, recovered),
+            QueueKind::Classic(c) => c.restore_keys(self, keys, recovered),
             QueueKind::Stream(_) => {}
         }
     }

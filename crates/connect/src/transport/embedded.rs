@@ -97,7 +97,7 @@ impl EmbeddedSource {
         let queue = setup_queue(&mut session, &spec.queue, &spec.setup)?;
         let consume = || format!("consuming from queue '{}'", spec.queue);
         session
-            .qos(u32::from(spec.prefetch), false)
+            .qos(spec.prefetch, false)
             .map_err(|e| ConnectError::refused(consume(), &e))?;
         session
             .consume(ConsumeOptions {

@@ -50,8 +50,9 @@ pub struct ConsumeSpec {
     pub queue: String,
     pub setup: QueueSetup,
     /// Unacked deliveries the source may hold (`basic.qos` prefetch): the job never holds more
-    /// than this from this consumer, which is the source's backpressure.
-    pub prefetch: u16,
+    /// than this from this consumer, which is the source's backpressure. In-process any
+    /// number; AMQP 0-9-1 carries at most 65535 (larger values are capped there).
+    pub prefetch: u32,
     /// Consumer arguments (`x-stream-offset`, `x-priority`).
     pub arguments: FieldTable,
 }

@@ -117,7 +117,8 @@ pub(super) fn report(args: &PipelineArgs, results: &[(Plan, Outcome)]) -> anyhow
         args.words,
         args.vocab,
         args.parallelism,
-        args.prefetch,
+        args.prefetch
+            .map_or_else(|| "the job's default".to_owned(), |p| p.to_string()),
         args.inflight,
         args.out_prefetch,
         args.out_ack_every

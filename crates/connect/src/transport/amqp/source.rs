@@ -445,7 +445,10 @@ impl AmqpSource {
             endpoint: Endpoint::parse(uri, format!("rill source '{}'", spec.queue))?,
             queue: short(&spec.queue, "queue")?,
             setup: spec.setup.clone(),
-            prefetch: spec.prefetch,
+            prefetch: u16::try_from(spec.prefetch).unwrap_or_else(|_| {
+                tracing::warn!(queue = %spec.queue, prefetch = spec.prefetch, "AMQP 0-9-1 carries a prefetch of at most 65535: using that");
+                u16::MAX
+            }),
             arguments: spec.arguments.clone(),
             opts: options.clone(),
             shared: shared.clone(),
