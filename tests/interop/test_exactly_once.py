@@ -244,3 +244,71 @@ def test_against_rabbitmq_nothing_is_lost_and_copies_keep_their_ids(rabbitmq, tm
             assert len(seen) == 1, f"copies of {word}:{count} carry different ids {seen}"
     finally:
         job.kill()
+
+
+@pytest.mark.timeout(600)
+def test_two_process_job_killed_and_restarted_together_counts_exactly(make_broker, tmp_path):
+    """One of a 2-process job's processes is killed -9: the supervisor stops the other and
+    restarts both from the last checkpoint; the results are exact."""
+    broker = make_broker()
+    src, out = uniq("in"), uniq("out")
+    with pika.BlockingConnection(pika.URLParameters(broker.url)) as c:
+        c.channel().queue_declare(src, durable=True, arguments=DEDUP_IN)
+    texts = [wc_line(i) for i in range(MESSAGES // 2)]
+    job = JobProcess.wordcount(broker.url, src, out, tmp_path / "job.log",
+                               "--processes", "2", "--parallelism", "2",
+                               "--checkpoint-dir", str(tmp_path / "ckpt"),
+                               "--checkpoint-interval-ms", "300", "--restart-delay-ms", "100")
+    try:
+        workers = wait_for_workers(job.proc.pid, 2)
+        pub = ResilientPublisher(lambda: broker.url, src, texts, uniq("run"))
+        pub.start()
+        for victim in (1, 0):
+            time.sleep(1.5)
+            os.kill(workers[victim], signal.SIGKILL)
+            workers = wait_for_workers(job.proc.pid, 2, other_than=workers, timeout=60)
+        pub.join(600)
+        assert pub.error is None and pub.confirmed == len(texts)
+        wait_drained(lambda: broker.url, src, timeout=300)
+        quiesce(broker.url, out)
+        assert job.stop(timeout=120) == 0, job.log_text()[-4000:]
+        counts, _ = drain_all(broker.url, out)
+        check_exact(counts, expected_counts(texts))
+    finally:
+        job.kill()
+
+
+@pytest.mark.timeout(600)
+def test_killing_the_whole_standalone_job_loses_nothing(make_broker, tmp_path):
+    """kill -9 of `rill job run` itself (supervisor and workers), then started again: every
+    count of every word is there (at-least-once holds, and with checkpoints it is exact)."""
+    broker = make_broker()
+    src, out = uniq("in"), uniq("out")
+    texts = [wc_line(i) for i in range(MESSAGES // 2)]
+    ckpt = tmp_path / "ckpt"
+    args = ("--checkpoint-dir", str(ckpt), "--checkpoint-interval-ms", "300")
+    job = JobProcess.wordcount(broker.url, src, out, tmp_path / "job0.log", *args)
+    try:
+        wait_for_workers(job.proc.pid, 1)
+        pub = ResilientPublisher(lambda: broker.url, src, texts, uniq("run"))
+        pub.start()
+        for i in range(1, 4):
+            time.sleep(1.5)
+            workers = wait_for_workers(job.proc.pid, 1)
+            # Supervisor and worker alike: no clean stop, no savepoint.
+            os.kill(workers[0], signal.SIGKILL)
+            job.proc.kill()
+            job.proc.wait(10)
+            from brokerproc import wait_dead
+            wait_dead(workers[0], timeout=30)
+            job = JobProcess.wordcount(broker.url, src, out, tmp_path / f"job{i}.log", *args)
+            wait_for_workers(job.proc.pid, 1)
+        pub.join(600)
+        assert pub.error is None and pub.confirmed == len(texts)
+        wait_drained(lambda: broker.url, src, timeout=300)
+        quiesce(broker.url, out)
+        assert job.stop(timeout=120) == 0, job.log_text()[-4000:]
+        counts, _ = drain_all(broker.url, out)
+        check_exact(counts, expected_counts(texts))
+    finally:
+        job.kill()
