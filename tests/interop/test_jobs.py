@@ -111,11 +111,14 @@ def test_embedded_wordcount_counts_100k_words(tmp_path):
     broker = start_rill(tmp_path / "rill", "--job", str(jf))
     try:
         wait_for_consumer(broker.url, src)
-        # Declared by the job as durable classic queues.
+        # Declared by the job as durable classic queues; with checkpoints (this job file has
+        # an interval) the sink queue deduplicates. Redeclaring equivalently succeeds.
         with pika.BlockingConnection(pika.URLParameters(broker.url)) as c:
             ch = c.channel()
             ch.queue_declare(queue=src, durable=True, passive=False)
-            ch.queue_declare(queue=out, durable=True, passive=False)
+            ch.queue_declare(queue=out, durable=True, passive=False, arguments={
+                "x-message-deduplication": True, "x-cache-size": 1_000_000,
+                "x-cache-ttl": 3_600_000})
         text = lines(WORDS_100K)
         publish_lines(broker.url, src, text)
         counts = drain_counts(broker.url, out, expect=100_000, timeout=300)

@@ -79,11 +79,11 @@ pub struct Wordcount<'a> {
 /// Keys a deduplicating sink queue remembers (`x-cache-size`), when the job declares it: it
 /// must cover the output a restored job may publish again, the pending output of about two
 /// checkpoints.
-pub const SINK_DEDUP_CACHE: i64 = 1_000_000;
+pub const SINK_DEDUP_CACHE: i32 = 1_000_000;
 
 /// How long it remembers them (`x-cache-ttl`, ms): a republish follows a restart within
 /// seconds; an hour leaves room for a broker that was down a while.
-pub const SINK_DEDUP_TTL_MS: i64 = 3_600_000;
+pub const SINK_DEDUP_TTL_MS: i32 = 3_600_000;
 
 /// Adds the word count to the job being built on `env`: the source queue → words → running
 /// count per word → the sink queue. With checkpoints, exactly-once: the source remembers
@@ -108,15 +108,18 @@ pub fn build(
                 "x-message-deduplication",
                 AMQPValue::Boolean(true),
             );
+            // 32-bit integers, as pika and most clients send them: redeclaring the queue
+            // with the same numbers from such a client is then equivalent (RabbitMQ compares
+            // argument types too).
             rill_codec::field_table_insert(
                 &mut arguments,
                 "x-cache-size",
-                AMQPValue::LongLongInt(SINK_DEDUP_CACHE),
+                AMQPValue::LongInt(SINK_DEDUP_CACHE),
             );
             rill_codec::field_table_insert(
                 &mut arguments,
                 "x-cache-ttl",
-                AMQPValue::LongLongInt(SINK_DEDUP_TTL_MS),
+                AMQPValue::LongInt(SINK_DEDUP_TTL_MS),
             );
         }
         QueueSetup::DeclareIfMissing {
