@@ -280,14 +280,17 @@ impl EmbeddedSink {
 }
 
 impl SinkTransport for EmbeddedSink {
+    /// Queues the message; it is published at the next [`SinkTransport::poll_confirmed`],
+    /// which the job's sink calls once per batch of records. Publishing a batch together
+    /// starts one sync round for it, where one per message woke the sync thread (and the
+    /// sink queue's consumer) hundreds of thousands of times a second.
     fn publish(&mut self, msg: Outgoing) -> Result<u64, ConnectError> {
-        let seq = self.pending.push(msg);
-        self.send()?;
-        Ok(seq)
+        Ok(self.pending.push(msg))
     }
 
     fn poll_confirmed(&mut self) -> Result<u64, ConnectError> {
         self.handle_events()?;
+        self.send()?;
         let pending = &mut self.pending;
         self.session.poll_confirms(&mut |c| match c {
             Confirm::Ack { upto, multiple } => pending.acked(upto, multiple),

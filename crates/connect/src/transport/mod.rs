@@ -119,7 +119,9 @@ pub trait SourceTransport: 'static {
 /// reconnection, so confirmation is eventually reported for every sequence number in order.
 pub trait SinkTransport: 'static {
     /// Queues a message for publishing; returns its sequence number. Never blocks: the
-    /// caller bounds what is outstanding ([`SinkTransport::outstanding`]).
+    /// caller bounds what is outstanding ([`SinkTransport::outstanding`]). A transport may
+    /// hold messages until the next [`SinkTransport::poll_confirmed`] to publish them
+    /// together, so callers poll after a batch of publishes.
     fn publish(&mut self, msg: Outgoing) -> Result<u64, ConnectError>;
     /// The highest sequence number such that it and every one before it is confirmed.
     fn poll_confirmed(&mut self) -> Result<u64, ConnectError>;
