@@ -130,6 +130,16 @@ def drain_counts(url: str, queue: str, expect: int | None = None, idle: float = 
     counts: dict[str, list[int]] = collections.defaultdict(list)
     got = 0
     deadline = time.monotonic() + timeout
+    # The job's sink declares its queue when it connects, which may come after the source
+    # consumes: wait for the queue rather than fail on a 404 from consuming it too early.
+    while True:
+        try:
+            queue_counts(url, queue)
+            break
+        except pika.exceptions.ChannelClosedByBroker:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     with pika.BlockingConnection(pika.URLParameters(url)) as c:
         ch = c.channel()
         ch.basic_qos(prefetch_count=2000)
