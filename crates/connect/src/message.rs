@@ -125,6 +125,57 @@ impl Incoming {
 pub struct Outgoing {
     pub exchange: Arc<str>,
     pub routing_key: String,
-    pub properties: BasicProperties,
+    pub properties: OutgoingProperties,
     pub body: Bytes,
+}
+
+/// An outgoing message's properties: as fields, or already in their AMQP wire encoding
+/// (flags and list), as a two-phase sink keeps them. The in-process transport publishes the
+/// encoding as it is; over TCP, lapin takes fields.
+///
+/// ```
+/// use rill_codec::{encode_properties, BasicProperties};
+/// use rill_connect::message::OutgoingProperties;
+/// let fields = BasicProperties::default().with_delivery_mode(2);
+/// let encoded = OutgoingProperties::Encoded(encode_properties(&fields));
+/// assert_eq!(encoded.fields().unwrap(), fields);
+/// assert_eq!(OutgoingProperties::from(fields.clone()).encoded(), encode_properties(&fields));
+/// ```
+// Not boxed: fields are the common case (every sink without checkpoints), and a box would
+// cost an allocation per message where the size costs a copy.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum OutgoingProperties {
+    Fields(BasicProperties),
+    Encoded(Bytes),
+}
+
+impl Default for OutgoingProperties {
+    fn default() -> Self {
+        OutgoingProperties::Fields(BasicProperties::default())
+    }
+}
+
+impl From<BasicProperties> for OutgoingProperties {
+    fn from(p: BasicProperties) -> Self {
+        OutgoingProperties::Fields(p)
+    }
+}
+
+impl OutgoingProperties {
+    /// The AMQP wire encoding.
+    pub fn encoded(&self) -> Bytes {
+        match self {
+            OutgoingProperties::Fields(p) => rill_codec::encode_properties(p),
+            OutgoingProperties::Encoded(raw) => raw.clone(),
+        }
+    }
+
+    /// The fields (decoding them if they are encoded).
+    pub fn fields(&self) -> Result<BasicProperties, rill_codec::AmqpError> {
+        match self {
+            OutgoingProperties::Fields(p) => Ok(p.clone()),
+            OutgoingProperties::Encoded(raw) => rill_codec::decode_properties(raw),
+        }
+    }
 }

@@ -18,14 +18,14 @@
 //! again under the same ids, and a deduplicating target drops the copies.
 
 use crate::endpoint::Endpoint;
-use crate::exactly_once::{output_id, stamp, Pending, PendingMessage};
+use crate::exactly_once::{Pending, PendingMessage};
 use crate::format::{Encoder, Json, RawBytes, Text};
 use crate::message::Outgoing;
 use crate::transport::{PublishSpec, QueueSetup, SinkTransport};
 use bytes::Bytes;
 use rill_broker::jobs::JobCounters;
 use rill_codec::{BasicProperties, ShortString};
-use rill_stream::{Data, DataStream, SinkWriter, StreamError, WriterContext};
+use rill_stream::{Data, DataStream, Increment, SinkWriter, StreamError, Waker, WriterContext};
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -170,6 +170,7 @@ impl<T: Data, E: Encoder<T> + Clone> QueueSink<T, E> {
             counters: self.counters.clone(),
             worker: 0,
             transport: None,
+            waker: None,
             epochs: VecDeque::new(),
             ended: None,
             confirmed_seq: 0,
@@ -198,6 +199,8 @@ pub struct QueueWriter<T, E> {
     counters: Option<Arc<JobCounters>>,
     worker: usize,
     transport: Option<Box<dyn SinkTransport>>,
+    /// Wakes this worker's sink operator (to go on publishing committed output).
+    waker: Option<Waker>,
     /// Per epoch with output not yet confirmed: the sequence number of its last message.
     epochs: VecDeque<(u64, u64)>,
     /// Every record of epochs up to here has been written.
@@ -220,7 +223,11 @@ impl<T, E> QueueWriter<T, E> {
             .ok_or_else(|| StreamError::Config("queue sink used before it was opened".into()))
     }
 
+    /// Publishes committed output the window has room for, lets the transport send and
+    /// take confirms, and fills the room the confirms made (sent on the next run, which it
+    /// asks for).
     fn poll(&mut self) -> Result<(), StreamError> {
+        self.publish_committed()?;
         let confirmed = self.transport()?.poll_confirmed()?;
         if let Some(c) = &self.counters {
             c.add_confirmed(confirmed.saturating_sub(self.confirmed_seq));
@@ -231,29 +238,39 @@ impl<T, E> QueueWriter<T, E> {
         if let Some(tp) = self.two_phase.as_mut() {
             tp.pending.confirmed(confirmed);
         }
+        if self.publish_committed()? > 0 {
+            if let Some(w) = &self.waker {
+                w.wake();
+            }
+        }
         Ok(())
     }
 
-    /// Publishes committed output (two-phase mode).
-    fn publish_committed(&mut self, msgs: Vec<PendingMessage>) -> Result<(), StreamError> {
+    /// Publishes committed output (two-phase mode) within the window; returns how many.
+    fn publish_committed(&mut self) -> Result<usize, StreamError> {
+        let Some(TwoPhase { pending, .. }) = self.two_phase.as_mut() else {
+            return Ok(0);
+        };
+        if !pending.has_committed() {
+            return Ok(0);
+        }
+        let transport = self
+            .transport
+            .as_mut()
+            .ok_or_else(|| StreamError::Config("queue sink used before it was opened".into()))?;
         let exchange: Arc<str> = Arc::from(self.spec.exchange.as_str());
-        let n = msgs.len() as u64;
-        for m in msgs {
-            let seq = self.transport()?.publish(m.outgoing(&exchange))?;
-            if let Some(tp) = self.two_phase.as_mut() {
-                tp.pending.published(seq, m);
-            }
-        }
+        let n = pending.publish(|m| transport.publish(m.outgoing(&exchange)))?;
         if let Some(c) = &self.counters {
-            c.add_out(n);
+            c.add_out(n as u64);
         }
-        Ok(())
+        Ok(n)
     }
 }
 
 impl<T: Data, E: Encoder<T>> SinkWriter<T> for QueueWriter<T, E> {
     fn open(&mut self, ctx: &WriterContext) -> Result<(), StreamError> {
         self.worker = ctx.worker_index();
+        self.waker = Some(ctx.waker().clone());
         let waker = ctx.waker().clone();
         self.transport = Some(
             self.endpoint
@@ -283,19 +300,18 @@ impl<T: Data, E: Encoder<T>> SinkWriter<T> for QueueWriter<T, E> {
         };
         if let Some(tp) = self.two_phase.as_mut() {
             let seq = tp.pending.next_seq(epoch);
-            let id = output_id(&tp.job, epoch, self.worker, seq);
-            tp.pending.hold(PendingMessage {
-                epoch,
+            tp.pending.hold(PendingMessage::new(
+                (&tp.job, epoch, self.worker, seq),
                 routing_key,
-                properties: stamp(properties, &id),
-                body: Bytes::copy_from_slice(&self.body),
-            });
+                properties,
+                Bytes::copy_from_slice(&self.body),
+            ));
             return Ok(());
         }
         let msg = Outgoing {
             exchange: Arc::from(self.spec.exchange.as_str()),
             routing_key,
-            properties,
+            properties: properties.into(),
             body: Bytes::copy_from_slice(&self.body),
         };
         let seq = self.transport()?.publish(msg)?;
@@ -338,11 +354,10 @@ impl<T: Data, E: Encoder<T>> SinkWriter<T> for QueueWriter<T, E> {
         if self.transport.is_some() {
             self.poll()?;
         }
-        match &self.two_phase {
-            Some(tp) => bincode::serialize(&tp.pending.snapshot(epoch))
-                .map_err(|e| StreamError::Serialize(e.to_string())),
-            None => Ok(Vec::new()),
-        }
+        Ok(match &self.two_phase {
+            Some(tp) => tp.pending.snapshot(epoch),
+            None => Vec::new(),
+        })
     }
 
     fn on_epoch_complete(&mut self, epoch: u64) -> Result<(), StreamError> {
@@ -350,9 +365,31 @@ impl<T: Data, E: Encoder<T>> SinkWriter<T> for QueueWriter<T, E> {
             return Ok(());
         };
         // Checkpoint `epoch` is complete: its held output is committed; publish it.
-        let committed = tp.pending.commit(epoch);
-        self.publish_committed(committed)?;
+        tp.pending.commit(epoch);
         self.poll()
+    }
+
+    fn snapshot_increment(&mut self, epoch: u64) -> Result<Option<Increment>, StreamError> {
+        if self.transport.is_some() {
+            self.poll()?;
+        }
+        Ok(self.two_phase.as_mut().map(|tp| {
+            let (bytes, earlier) = tp.pending.increment(epoch);
+            Increment { bytes, earlier }
+        }))
+    }
+
+    fn increment_lost(&mut self) {
+        if let Some(tp) = self.two_phase.as_mut() {
+            tp.pending.increment_lost();
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        if self.transport.is_some() {
+            self.poll()?;
+        }
+        Ok(())
     }
 
     fn restore(&mut self, snapshots: &[Vec<u8>]) -> Result<(), StreamError> {
@@ -361,11 +398,9 @@ impl<T: Data, E: Encoder<T>> SinkWriter<T> for QueueWriter<T, E> {
         };
         // Output of a completed checkpoint: committed right after open, under its ids.
         for s in snapshots.iter().filter(|s| !s.is_empty()) {
-            let msgs: Vec<PendingMessage> = bincode::deserialize(s)
+            tp.pending
+                .restore(s)
                 .map_err(|e| StreamError::Source(format!("restoring pending output: {e}")))?;
-            for m in msgs {
-                tp.pending.hold(m);
-            }
         }
         Ok(())
     }

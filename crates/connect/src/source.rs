@@ -378,7 +378,8 @@ impl<T: Data, D: Decoder<T>> SourceReader<T> for QueueReader<T, D> {
 
     fn snapshot(&mut self, epoch: u64) -> Result<Vec<u8>, StreamError> {
         match &self.ids {
-            Some(ids) => bincode::serialize(&ids.snapshot(epoch))
+            Some(ids) => ids
+                .snapshot(epoch)
                 .map_err(|e| StreamError::Serialize(e.to_string())),
             None => Ok(Vec::new()),
         }

@@ -85,6 +85,37 @@ pub const SINK_DEDUP_CACHE: i32 = 1_000_000;
 /// seconds; an hour leaves room for a broker that was down a while.
 pub const SINK_DEDUP_TTL_MS: i32 = 3_600_000;
 
+/// The arguments a job with checkpoints declares its sink queue with: deduplicating on the
+/// message ids the two-phase commit stamps, remembering [`SINK_DEDUP_CACHE`] of them for
+/// [`SINK_DEDUP_TTL_MS`]. A client that declares the queue first must use the same ones.
+///
+/// ```
+/// let args = rill_jobs::wordcount::sink_queue_arguments();
+/// assert_eq!(args.inner().len(), 3);
+/// ```
+pub fn sink_queue_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    rill_codec::field_table_insert(
+        &mut arguments,
+        "x-message-deduplication",
+        AMQPValue::Boolean(true),
+    );
+    // 32-bit integers, as pika and most clients send them: redeclaring the queue with the
+    // same numbers from such a client is then equivalent (RabbitMQ compares argument types
+    // too).
+    rill_codec::field_table_insert(
+        &mut arguments,
+        "x-cache-size",
+        AMQPValue::LongInt(SINK_DEDUP_CACHE),
+    );
+    rill_codec::field_table_insert(
+        &mut arguments,
+        "x-cache-ttl",
+        AMQPValue::LongInt(SINK_DEDUP_TTL_MS),
+    );
+    arguments
+}
+
 /// Adds the word count to the job being built on `env`: the source queue → words → running
 /// count per word → the sink queue. With checkpoints, exactly-once: the source remembers
 /// input ids, the sink is a two-phase commit, and a sink queue the job declares
@@ -101,30 +132,13 @@ pub fn build(
         if !options.declare_queues {
             return QueueSetup::Existing;
         }
-        let mut arguments = FieldTable::default();
-        if dedup {
-            rill_codec::field_table_insert(
-                &mut arguments,
-                "x-message-deduplication",
-                AMQPValue::Boolean(true),
-            );
-            // 32-bit integers, as pika and most clients send them: redeclaring the queue
-            // with the same numbers from such a client is then equivalent (RabbitMQ compares
-            // argument types too).
-            rill_codec::field_table_insert(
-                &mut arguments,
-                "x-cache-size",
-                AMQPValue::LongInt(SINK_DEDUP_CACHE),
-            );
-            rill_codec::field_table_insert(
-                &mut arguments,
-                "x-cache-ttl",
-                AMQPValue::LongInt(SINK_DEDUP_TTL_MS),
-            );
-        }
         QueueSetup::DeclareIfMissing {
             durable: options.durable_queues,
-            arguments,
+            arguments: if dedup {
+                sink_queue_arguments()
+            } else {
+                FieldTable::default()
+            },
         }
     };
     let mut source = QueueSource::new(endpoint.clone(), wc.source_queue)

@@ -290,14 +290,21 @@ fn cpu_share(before: Option<f64>, after: Option<f64>, secs: f64) -> Option<f64> 
 struct Queues {
     input: String,
     output: String,
+    /// What the job declares OUT with (deduplicating with checkpoints), so that the bench
+    /// declaring it first is equivalent.
+    output_arguments: FieldTable,
 }
 
 impl Queues {
-    fn new(row: Row) -> Queues {
-        let tag = format!("{}-{}", std::process::id(), row.key());
+    fn new(plan: Plan) -> Queues {
+        let tag = format!("{}-{}", std::process::id(), plan.row.key());
         Queues {
             input: format!("rill-bench-pipeline-in-{tag}"),
             output: format!("rill-bench-pipeline-out-{tag}"),
+            output_arguments: match plan.checkpoint_ms {
+                Some(_) => rill_jobs::wordcount::sink_queue_arguments(),
+                None => FieldTable::default(),
+            },
         }
     }
 }
@@ -307,7 +314,7 @@ impl Queues {
 /// broker first.
 async fn pipeline_row(args: &PipelineArgs, plan: Plan) -> anyhow::Result<PipelineResult> {
     let dir = temp_dir()?;
-    let queues = Queues::new(plan.row);
+    let queues = Queues::new(plan);
     let checkpoint_dir = dir.path().join("checkpoints");
     let checkpoint = plan.checkpoint_ms.map(|ms| (ms, checkpoint_dir.as_path()));
     let mut notes = Vec::new();
@@ -500,7 +507,8 @@ async fn measure(
     // The job declares both as durable classic queues if missing; declaring them first (the
     // same way) lets the bench see the job's consumers arrive.
     conn.declare_queue(&queues.input, true).await?;
-    conn.declare_queue(&queues.output, true).await?;
+    conn.declare_queue_with(&queues.output, true, queues.output_arguments.clone())
+        .await?;
     wait_for_job(&mut conn, &queues.input, args.parallelism, procs).await?;
 
     let stop = Arc::new(AtomicBool::new(false));

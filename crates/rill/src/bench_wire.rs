@@ -194,6 +194,17 @@ impl WireConn {
     /// Declares a classic queue without arguments (durable or transient; a queue that exists
     /// with the same flags is left as it is) and returns its `(messages, consumers)`.
     pub async fn declare_queue(&mut self, name: &str, durable: bool) -> anyhow::Result<(u32, u32)> {
+        self.declare_queue_with(name, durable, FieldTable::default())
+            .await
+    }
+
+    /// [`WireConn::declare_queue`] with `arguments`.
+    pub async fn declare_queue_with(
+        &mut self,
+        name: &str,
+        durable: bool,
+        arguments: FieldTable,
+    ) -> anyhow::Result<(u32, u32)> {
         let reply = self
             .call(
                 CHANNEL,
@@ -204,7 +215,7 @@ impl WireConn {
                     exclusive: false,
                     auto_delete: false,
                     nowait: false,
-                    arguments: FieldTable::default(),
+                    arguments,
                 })),
             )
             .await?;

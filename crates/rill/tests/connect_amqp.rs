@@ -126,7 +126,7 @@ fn outgoing(queue: &str, body: &str) -> Outgoing {
     Outgoing {
         exchange: "".into(),
         routing_key: queue.into(),
-        properties: BasicProperties::default().with_delivery_mode(2),
+        properties: BasicProperties::default().with_delivery_mode(2).into(),
         body: Bytes::from(body.to_owned()),
     }
 }

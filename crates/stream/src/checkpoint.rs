@@ -171,6 +171,15 @@ pub enum SnapshotState {
     KeyGroups(BTreeMap<u32, Vec<u8>>),
     /// A sink's own state (a writer's pending output), bound to its worker.
     Worker(Vec<u8>),
+    /// A sink's output since its previous snapshot (see [`crate::Increment`]); the
+    /// checkpoint also holds the writer's `earlier` increments of this run, named by the
+    /// checkpoint epochs they were taken at.
+    WorkerIncrement {
+        /// The writer's increment.
+        bytes: Vec<u8>,
+        /// The epochs of earlier increments still needed.
+        earlier: Vec<u64>,
+    },
     /// A source's state: its position (a reader's snapshot, or how many records an
     /// in-memory source emitted) and its watermark generator's.
     Source {
@@ -381,25 +390,24 @@ impl Checkpointing {
         }
     }
 
-    /// Stores the state for the checkpoint epochs `due`. With storage, a failed write is
-    /// logged and leaves the part missing, so that checkpoint fails (the coordinator counts
-    /// it) while the job runs on.
-    pub(crate) fn store(&self, due: Due, state: SnapshotState) -> Result<(), StreamError> {
+    /// Stores the state for the checkpoint epochs `due`; false if it is not durable. With
+    /// storage, a failed write is logged and leaves the part missing, so that checkpoint
+    /// fails (the coordinator counts it) while the job runs on.
+    pub(crate) fn store(&self, due: Due, state: SnapshotState) -> Result<bool, StreamError> {
         match self {
             Checkpointing::Policy {
                 policy,
                 operator,
                 worker,
-            } => policy.store(OperatorSnapshot {
-                operator: operator.clone(),
-                worker: *worker,
-                epoch: due.to,
-                state,
-            }),
-            Checkpointing::Stored(w) => {
-                w.write(due.from, due.to, state);
-                Ok(())
-            }
+            } => policy
+                .store(OperatorSnapshot {
+                    operator: operator.clone(),
+                    worker: *worker,
+                    epoch: due.to,
+                    state,
+                })
+                .map(|()| true),
+            Checkpointing::Stored(w) => Ok(w.write(due.from, due.to, state)),
         }
     }
 
@@ -407,7 +415,7 @@ impl Checkpointing {
     /// epoch `from` on (the savepoint taken when the job ends among them).
     pub(crate) fn store_final(&self, from: u64, state: SnapshotState) {
         if let Checkpointing::Stored(w) = self {
-            w.write(from.max(w.job.schedule.base), u64::MAX, state);
+            let _ = w.write(from.max(w.job.schedule.base), u64::MAX, state);
         }
     }
 
@@ -419,6 +427,18 @@ impl Checkpointing {
         };
         let r = w.job.restored.as_ref()?;
         Some((r.id(), r.parts(&w.operator).unwrap_or(&[])))
+    }
+
+    /// With storage: the earlier increments (oldest first) that go with worker `worker`'s
+    /// [`SnapshotState::WorkerIncrement`] in the checkpoint the job was restored from.
+    pub(crate) fn restored_earlier(&self, worker: usize) -> &[Vec<u8>] {
+        let Checkpointing::Stored(w) = self else {
+            return &[];
+        };
+        w.job
+            .restored
+            .as_ref()
+            .map_or(&[], |r| r.earlier(&w.operator, worker))
     }
 
     /// The worker count of the checkpoint the job was restored from.
@@ -452,7 +472,8 @@ impl Checkpointing {
 }
 
 impl PartWriter {
-    fn write(&self, from: u64, to: u64, state: SnapshotState) {
+    /// Writes a part; false if it could not (logged).
+    fn write(&self, from: u64, to: u64, state: SnapshotState) -> bool {
         let part = store::PartFile {
             operator: self.operator.clone(),
             worker: self.worker as u32,
@@ -469,7 +490,9 @@ impl PartWriter {
                 error = %e,
                 "could not write a checkpoint part"
             );
+            return false;
         }
+        true
     }
 }
 

@@ -500,7 +500,7 @@ impl<Op: Operator> Driver<Op> {
             return Ok(());
         };
         let groups = self.snapshot()?;
-        cp.store(due, SnapshotState::KeyGroups(groups))
+        cp.store(due, SnapshotState::KeyGroups(groups)).map(|_| ())
     }
 
     /// Restores the key groups this worker owns now from the checkpoint the job was

@@ -138,7 +138,7 @@ pub use window::{
     CountWindow, CountWindowedStream, ProcessWindowFunction, SessionWindows, SlidingWindows,
     TimeDomain, TimeWindow, TumblingWindows, WindowAssigner, WindowedStream,
 };
-pub use writer::{SinkWriter, WriterContext};
+pub use writer::{Increment, SinkWriter, WriterContext};
 
 /// Event timestamps and watermarks, in milliseconds.
 pub type Timestamp = u64;

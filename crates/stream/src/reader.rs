@@ -365,7 +365,7 @@ impl<'s> JobEnv<'s> {
                             if let Some(due) = cp.due(c.outer..epoch) {
                                 let position = cell.reader.snapshot(due.to)?;
                                 let watermark = gen.state();
-                                cp.store(
+                                let _durable = cp.store(
                                     due,
                                     SnapshotState::Source {
                                         position,

@@ -130,12 +130,34 @@ pub trait SinkWriter<T>: 'static {
         Ok(Vec::new())
     }
 
+    /// With the job's checkpoints in storage, a writer may snapshot incrementally: only the
+    /// output of epochs `<= epoch` it did not put into an earlier increment of this run,
+    /// naming the earlier increments whose output it still needs (all of it is restored
+    /// together). `None` (the default) takes a full [`SinkWriter::snapshot`] instead. A
+    /// writer whose output is mostly waiting for confirms then writes each message into
+    /// checkpoints once, not once per checkpoint until it is confirmed.
+    fn snapshot_increment(&mut self, epoch: u64) -> Result<Option<Increment>, StreamError> {
+        let _ = epoch;
+        Ok(None)
+    }
+
+    /// The last increment did not reach storage: the next must not build on it (take a
+    /// full one).
+    fn increment_lost(&mut self) {}
+
     /// Without checkpoints: every sink and reader of the job is done with epochs
     /// `<= epoch`. With checkpoints in storage this is the two-phase commit: checkpoint
     /// `epoch` is complete, so publish the pending output of epochs `<= epoch` (see
     /// [`crate::checkpoint`]).
     fn on_epoch_complete(&mut self, epoch: u64) -> Result<(), StreamError> {
         let _ = epoch;
+        Ok(())
+    }
+
+    /// With the job's checkpoints in storage, called whenever the operator runs (wake it
+    /// when confirms arrive): a two-phase writer publishes committed output a little at a
+    /// time and takes its confirms here. `confirmed_epoch` is not asked then.
+    fn flush(&mut self) -> Result<(), StreamError> {
         Ok(())
     }
 
@@ -152,6 +174,16 @@ pub trait SinkWriter<T>: 'static {
     /// The input ended: return `Ok(true)` once everything written is confirmed; polled again
     /// (when woken) while `Ok(false)`.
     fn finish(&mut self) -> Result<bool, StreamError>;
+}
+
+/// A writer's incremental snapshot ([`SinkWriter::snapshot_increment`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Increment {
+    /// The output since the writer's previous increment.
+    pub bytes: Vec<u8>,
+    /// The epochs of earlier increments (of this run) whose output is still needed, oldest
+    /// first.
+    pub earlier: Vec<u64>,
 }
 
 /// A writer as shared by its sink operator and the epoch-completion tracker.
@@ -204,6 +236,11 @@ fn restore_writer<T, W: SinkWriter<T>>(
         }
         match part {
             Some(SnapshotState::Worker(bytes)) => share.push(bytes.clone()),
+            Some(SnapshotState::WorkerIncrement { bytes, .. }) => {
+                let earlier = checkpoint.map_or(&[][..], |c| c.restored_earlier(old));
+                share.extend(earlier.iter().cloned());
+                share.push(bytes.clone());
+            }
             None => {}
             Some(_) => {
                 return Err(CheckpointError::Incompatible {
@@ -324,13 +361,25 @@ impl<'s, T: Data> DataStream<'s, T> {
                         // At the end, the final part below holds everything.
                         if let Some(cp) = checkpoint.as_ref().filter(|_| bound.is_some()) {
                             for at in cp.due_each(first..e + 1) {
-                                let pending = cell.writer.snapshot(at)?;
+                                let increment = match stored {
+                                    true => cell.writer.snapshot_increment(at)?,
+                                    false => None,
+                                };
+                                let state = match increment {
+                                    Some(Increment { bytes, earlier }) => {
+                                        SnapshotState::WorkerIncrement { bytes, earlier }
+                                    }
+                                    None => SnapshotState::Worker(cell.writer.snapshot(at)?),
+                                };
                                 let due = Due { from: at, to: at };
-                                cp.store(due, SnapshotState::Worker(pending))?;
+                                if !cp.store(due, state)? {
+                                    cell.writer.increment_lost();
+                                }
                             }
                         }
                     }
                     if let (true, Some(cp)) = (stored, &checkpoint) {
+                        cell.writer.flush()?;
                         let Some(b) = bound else {
                             // Everything pending goes into the savepoint, committed when it
                             // completes; `finish` is awaited after that.

@@ -260,7 +260,7 @@ impl EmbeddedSink {
                 mandatory: false,
                 immediate: false,
             };
-            let properties = rill_codec::encode_properties(&msg.properties);
+            let properties = msg.properties.encoded();
             let body = msg.body.clone();
             let published = self
                 .session

@@ -71,7 +71,12 @@ pub fn capture_warnings<T>(f: impl FnOnce() -> T) -> (T, String) {
         .with_ansi(false)
         .with_writer(move || w.clone())
         .finish();
-    let out = tracing::subscriber::with_default(sub, f);
+    // Callsites cache whether anyone listens; another test thread's subscriber coming or
+    // going can leave a warning's callsite cached as unheard here. Rebuild it under ours.
+    let out = tracing::subscriber::with_default(sub, || {
+        tracing::callsite::rebuild_interest_cache();
+        f()
+    });
     let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
     (out, text)
 }

@@ -64,14 +64,28 @@ pub(crate) fn checksum(bytes: &[u8]) -> u64 {
     h ^ (h >> 32)
 }
 
-fn envelope(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + payload.len());
+/// `value` encoded in a checkpoint file's envelope (header, then the bincode payload). The
+/// payload is sized first and written in place: a part holds a checkpoint's whole pending
+/// output, and growing and copying buffers of that size cost the worker more than the
+/// encoding itself.
+fn envelope<T: Serialize>(
+    value: &T,
+    path: impl Fn() -> String,
+) -> Result<Vec<u8>, CheckpointError> {
+    let encoding = |e: bincode::Error| CheckpointError::Corrupt {
+        path: path(),
+        detail: format!("encoding: {e}"),
+    };
+    let size = bincode::serialized_size(value).map_err(encoding)? as usize;
+    let mut out = Vec::with_capacity(HEADER + size);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&checksum(payload).to_le_bytes());
-    out.extend_from_slice(payload);
-    out
+    out.extend_from_slice(&(size as u64).to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
+    bincode::serialize_into(&mut out, value).map_err(encoding)?;
+    let sum = checksum(&out[HEADER..]);
+    out[HEADER - 8..HEADER].copy_from_slice(&sum.to_le_bytes());
+    Ok(out)
 }
 
 fn open_envelope<'a>(path: &str, bytes: &'a [u8]) -> Result<&'a [u8], CheckpointError> {
@@ -131,11 +145,22 @@ impl PartName {
         )
     }
 
-    /// Parses a part's file name (also a `.tmp` one); `None` for anything else.
+    /// The file naming the earlier increments a [`SnapshotState::WorkerIncrement`] part
+    /// needs (written only when there are some).
+    pub(crate) fn deps_file(&self) -> String {
+        format!(
+            "{:020}-{:020}-w{:05}-{:016x}.deps",
+            self.from, self.to, self.worker, self.operator
+        )
+    }
+
+    /// Parses a part's (or its deps file's) name, also a `.tmp` one; `None` for anything
+    /// else.
     pub(crate) fn parse(file: &str) -> Option<PartName> {
+        let file = file.strip_suffix(".tmp").unwrap_or(file);
         let stem = file
             .strip_suffix(".part")
-            .or_else(|| file.strip_suffix(".part.tmp"))?;
+            .or_else(|| file.strip_suffix(".deps"))?;
         let mut it = stem.split('-');
         let from = it.next()?.parse().ok()?;
         let to = it.next()?.parse().ok()?;
@@ -210,6 +235,8 @@ impl CheckpointMetadata {
 pub(crate) struct Restored {
     pub(crate) meta: CheckpointMetadata,
     pub(crate) operators: BTreeMap<String, Vec<Option<SnapshotState>>>,
+    /// Writers' earlier increments, oldest first, by operator and worker.
+    pub(crate) earlier: BTreeMap<(String, u32), Vec<Vec<u8>>>,
 }
 
 impl Restored {
@@ -224,6 +251,13 @@ impl Restored {
     /// The parts of `operator`, indexed by the worker that wrote them.
     pub(crate) fn parts(&self, operator: &str) -> Option<&[Option<SnapshotState>]> {
         self.operators.get(operator).map(Vec::as_slice)
+    }
+
+    /// The earlier increments of `operator`'s writer on `worker`, oldest first.
+    pub(crate) fn earlier(&self, operator: &str, worker: usize) -> &[Vec<u8>] {
+        self.earlier
+            .get(&(operator.to_string(), worker as u32))
+            .map_or(&[], Vec::as_slice)
     }
 }
 
@@ -263,11 +297,13 @@ impl CheckpointStore {
             worker: part.worker,
             operator: operator_hash(&part.operator),
         };
-        let payload = bincode::serialize(part).map_err(|e| CheckpointError::Corrupt {
-            path: name.file(),
-            detail: format!("encoding: {e}"),
-        })?;
-        let bytes = envelope(&payload);
+        if let SnapshotState::WorkerIncrement { earlier, .. } = &part.state {
+            if !earlier.is_empty() {
+                // Before the part: a part that is there always has its deps file.
+                self.write_durably(&name.deps_file(), &envelope(earlier, || name.deps_file())?)?;
+            }
+        }
+        let bytes = envelope(part, || name.file())?;
         let path = format!("{PARTS}/{}", name.file());
         let tmp = format!("{path}.tmp");
         self.storage
@@ -282,16 +318,63 @@ impl CheckpointStore {
         Ok(bytes.len() as u64)
     }
 
+    /// Writes `parts/<file>` as `.tmp`, fsyncs and renames it.
+    fn write_durably(&self, file: &str, bytes: &[u8]) -> Result<(), CheckpointError> {
+        let path = format!("{PARTS}/{file}");
+        let tmp = format!("{path}.tmp");
+        self.storage
+            .write(&tmp, bytes)
+            .map_err(io_err(format!("writing {tmp}")))?;
+        self.storage
+            .sync(&tmp)
+            .map_err(io_err(format!("fsync {tmp}")))?;
+        self.storage
+            .rename(&tmp, &path)
+            .map_err(io_err(format!("renaming {tmp}")))
+    }
+
+    /// The earlier increments a part's deps file names (none without one).
+    fn read_deps(&self, name: &PartName, listed: &[String]) -> Result<Vec<u64>, CheckpointError> {
+        let file = name.deps_file();
+        if !listed.contains(&file) {
+            return Ok(Vec::new());
+        }
+        let path = format!("{PARTS}/{file}");
+        let bytes = self
+            .storage
+            .read(&path)
+            .map_err(io_err(format!("reading {path}")))?;
+        let payload = open_envelope(&path, &bytes)?;
+        bincode::deserialize(payload).map_err(|e| CheckpointError::Corrupt {
+            path,
+            detail: e.to_string(),
+        })
+    }
+
     fn list_parts(&self) -> Result<Vec<(PartName, String)>, CheckpointError> {
+        Ok(self.list_parts_and_deps()?.0)
+    }
+
+    /// The parts, and the deps files.
+    #[allow(clippy::type_complexity)]
+    fn list_parts_and_deps(
+        &self,
+    ) -> Result<(Vec<(PartName, String)>, Vec<String>), CheckpointError> {
         let files = self
             .storage
             .list(PARTS)
             .map_err(io_err(format!("listing {PARTS}")))?;
-        Ok(files
+        let deps = files
+            .iter()
+            .filter(|f| f.ends_with(".deps"))
+            .cloned()
+            .collect();
+        let parts = files
             .into_iter()
             .filter(|f| f.ends_with(".part"))
             .filter_map(|f| PartName::parse(&f).map(|n| (n, f)))
-            .collect())
+            .collect();
+        Ok((parts, deps))
     }
 
     /// The final checkpoint's id: above every epoch any operator's final part (of this
@@ -337,12 +420,12 @@ impl CheckpointStore {
         key_groups: u32,
         savepoint: bool,
     ) -> Result<CheckpointMetadata, CheckpointError> {
-        let parts = self.list_parts()?;
+        let (parts, deps) = self.list_parts_and_deps()?;
         let mut refs = Vec::with_capacity(expected.len());
         let mut total = 0;
         for (op, worker) in expected {
             let h = operator_hash(op);
-            let Some((_, file)) = parts.iter().find(|(n, _)| {
+            let Some((name, file)) = parts.iter().find(|(n, _)| {
                 n.operator == h && n.worker == *worker && n.from >= base && n.covers(id)
             }) else {
                 return Err(CheckpointError::Incomplete {
@@ -350,18 +433,38 @@ impl CheckpointStore {
                     missing: format!("{op} on worker {worker}"),
                 });
             };
-            let path = format!("{PARTS}/{file}");
-            let bytes = self
-                .storage
-                .size(&path)
-                .map_err(io_err(format!("size of {path}")))?;
-            total += bytes;
-            refs.push(PartRef {
-                file: file.clone(),
-                operator: op.clone(),
-                worker: *worker,
-                bytes,
-            });
+            // A writer's increment comes with the earlier ones it names, oldest first.
+            let mut files = Vec::new();
+            for e in self.read_deps(name, &deps)? {
+                let Some((_, earlier)) = parts.iter().find(|(n, _)| {
+                    n.operator == h
+                        && n.worker == *worker
+                        && n.from >= base
+                        && n.from == e
+                        && n.to == e
+                }) else {
+                    return Err(CheckpointError::Incomplete {
+                        id,
+                        missing: format!("{op} on worker {worker} (its increment of {e})"),
+                    });
+                };
+                files.push(earlier.clone());
+            }
+            files.push(file.clone());
+            for file in files {
+                let path = format!("{PARTS}/{file}");
+                let bytes = self
+                    .storage
+                    .size(&path)
+                    .map_err(io_err(format!("size of {path}")))?;
+                total += bytes;
+                refs.push(PartRef {
+                    file,
+                    operator: op.clone(),
+                    worker: *worker,
+                    bytes,
+                });
+            }
         }
         // The parts' renames must be durable before a record points at them.
         self.storage
@@ -376,13 +479,9 @@ impl CheckpointStore {
             parts: refs,
             bytes: total,
         };
-        let payload = bincode::serialize(&meta).map_err(|e| CheckpointError::Corrupt {
-            path: CheckpointMetadata::file(id),
-            detail: format!("encoding: {e}"),
-        })?;
+        let bytes = envelope(&meta, || CheckpointMetadata::file(id))?;
         let path = format!("{CHECKPOINTS}/{}", CheckpointMetadata::file(id));
         let tmp = format!("{path}.tmp");
-        let bytes = envelope(&payload);
         self.storage
             .write(&tmp, &bytes)
             .map_err(io_err(format!("writing {tmp}")))?;
@@ -469,10 +568,8 @@ impl CheckpointStore {
             .map_err(io_err(format!("listing {PARTS}")))?;
         for file in files {
             let garbage = match PartName::parse(&file) {
-                Some(n) => {
-                    let whole = file.strip_suffix(".tmp").unwrap_or(&file);
-                    !referenced.contains(whole) && upto.is_none_or(|u| n.from <= u)
-                }
+                // A deps file goes with its part.
+                Some(n) => !referenced.contains(&n.file()) && upto.is_none_or(|u| n.from <= u),
                 // Not ours: leave it.
                 None => false,
             };
@@ -538,6 +635,7 @@ impl CheckpointStore {
             });
         }
         let mut operators: BTreeMap<String, Vec<Option<SnapshotState>>> = BTreeMap::new();
+        let mut earlier: BTreeMap<(String, u32), Vec<Vec<u8>>> = BTreeMap::new();
         for p in &meta.parts {
             let path = format!("{PARTS}/{}", p.file);
             let bytes = self
@@ -556,6 +654,21 @@ impl CheckpointStore {
                     detail: format!("holds {} of worker {}", part.operator, part.worker),
                 });
             }
+            // A part that does not cover the checkpoint is an earlier increment of a writer
+            // (listed before the increment that names it).
+            if !(part.from <= meta.id && meta.id <= part.to) {
+                let SnapshotState::WorkerIncrement { bytes, .. } = part.state else {
+                    return Err(CheckpointError::Corrupt {
+                        path,
+                        detail: format!("does not cover checkpoint {}", meta.id),
+                    });
+                };
+                earlier
+                    .entry((part.operator, part.worker))
+                    .or_default()
+                    .push(bytes);
+                continue;
+            }
             let slots = operators
                 .entry(part.operator)
                 .or_insert_with(|| vec![None; meta.parallelism as usize]);
@@ -563,7 +676,11 @@ impl CheckpointStore {
                 *slot = Some(part.state);
             }
         }
-        Ok(Restored { meta, operators })
+        Ok(Restored {
+            meta,
+            operators,
+            earlier,
+        })
     }
 }
 
@@ -597,6 +714,73 @@ mod tests {
         assert_eq!(PartName::parse(&n.file()), Some(n));
         assert_eq!(PartName::parse(&format!("{}.tmp", n.file())), Some(n));
         assert_eq!(PartName::parse("x.part"), None);
+    }
+
+    fn increment(worker: u32, at: u64, bytes: u8, earlier: Vec<u64>) -> PartFile {
+        PartFile {
+            operator: "w@[2]".to_string(),
+            worker,
+            from: at,
+            to: at,
+            state: SnapshotState::WorkerIncrement {
+                bytes: vec![bytes],
+                earlier,
+            },
+        }
+    }
+
+    #[test]
+    fn increments_bring_the_earlier_ones_they_name() {
+        let mem = MemoryStorage::new();
+        let store = CheckpointStore::new(Arc::new(mem.clone()), "job", 1);
+        let expected = vec![("w@[2]".to_string(), 0)];
+        store
+            .write_part(&increment(0, 3, 3, vec![]))
+            .expect("write");
+        store.complete(3, 0, &expected, 1, 8, false).expect("3");
+        store
+            .write_part(&increment(0, 5, 5, vec![3]))
+            .expect("write");
+        store.complete(5, 0, &expected, 1, 8, false).expect("5");
+        // 7 names 3 and 5; 5 is kept by 7's record even with only one record kept.
+        store
+            .write_part(&increment(0, 7, 7, vec![3, 5]))
+            .expect("write");
+        let meta = store.complete(7, 0, &expected, 1, 8, false).expect("7");
+        assert_eq!(meta.parts.len(), 3);
+        store.retain(Some(7)).expect("retain");
+        let r = store.load_latest().expect("load").expect("some");
+        assert_eq!(r.id(), 7);
+        assert_eq!(r.earlier("w@[2]", 0), &[vec![3], vec![5]]);
+        assert!(matches!(
+            r.parts("w@[2]").expect("op")[0],
+            Some(SnapshotState::WorkerIncrement { ref bytes, .. }) if bytes == &vec![7]
+        ));
+        // 9 needs 3 no more: 3's and 7's parts go once 9 is the record kept.
+        store
+            .write_part(&increment(0, 9, 9, vec![5]))
+            .expect("write");
+        store.complete(9, 0, &expected, 1, 8, false).expect("9");
+        store.retain(Some(9)).expect("retain");
+        let mut files = mem.list(PARTS).expect("list");
+        files.sort();
+        let names: Vec<u64> = files
+            .iter()
+            .filter(|f| f.ends_with(".part"))
+            .map(|f| PartName::parse(f).expect("name").from)
+            .collect();
+        assert_eq!(names, vec![5, 9]);
+        // Deps files go with their parts: 5's and 9's stay.
+        assert_eq!(files.iter().filter(|f| f.ends_with(".deps")).count(), 2);
+        // An increment naming a part that is not there is no checkpoint.
+        store
+            .write_part(&increment(0, 11, 11, vec![4]))
+            .expect("write");
+        let missing = store.complete(11, 0, &expected, 1, 8, false).unwrap_err();
+        assert!(matches!(
+            missing,
+            CheckpointError::Incomplete { id: 11, .. }
+        ));
     }
 
     #[test]

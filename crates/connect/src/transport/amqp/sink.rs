@@ -244,6 +244,11 @@ fn on_confirm(
     }
 }
 
+/// How many messages [`send_unsent`] takes out of the shared state at a time: a bounded
+/// batch keeps the lock short and its copies in memory the allocator already has (a
+/// checkpoint commits hundreds of thousands at once).
+const SEND_BATCH: usize = 1024;
+
 /// Publishes everything waiting, in sink order.
 async fn send_unsent(
     ctx: &SinkCtx,
@@ -251,53 +256,71 @@ async fn send_unsent(
     wire: &mut u64,
     confirms: &mut JoinSet<Confirmed>,
 ) -> Result<(), Ended> {
-    let batch: Vec<(u64, Outgoing)> = {
-        let mut s = ctx.shared.lock();
-        s.kicked = false;
-        let unsent: Vec<(u64, Outgoing)> = s
-            .pending
-            .unsent()
-            .map(|(seq, m)| (seq, m.clone()))
-            .collect();
-        unsent
-            .into_iter()
-            .map(|(seq, msg)| {
+    let mut batch: Vec<(u64, Outgoing)> = Vec::with_capacity(SEND_BATCH);
+    loop {
+        {
+            let mut s = ctx.shared.lock();
+            s.kicked = false;
+            batch.extend(
+                s.pending
+                    .unsent()
+                    .take(SEND_BATCH)
+                    .map(|(seq, m)| (seq, m.clone())),
+            );
+            for (seq, _) in batch.iter_mut() {
                 *wire += 1;
-                s.pending.sent(seq, *wire);
-                (*wire, msg)
-            })
-            .collect()
-    };
-    for (number, msg) in batch {
-        let routing_key = ShortString::try_new(msg.routing_key)
-            .map_err(|e| Ended::Failed(ConnectError::Config(format!("routing key: {e}"))))?;
-        let (channel, exchange) = (channel.clone(), ctx.exchange.clone());
-        let body = msg.body;
-        let properties = msg.properties;
-        let mut publish = Box::pin(async move {
-            channel
-                .basic_publish(
-                    exchange,
-                    routing_key,
-                    BasicPublishOptions::default(),
-                    &body,
-                    properties,
-                )
-                .await?
-                .await
-        });
-        // The first poll hands the frames to lapin, in this loop's order, which is the
-        // order the broker sees (and numbers) them in. Awaiting each publication instead
-        // would wait for lapin's I/O thread to write it, once per message; spawning it
-        // unpolled would let the runtime's two threads reorder messages.
-        match poll_once(&mut publish).await {
-            Some(Err(e)) => return Err(classify("publishing", &e).into()),
-            Some(Ok(c)) => {
-                confirms.spawn(std::future::ready((number, Ok(c))));
+                s.pending.sent(*seq, *wire);
+                *seq = *wire;
             }
-            None => {
-                confirms.spawn(async move { (number, publish.await) });
-            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for (number, msg) in batch.drain(..) {
+            publish_one(ctx, channel, number, msg, confirms).await?;
+        }
+    }
+}
+
+/// Hands one message to lapin, and its confirm to `confirms`.
+async fn publish_one(
+    ctx: &SinkCtx,
+    channel: &Channel,
+    number: u64,
+    msg: Outgoing,
+    confirms: &mut JoinSet<Confirmed>,
+) -> Result<(), Ended> {
+    let routing_key = ShortString::try_new(msg.routing_key)
+        .map_err(|e| Ended::Failed(ConnectError::Config(format!("routing key: {e}"))))?;
+    let (channel, exchange) = (channel.clone(), ctx.exchange.clone());
+    let body = msg.body;
+    let properties = msg
+        .properties
+        .fields()
+        .map_err(|e| Ended::Failed(ConnectError::Config(format!("message properties: {e}"))))?;
+    let mut publish = Box::pin(async move {
+        channel
+            .basic_publish(
+                exchange,
+                routing_key,
+                BasicPublishOptions::default(),
+                &body,
+                properties,
+            )
+            .await?
+            .await
+    });
+    // The first poll hands the frames to lapin, in this loop's order, which is the order
+    // the broker sees (and numbers) them in. Awaiting each publication instead would wait
+    // for lapin's I/O thread to write it, once per message; spawning it unpolled would let
+    // the runtime's two threads reorder messages.
+    match poll_once(&mut publish).await {
+        Some(Err(e)) => return Err(classify("publishing", &e).into()),
+        Some(Ok(c)) => {
+            confirms.spawn(std::future::ready((number, Ok(c))));
+        }
+        None => {
+            confirms.spawn(async move { (number, publish.await) });
         }
     }
     Ok(())
