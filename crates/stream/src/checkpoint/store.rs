@@ -300,27 +300,18 @@ impl CheckpointStore {
         if let SnapshotState::WorkerIncrement { earlier, .. } = &part.state {
             if !earlier.is_empty() {
                 // Before the part: a part that is there always has its deps file.
-                self.write_durably(&name.deps_file(), &envelope(earlier, || name.deps_file())?)?;
+                let deps = envelope(earlier, || name.deps_file())?;
+                self.write_durably(&format!("{PARTS}/{}", name.deps_file()), &deps)?;
             }
         }
         let bytes = envelope(part, || name.file())?;
-        let path = format!("{PARTS}/{}", name.file());
-        let tmp = format!("{path}.tmp");
-        self.storage
-            .write(&tmp, &bytes)
-            .map_err(io_err(format!("writing {tmp}")))?;
-        self.storage
-            .sync(&tmp)
-            .map_err(io_err(format!("fsync {tmp}")))?;
-        self.storage
-            .rename(&tmp, &path)
-            .map_err(io_err(format!("renaming {tmp}")))?;
+        self.write_durably(&format!("{PARTS}/{}", name.file()), &bytes)?;
         Ok(bytes.len() as u64)
     }
 
-    /// Writes `parts/<file>` as `.tmp`, fsyncs and renames it.
-    fn write_durably(&self, file: &str, bytes: &[u8]) -> Result<(), CheckpointError> {
-        let path = format!("{PARTS}/{file}");
+    /// Writes `path` as `.tmp`, fsyncs and renames it (durable once its directory is
+    /// fsynced).
+    fn write_durably(&self, path: &str, bytes: &[u8]) -> Result<(), CheckpointError> {
         let tmp = format!("{path}.tmp");
         self.storage
             .write(&tmp, bytes)
@@ -329,17 +320,15 @@ impl CheckpointStore {
             .sync(&tmp)
             .map_err(io_err(format!("fsync {tmp}")))?;
         self.storage
-            .rename(&tmp, &path)
+            .rename(&tmp, path)
             .map_err(io_err(format!("renaming {tmp}")))
     }
 
-    /// The earlier increments a part's deps file names (none without one).
-    fn read_deps(&self, name: &PartName, listed: &[String]) -> Result<Vec<u64>, CheckpointError> {
-        let file = name.deps_file();
-        if !listed.contains(&file) {
-            return Ok(Vec::new());
-        }
-        let path = format!("{PARTS}/{file}");
+    /// Reads an enveloped file and decodes it.
+    fn read_enveloped<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: String,
+    ) -> Result<T, CheckpointError> {
         let bytes = self
             .storage
             .read(&path)
@@ -349,6 +338,15 @@ impl CheckpointStore {
             path,
             detail: e.to_string(),
         })
+    }
+
+    /// The earlier increments a part's deps file names (none without one).
+    fn read_deps(&self, name: &PartName, listed: &[String]) -> Result<Vec<u64>, CheckpointError> {
+        let file = name.deps_file();
+        if !listed.contains(&file) {
+            return Ok(Vec::new());
+        }
+        self.read_enveloped(format!("{PARTS}/{file}"))
     }
 
     fn list_parts(&self) -> Result<Vec<(PartName, String)>, CheckpointError> {
@@ -481,16 +479,7 @@ impl CheckpointStore {
         };
         let bytes = envelope(&meta, || CheckpointMetadata::file(id))?;
         let path = format!("{CHECKPOINTS}/{}", CheckpointMetadata::file(id));
-        let tmp = format!("{path}.tmp");
-        self.storage
-            .write(&tmp, &bytes)
-            .map_err(io_err(format!("writing {tmp}")))?;
-        self.storage
-            .sync(&tmp)
-            .map_err(io_err(format!("fsync {tmp}")))?;
-        self.storage
-            .rename(&tmp, &path)
-            .map_err(io_err(format!("renaming {tmp}")))?;
+        self.write_durably(&path, &bytes)?;
         self.storage
             .sync_dir(CHECKPOINTS)
             .map_err(io_err(format!("fsync {CHECKPOINTS}/")))?;
@@ -529,16 +518,7 @@ impl CheckpointStore {
     }
 
     fn read_meta(&self, file: &str) -> Result<CheckpointMetadata, CheckpointError> {
-        let path = format!("{CHECKPOINTS}/{file}");
-        let bytes = self
-            .storage
-            .read(&path)
-            .map_err(io_err(format!("reading {path}")))?;
-        let payload = open_envelope(&path, &bytes)?;
-        bincode::deserialize(payload).map_err(|e| CheckpointError::Corrupt {
-            path,
-            detail: e.to_string(),
-        })
+        self.read_enveloped(format!("{CHECKPOINTS}/{file}"))
     }
 
     /// Keeps the newest `keep` records and removes parts no kept record lists, among those
@@ -638,16 +618,7 @@ impl CheckpointStore {
         let mut earlier: BTreeMap<(String, u32), Vec<Vec<u8>>> = BTreeMap::new();
         for p in &meta.parts {
             let path = format!("{PARTS}/{}", p.file);
-            let bytes = self
-                .storage
-                .read(&path)
-                .map_err(io_err(format!("reading {path}")))?;
-            let payload = open_envelope(&path, &bytes)?;
-            let part: PartFile =
-                bincode::deserialize(payload).map_err(|e| CheckpointError::Corrupt {
-                    path: path.clone(),
-                    detail: e.to_string(),
-                })?;
+            let part: PartFile = self.read_enveloped(path.clone())?;
             if part.operator != p.operator || part.worker != p.worker {
                 return Err(CheckpointError::Corrupt {
                     path,
