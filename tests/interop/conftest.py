@@ -308,3 +308,17 @@ def ready(ch, queue: str) -> int:
     tests assert on counts through `wait_until(lambda: ready(ch, q) == n)`.
     """
     return ch.queue_declare(queue, passive=True).method.message_count
+
+
+@pytest.fixture(scope="module")
+def rabbitmq(tmp_path_factory):
+    """A private RabbitMQ node for the module's tests (the jobs' interop against it)."""
+    import rabbitnode  # here: it imports this module's helpers
+
+    if not rabbitnode.available():
+        if os.environ.get("CI"):
+            pytest.fail("rabbitmq-server is not installed (scripts/test.sh installs it)")
+        pytest.skip("rabbitmq-server is not installed")
+    node = rabbitnode.RabbitNode(tmp_path_factory.mktemp("rabbitmq")).start()
+    yield node
+    node.stop()

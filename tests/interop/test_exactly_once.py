@@ -29,7 +29,6 @@ import pika
 import pika.exceptions
 import pytest
 
-import rabbitnode
 from conftest import REFERENCE_URL, RillProcess, free_port, uniq
 from jobproc import (
     JobProcess, check_at_least_once, check_exact, expected_counts, queue_counts,
@@ -135,6 +134,19 @@ def quiesce(url: str, queue: str, settle: float = 3.0, timeout: float = 120.0) -
         time.sleep(0.2)
 
 
+def settled_output(pub: "ResilientPublisher", url_fn, src: str, out: str,
+                   job: JobProcess | None = None) -> tuple[dict[str, list[int]], dict]:
+    """After the kills: every input confirmed and consumed, OUT quiet, the job (if it runs
+    standalone) stopped cleanly; then OUT's counts and ids (as `drain_all`)."""
+    pub.join(600)
+    assert pub.error is None and pub.confirmed == len(pub.texts), pub.error
+    wait_drained(url_fn, src, timeout=300)
+    quiesce(url_fn(), out)
+    if job is not None:
+        assert job.stop(timeout=120) == 0, job.log_text()[-4000:]
+    return drain_all(url_fn(), out)
+
+
 @pytest.mark.timeout(900)
 def test_standalone_exactly_once_through_job_and_broker_kills(make_broker, tmp_path):
     rng = random.Random(int(os.environ.get("CHAOS_SEED", "11")))
@@ -163,12 +175,7 @@ def test_standalone_exactly_once_through_job_and_broker_kills(make_broker, tmp_p
                 os.kill(workers[0], signal.SIGKILL)
                 wait_for_workers(job.proc.pid, 1, other_than=workers, timeout=60)
                 job_kills += 1
-        pub.join(600)
-        assert pub.error is None and pub.confirmed == MESSAGES, pub.error
-        wait_drained(lambda: broker.url, src, timeout=300)
-        quiesce(broker.url, out)
-        assert job.stop(timeout=120) == 0, job.log_text()[-4000:]
-        counts, _ = drain_all(broker.url, out)
+        counts, _ = settled_output(pub, lambda: broker.url, src, out, job)
         check_exact(counts, expected_counts(texts))
     finally:
         job.kill()
@@ -199,25 +206,10 @@ def test_embedded_exactly_once_through_broker_kills(tmp_path):
             time.sleep(rng.uniform(1.0, 3.0))
             broker.kill()
             broker.start()
-        pub.join(600)
-        assert pub.error is None and pub.confirmed == MESSAGES, pub.error
-        wait_drained(lambda: broker.url, src, timeout=300)
-        quiesce(broker.url, out)
-        counts, _ = drain_all(broker.url, out)
+        counts, _ = settled_output(pub, lambda: broker.url, src, out)
         check_exact(counts, expected_counts(texts))
     finally:
         broker.kill()
-
-
-@pytest.fixture(scope="module")
-def rabbitmq(tmp_path_factory):
-    if not rabbitnode.available():
-        if os.environ.get("CI"):
-            pytest.fail("rabbitmq-server is not installed (scripts/test.sh installs it)")
-        pytest.skip("rabbitmq-server is not installed")
-    node = rabbitnode.RabbitNode(tmp_path_factory.mktemp("rabbitmq")).start()
-    yield node
-    node.stop()
 
 
 # Quarantined, not gating: under CPU load (2 busy cores) about one run in four loses the
@@ -244,12 +236,7 @@ def test_against_rabbitmq_nothing_is_lost_and_copies_keep_their_ids(rabbitmq, tm
             workers = wait_for_workers(job.proc.pid, 1, timeout=60)
             os.kill(workers[0], signal.SIGKILL)
             wait_for_workers(job.proc.pid, 1, other_than=workers, timeout=60)
-        pub.join(600)
-        assert pub.error is None and pub.confirmed == len(texts)
-        wait_drained(lambda: rabbitmq.url, src, timeout=300)
-        quiesce(rabbitmq.url, out)
-        assert job.stop(timeout=120) == 0, job.log_text()[-4000:]
-        counts, ids = drain_all(rabbitmq.url, out)
+        counts, ids = settled_output(pub, lambda: rabbitmq.url, src, out, job)
         check_at_least_once(counts, expected_counts(texts))
         for (word, count), seen in ids.items():
             assert len(seen) == 1, f"copies of {word}:{count} carry different ids {seen}"
@@ -278,12 +265,7 @@ def test_two_process_job_killed_and_restarted_together_counts_exactly(make_broke
             time.sleep(1.5)
             os.kill(workers[victim], signal.SIGKILL)
             workers = wait_for_workers(job.proc.pid, 2, other_than=workers, timeout=60)
-        pub.join(600)
-        assert pub.error is None and pub.confirmed == len(texts)
-        wait_drained(lambda: broker.url, src, timeout=300)
-        quiesce(broker.url, out)
-        assert job.stop(timeout=120) == 0, job.log_text()[-4000:]
-        counts, _ = drain_all(broker.url, out)
+        counts, _ = settled_output(pub, lambda: broker.url, src, out, job)
         check_exact(counts, expected_counts(texts))
     finally:
         job.kill()
@@ -314,12 +296,7 @@ def test_killing_the_whole_standalone_job_loses_nothing(make_broker, tmp_path):
             wait_dead(workers[0], timeout=30)
             job = JobProcess.wordcount(broker.url, src, out, tmp_path / f"job{i}.log", *args)
             wait_for_workers(job.proc.pid, 1)
-        pub.join(600)
-        assert pub.error is None and pub.confirmed == len(texts)
-        wait_drained(lambda: broker.url, src, timeout=300)
-        quiesce(broker.url, out)
-        assert job.stop(timeout=120) == 0, job.log_text()[-4000:]
-        counts, _ = drain_all(broker.url, out)
+        counts, _ = settled_output(pub, lambda: broker.url, src, out, job)
         check_exact(counts, expected_counts(texts))
     finally:
         job.kill()

@@ -19,7 +19,6 @@ import pika
 import pytest
 
 import brokerproc
-import rabbitnode
 from brokerproc import ConfirmingPublisher, proc_status, publish_confirmed
 from conftest import REFERENCE_URL, RillProcess, free_port, rill_bin, uniq
 from jobproc import (
@@ -149,17 +148,6 @@ def test_embedded_wordcount_at_parallelism_2(tmp_path):
         check_exact(counts, expected_counts(text))
     finally:
         broker.kill()
-
-
-@pytest.fixture(scope="module")
-def rabbitmq(tmp_path_factory):
-    if not rabbitnode.available():
-        if os.environ.get("CI"):
-            pytest.fail("rabbitmq-server is not installed (scripts/test.sh installs it)")
-        pytest.skip("rabbitmq-server is not installed")
-    node = rabbitnode.RabbitNode(tmp_path_factory.mktemp("rabbitmq")).start()
-    yield node
-    node.stop()
 
 
 @pytest.mark.timeout(300)

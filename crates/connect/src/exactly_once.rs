@@ -425,20 +425,8 @@ impl Pending {
         }
         let earlier: Vec<u64> = self.increments.iter().copied().collect();
         let (bytes, count) = match self.snapshotted {
-            None => {
-                let count = self.count_upto(epoch);
-                (self.snapshot(epoch), count)
-            }
-            Some(prev) if prev >= epoch => {
-                let mut out = Vec::new();
-                encode_pending(0, std::iter::empty(), &mut out);
-                (out, 0)
-            }
-            Some(prev) => {
-                let range = prev + 1..=epoch;
-                let count = self.held.range(range.clone()).map(|(_, v)| v.len()).sum();
-                (self.encode_held(range), count)
-            }
+            None => (self.snapshot(epoch), self.count_upto(epoch)),
+            Some(prev) => self.encode_held(prev, epoch),
         };
         if count > 0 {
             self.increments.push_back(epoch);
@@ -453,12 +441,17 @@ impl Pending {
         self.increments.clear();
     }
 
-    fn encode_held(&self, range: std::ops::RangeInclusive<u64>) -> Vec<u8> {
-        let msgs = self.held.range(range).flat_map(|(_, v)| v.iter());
-        let count = msgs.clone().count();
+    /// Encodes the held output of epochs `after < e <= upto`; returns it and how many
+    /// messages.
+    fn encode_held(&self, after: u64, upto: u64) -> (Vec<u8>, usize) {
+        // An empty range, not a reversed one (which `BTreeMap::range` panics on).
+        let held = self
+            .held
+            .range(after.saturating_add(1)..upto.max(after).saturating_add(1));
+        let count = held.clone().map(|(_, v)| v.len()).sum();
         let mut out = Vec::with_capacity(1 + count * 64);
-        encode_pending(count, msgs, &mut out);
-        out
+        encode_pending(count, held.flat_map(|(_, v)| v.iter()), &mut out);
+        (out, count)
     }
 
     /// How many messages a full snapshot of `epoch` holds.
@@ -711,7 +704,7 @@ mod tests {
             ),
         ];
         let fields = OutgoingProperties::Encoded(msgs[1].properties.clone())
-            .fields()
+            .into_fields()
             .unwrap();
         assert_eq!(fields.message_id().as_ref().unwrap().as_str(), "wc/7/1/301");
         let mut bytes = Vec::new();

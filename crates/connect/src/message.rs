@@ -138,7 +138,7 @@ pub struct Outgoing {
 /// use rill_connect::message::OutgoingProperties;
 /// let fields = BasicProperties::default().with_delivery_mode(2);
 /// let encoded = OutgoingProperties::Encoded(encode_properties(&fields));
-/// assert_eq!(encoded.fields().unwrap(), fields);
+/// assert_eq!(encoded.into_fields().unwrap(), fields);
 /// assert_eq!(OutgoingProperties::from(fields.clone()).encoded(), encode_properties(&fields));
 /// ```
 // Not boxed: fields are the common case (every sink without checkpoints), and a box would
@@ -172,10 +172,10 @@ impl OutgoingProperties {
     }
 
     /// The fields (decoding them if they are encoded).
-    pub fn fields(&self) -> Result<BasicProperties, rill_codec::AmqpError> {
+    pub fn into_fields(self) -> Result<BasicProperties, rill_codec::AmqpError> {
         match self {
-            OutgoingProperties::Fields(p) => Ok(p.clone()),
-            OutgoingProperties::Encoded(raw) => rill_codec::decode_properties(raw),
+            OutgoingProperties::Fields(p) => Ok(p),
+            OutgoingProperties::Encoded(raw) => rill_codec::decode_properties(&raw),
         }
     }
 }

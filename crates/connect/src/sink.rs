@@ -175,6 +175,7 @@ impl<T: Data, E: Encoder<T> + Clone> QueueSink<T, E> {
             ended: None,
             confirmed_seq: 0,
             body: Vec::new(),
+            exchange: Arc::from(self.spec.exchange.as_str()),
             two_phase: self.two_phase.clone().map(|job| TwoPhase {
                 job,
                 pending: Pending::default(),
@@ -207,6 +208,8 @@ pub struct QueueWriter<T, E> {
     ended: Option<u64>,
     confirmed_seq: u64,
     body: Vec<u8>,
+    /// `spec.exchange`, shared by every message.
+    exchange: Arc<str>,
     two_phase: Option<TwoPhase>,
 }
 
@@ -258,8 +261,8 @@ impl<T, E> QueueWriter<T, E> {
             .transport
             .as_mut()
             .ok_or_else(|| StreamError::Config("queue sink used before it was opened".into()))?;
-        let exchange: Arc<str> = Arc::from(self.spec.exchange.as_str());
-        let n = pending.publish(|m| transport.publish(m.outgoing(&exchange)))?;
+        let exchange = &self.exchange;
+        let n = pending.publish(|m| transport.publish(m.outgoing(exchange)))?;
         if let Some(c) = &self.counters {
             c.add_out(n as u64);
         }
@@ -309,7 +312,7 @@ impl<T: Data, E: Encoder<T>> SinkWriter<T> for QueueWriter<T, E> {
             return Ok(());
         }
         let msg = Outgoing {
-            exchange: Arc::from(self.spec.exchange.as_str()),
+            exchange: self.exchange.clone(),
             routing_key,
             properties: properties.into(),
             body: Bytes::copy_from_slice(&self.body),

@@ -194,6 +194,29 @@ impl SourceReader<(ShortStr, u64)> for Keys {
     }
 }
 
+/// Running counts of `keys` distinct keys, split evenly over the workers' [`Keys`] readers.
+fn key_counts<'s>(
+    env: &crate::JobEnv<'s>,
+    keys: u64,
+    finish: bool,
+) -> crate::DataStream<'s, (ShortStr, u64)> {
+    env.from_reader(
+        move |w, n| {
+            let (w, n) = (w as u64, n as u64);
+            Keys {
+                worker: w as usize,
+                next: keys * w / n,
+                end: keys * (w + 1) / n,
+                finish,
+            }
+        },
+        WatermarkStrategy::no_watermarks(),
+        "keys",
+    )
+    .key_by(|t| t.0)
+    .sum(|t| &mut t.1)
+}
+
 fn key_of(i: u64) -> ShortStr {
     let mut k = ShortStr::default();
     let _ = write!(k, "k{i}");
@@ -212,11 +235,6 @@ pub fn checkpoint(dir: &Path, keys: u64, workers: usize) -> Result<CheckpointRep
         env.set_checkpointing(config.clone());
         env
     };
-    let per_worker = move |w: usize, n: usize| {
-        let n = n as u64;
-        let w = w as u64;
-        (keys * w / n, keys * (w + 1) / n)
-    };
 
     // Build the state; checkpoint it once complete.
     let first = env(&config);
@@ -226,22 +244,7 @@ pub fn checkpoint(dir: &Path, keys: u64, workers: usize) -> Result<CheckpointRep
     let job = std::thread::spawn(move || {
         first.execute("checkpoint-bench", move |env| {
             let c = c.clone();
-            env.from_reader(
-                move |w, n| {
-                    let (next, end) = per_worker(w, n);
-                    Keys {
-                        worker: w,
-                        next,
-                        end,
-                        finish: false,
-                    }
-                },
-                WatermarkStrategy::no_watermarks(),
-                "keys",
-            )
-            .key_by(|t| t.0)
-            .sum(|t| &mut t.1)
-            .add_sink(move |_: (ShortStr, u64), _| {
+            key_counts(env, keys, false).add_sink(move |_: (ShortStr, u64), _| {
                 c.fetch_add(1, Ordering::Relaxed);
             });
         })
@@ -266,22 +269,7 @@ pub fn checkpoint(dir: &Path, keys: u64, workers: usize) -> Result<CheckpointRep
     let started = Instant::now();
     second.execute("checkpoint-bench", move |env| {
         let out = out.clone();
-        env.from_reader(
-            move |w, n| {
-                let (next, end) = per_worker(w, n);
-                Keys {
-                    worker: w,
-                    next,
-                    end,
-                    finish: true,
-                }
-            },
-            WatermarkStrategy::no_watermarks(),
-            "keys",
-        )
-        .key_by(|t| t.0)
-        .sum(|t| &mut t.1)
-        .add_sink(move |(_, n): (ShortStr, u64), _| {
+        key_counts(env, keys, true).add_sink(move |(_, n): (ShortStr, u64), _| {
             let mut slot = match out.lock() {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),

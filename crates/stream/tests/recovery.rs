@@ -529,26 +529,37 @@ fn two_processes_crash_and_restore_exactly() {
     assert!(records.iter().all(|r| r.ends_with(".meta")), "{records:?}");
 }
 
-#[test]
-fn a_failed_part_write_fails_that_checkpoint_only() {
-    let log = log(300);
-    let expected = uninterrupted(&log, 2);
-    let mem = MemoryStorage::new();
-    let faulty = Arc::new(FaultyStorage::new(Arc::new(mem.clone())));
-    // A checkpoint renames 11 files (10 parts and its record); every 29th rename fails, so
-    // some checkpoints lose a part or their record and the others complete.
-    for n in (29..5000).step_by(29) {
+/// In-memory storage on which every `every`-th rename fails (until healed).
+fn failing_renames(every: u64) -> (Arc<FaultyStorage>, Arc<dyn CheckpointStorage>) {
+    let faulty = Arc::new(FaultyStorage::new(Arc::new(MemoryStorage::new())));
+    for n in (every..5000).step_by(every as usize) {
         faulty.fail_nth(StorageOp::Rename, n);
     }
     let storage: Arc<dyn CheckpointStorage> = faulty.clone();
-    let broker = Broker::default();
-    let mut env = checkpointed(&storage, 2);
-    let trigger = env.checkpoint_trigger();
+    (faulty, storage)
+}
+
+/// The checkpointed environment at parallelism 2, running on through failed checkpoints.
+fn running_through_failures(storage: &Arc<dyn CheckpointStorage>) -> StreamExecutionEnvironment {
+    let mut env = checkpointed(storage, 2);
     env.set_checkpointing(
         CheckpointConfig::with_storage(storage.clone())
             .with_interval(ms(3))
             .with_max_consecutive_failures(1000),
     );
+    env
+}
+
+#[test]
+fn a_failed_part_write_fails_that_checkpoint_only() {
+    let log = log(300);
+    let expected = uninterrupted(&log, 2);
+    // A checkpoint renames 11 files (10 parts and its record); every 29th rename fails, so
+    // some checkpoints lose a part or their record and the others complete.
+    let (faulty, storage) = failing_renames(29);
+    let broker = Broker::default();
+    let env = running_through_failures(&storage);
+    let trigger = env.checkpoint_trigger();
     let (l, b) = (log.clone(), broker.clone());
     let first = env.execute("windowed", move |env| {
         // Killed after 250 records, once 8 checkpoints completed: by then at least 88
@@ -579,21 +590,11 @@ fn a_crash_in_the_commit_after_failed_checkpoints_republishes_every_increment() 
     let log = log(300);
     let expected = uninterrupted(&log, 2);
     let mut crashes = 0;
-    for every in [13usize, 23] {
+    for every in [13, 23] {
         for commit in 2..=6 {
-            let mem = MemoryStorage::new();
-            let faulty = Arc::new(FaultyStorage::new(Arc::new(mem.clone())));
-            for n in (every..5000).step_by(every) {
-                faulty.fail_nth(StorageOp::Rename, n as u64);
-            }
-            let storage: Arc<dyn CheckpointStorage> = faulty.clone();
+            let (faulty, storage) = failing_renames(every);
             let broker = Broker::default();
-            let mut env = checkpointed(&storage, 2);
-            env.set_checkpointing(
-                CheckpointConfig::with_storage(storage.clone())
-                    .with_interval(ms(3))
-                    .with_max_consecutive_failures(1000),
-            );
+            let env = running_through_failures(&storage);
             let (l, b) = (log.clone(), broker.clone());
             let run = env.execute("windowed", move |env| {
                 let kill = Kill {

@@ -296,7 +296,7 @@ async fn publish_one(
     let body = msg.body;
     let properties = msg
         .properties
-        .fields()
+        .into_fields()
         .map_err(|e| Ended::Failed(ConnectError::Config(format!("message properties: {e}"))))?;
     let mut publish = Box::pin(async move {
         channel
