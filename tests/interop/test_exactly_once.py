@@ -45,7 +45,10 @@ DEDUP_IN = {"x-message-deduplication": True, "x-cache-size": 200_000}
 class ResilientPublisher(threading.Thread):
     """Publishes `texts` in order with confirms, each with a stable id; when the broker
     goes away it reconnects and publishes again whatever was not confirmed (so the input
-    queue may get a message twice: its deduplication, keyed on the id, drops the copy)."""
+    queue may get a message twice: its deduplication, keyed on the id, drops the copy).
+    Publishes are mandatory: a message published before the job has declared its queue
+    comes back (pika raises UnroutableError) and is sent again, where RabbitMQ would
+    otherwise confirm it and drop it silently."""
 
     def __init__(self, url_fn, queue: str, texts: list[str], run_id: str):
         super().__init__(daemon=True)
@@ -67,7 +70,8 @@ class ResilientPublisher(threading.Thread):
                         ch.basic_publish("", self.queue, self.texts[i].encode(),
                                          pika.BasicProperties(
                                              delivery_mode=2, message_id=mid,
-                                             headers={"x-deduplication-header": mid}))
+                                             headers={"x-deduplication-header": mid}),
+                                         mandatory=True)
                         self.confirmed += 1
             except (pika.exceptions.AMQPError, OSError):
                 self.reconnects += 1
@@ -212,13 +216,6 @@ def test_embedded_exactly_once_through_broker_kills(tmp_path):
         broker.kill()
 
 
-# Quarantined, not gating: under CPU load (2 busy cores) about one run in four loses the
-# effect of the last inputs: RabbitMQ's IN ends empty, yet the job's final savepoint counts
-# fewer occurrences (w0 at 95 of 100), so those deliveries were acked without being counted.
-# The same job against Rill (test_standalone_exactly_once_through_job_and_broker_kills)
-# has not shown it. It reproduces at the commit before this session's changes too. It still
-# runs and reports XPASS/XFAIL; see the note on issue 11.
-@pytest.mark.xfail(strict=False, reason="intermittent loss of final inputs against RabbitMQ under load (open bug)")
 @pytest.mark.timeout(600)
 def test_against_rabbitmq_nothing_is_lost_and_copies_keep_their_ids(rabbitmq, tmp_path):
     rng = random.Random(3)
