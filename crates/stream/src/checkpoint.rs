@@ -180,6 +180,16 @@ pub enum SnapshotState {
         /// The epochs of earlier increments still needed.
         earlier: Vec<u64>,
     },
+    /// Keyed state as the changes since the operator's previous part (see
+    /// [`crate::StateBackend::snapshot_key_group_changes`]), with full timers. It stands on
+    /// the `earlier` parts of this run (by the epoch each starts at, oldest first: a
+    /// [`SnapshotState::KeyGroups`], then changes), which the checkpoint also holds.
+    KeyGroupsChanges {
+        /// Per key group: the changes, in a [`SnapshotState::KeyGroups`] group's envelope.
+        groups: BTreeMap<u32, Vec<u8>>,
+        /// The `from` epochs of the parts these changes apply on.
+        earlier: Vec<u64>,
+    },
     /// A source's state: its position (a reader's snapshot, or how many records an
     /// in-memory source emitted) and its watermark generator's.
     Source {
@@ -188,6 +198,18 @@ pub enum SnapshotState {
         /// The watermark generator's state.
         watermark: WatermarkState,
     },
+}
+
+impl SnapshotState {
+    /// The earlier parts of this run that this one builds on (their `from` epochs, oldest
+    /// first): none for a self-contained part.
+    pub(crate) fn earlier(&self) -> &[u64] {
+        match self {
+            SnapshotState::WorkerIncrement { earlier, .. }
+            | SnapshotState::KeyGroupsChanges { earlier, .. } => earlier,
+            _ => &[],
+        }
+    }
 }
 
 impl OperatorSnapshot {
@@ -431,7 +453,7 @@ impl Checkpointing {
 
     /// With storage: the earlier increments (oldest first) that go with worker `worker`'s
     /// [`SnapshotState::WorkerIncrement`] in the checkpoint the job was restored from.
-    pub(crate) fn restored_earlier(&self, worker: usize) -> &[Vec<u8>] {
+    pub(crate) fn restored_earlier(&self, worker: usize) -> &[SnapshotState] {
         let Checkpointing::Stored(w) = self else {
             return &[];
         };

@@ -91,9 +91,59 @@ pub(crate) trait Operator: 'static {
     fn snapshot(&self, groups: &KeyGroups) -> Result<BTreeMap<u32, Vec<u8>>, StateError>;
     /// Adds one key group's state written by [`Self::snapshot`].
     fn restore(&mut self, group: &[u8]) -> Result<(), StateError>;
+    /// Checkpoints go to storage: remember changes between snapshots from now on.
+    fn track_changes(&mut self) {}
+    /// What changed since the previous snapshot, per key group, if the operator can tell
+    /// (see [`crate::StateBackend::snapshot_key_group_changes`]).
+    fn snapshot_changes(
+        &self,
+        _groups: &KeyGroups,
+    ) -> Result<Option<BTreeMap<u32, Vec<u8>>>, StateError> {
+        Ok(None)
+    }
+    /// A snapshot (full or of changes) was taken.
+    fn snapshot_taken(&mut self) {}
+    /// Applies one key group's changes written by [`Self::snapshot_changes`].
+    fn restore_changes(&mut self, _group: &[u8]) -> Result<(), StateError> {
+        Err(StateError::Decode(
+            "this operator cannot restore changes".into(),
+        ))
+    }
     /// Called once, after the input ended and everything was emitted.
     fn close(&mut self) {}
 }
+
+/// The [`Operator`] state hooks of an operator whose keyed state is the
+/// [`crate::StateBackend`] in field `$field`.
+macro_rules! state_in {
+    ($field:ident) => {
+        fn snapshot(
+            &self,
+            groups: &$crate::keygroup::KeyGroups,
+        ) -> Result<std::collections::BTreeMap<u32, Vec<u8>>, $crate::error::StateError> {
+            self.$field.snapshot_key_groups(groups)
+        }
+        fn restore(&mut self, group: &[u8]) -> Result<(), $crate::error::StateError> {
+            self.$field.restore_key_group(group)
+        }
+        fn track_changes(&mut self) {
+            self.$field.track_changes();
+        }
+        fn snapshot_changes(
+            &self,
+            groups: &$crate::keygroup::KeyGroups,
+        ) -> Result<Option<std::collections::BTreeMap<u32, Vec<u8>>>, $crate::error::StateError> {
+            self.$field.snapshot_key_group_changes(groups)
+        }
+        fn snapshot_taken(&mut self) {
+            self.$field.snapshot_taken();
+        }
+        fn restore_changes(&mut self, group: &[u8]) -> Result<(), $crate::error::StateError> {
+            self.$field.restore_key_group_changes(group)
+        }
+    };
+}
+pub(crate) use state_in;
 
 /// What an operator hook sees: time, timers and outputs.
 pub(crate) struct Ctx<'a, Op: Operator + ?Sized> {
@@ -204,7 +254,33 @@ pub(crate) struct Driver<Op: Operator> {
     groups: KeyGroups,
     worker: usize,
     checkpoint: Option<Checkpointing>,
+    /// With storage: the parts of this run the next snapshot of changes stands on.
+    chain: Option<Chain>,
     closed: bool,
+}
+
+/// An incremental checkpoint chain: a full snapshot, then the changes since each previous
+/// part. Each checkpoint writes only what changed; restoring reads the chain.
+#[derive(Debug, Default)]
+struct Chain {
+    /// The `from` epochs of the chain's parts, oldest (the full one) first.
+    parts: Vec<u64>,
+    /// Bytes of the full snapshot, and of the changes written since.
+    full: usize,
+    changes: usize,
+}
+
+impl Chain {
+    /// Chains longer than this restart with a full snapshot (bounds the files a restore
+    /// reads).
+    const MAX_PARTS: usize = 64;
+
+    /// Another part of changes, or a full snapshot? Once the changes add up to the full
+    /// snapshot's size, a new full one costs no more than the changes already written, and
+    /// restore never reads more than about twice the state.
+    fn takes_changes(&self) -> bool {
+        self.changes < self.full.max(1) && self.parts.len() < Self::MAX_PARTS
+    }
 }
 
 impl<Op: Operator> Driver<Op> {
@@ -215,6 +291,9 @@ impl<Op: Operator> Driver<Op> {
         checkpoint: Option<Checkpointing>,
     ) -> Self {
         op.open(worker, &groups);
+        if checkpoint.as_ref().is_some_and(Checkpointing::is_stored) {
+            op.track_changes();
+        }
         Driver {
             op,
             stash: BTreeMap::new(),
@@ -232,6 +311,7 @@ impl<Op: Operator> Driver<Op> {
             groups,
             worker,
             checkpoint,
+            chain: None,
             closed: false,
         }
     }
@@ -499,8 +579,39 @@ impl<Op: Operator> Driver<Op> {
         let Some(due) = cp.due(completed) else {
             return Ok(());
         };
-        let groups = self.snapshot()?;
-        cp.store(due, SnapshotState::KeyGroups(groups)).map(|_| ())
+        if !cp.is_stored() {
+            let groups = self.snapshot()?;
+            return cp.store(due, SnapshotState::KeyGroups(groups)).map(|_| ());
+        }
+        // To storage: the changes since the previous part when the chain allows it.
+        let chain = self.chain.take().filter(Chain::takes_changes);
+        let changes = match &chain {
+            Some(_) => self.snapshot_changes()?,
+            None => None,
+        };
+        let (state, chain) = match (changes, chain) {
+            (Some(groups), Some(mut chain)) => {
+                let earlier = chain.parts.clone();
+                chain.parts.push(due.from);
+                chain.changes += groups.values().map(Vec::len).sum::<usize>();
+                (SnapshotState::KeyGroupsChanges { groups, earlier }, chain)
+            }
+            _ => {
+                let groups = self.snapshot()?;
+                let chain = Chain {
+                    parts: vec![due.from],
+                    full: groups.values().map(Vec::len).sum(),
+                    changes: 0,
+                };
+                (SnapshotState::KeyGroups(groups), chain)
+            }
+        };
+        self.op.snapshot_taken();
+        // A part that is not durable breaks the chain: the next one is full.
+        if cp.store(due, state)? {
+            self.chain = Some(chain);
+        }
+        Ok(())
     }
 
     /// Restores the key groups this worker owns now from the checkpoint the job was
@@ -512,24 +623,69 @@ impl<Op: Operator> Driver<Op> {
         let Some((id, parts)) = cp.restored() else {
             return Ok(());
         };
-        let mut mine: Vec<&[u8]> = Vec::new();
-        for part in parts.iter().flatten() {
-            let SnapshotState::KeyGroups(groups) = part else {
-                return Err(CheckpointError::Incompatible {
-                    id,
-                    detail: format!("{} holds no keyed state", cp.operator()),
-                }
-                .into());
-            };
-            mine.extend(
-                groups
+        let incompatible = |detail: String| CheckpointError::Incompatible { id, detail };
+        // Each old worker's part, preceded by the chain it stands on (a full snapshot, then
+        // changes); a key group came from exactly one old worker.
+        let mut chain: Vec<(&[u8], bool)> = Vec::new();
+        let mut last: Vec<(&[u8], bool)> = Vec::new();
+        for (old, part) in parts.iter().enumerate() {
+            let Some(part) = part else { continue };
+            for (i, state) in cp
+                .restored_earlier(old)
+                .iter()
+                .chain(std::iter::once(part))
+                .enumerate()
+            {
+                let (groups, changes) = match state {
+                    SnapshotState::KeyGroups(g) => (g, false),
+                    SnapshotState::KeyGroupsChanges { groups, earlier } => {
+                        if i == 0 || earlier.is_empty() {
+                            return Err(incompatible(format!(
+                                "{}: changes without the full snapshot they apply on",
+                                cp.operator()
+                            ))
+                            .into());
+                        }
+                        (groups, true)
+                    }
+                    _ => {
+                        return Err(
+                            incompatible(format!("{} holds no keyed state", cp.operator())).into(),
+                        )
+                    }
+                };
+                let mine = groups
                     .iter()
                     .filter(|(g, _)| self.groups.worker_of(**g) == self.worker)
-                    .map(|(_, b)| b.as_slice()),
-            );
+                    .map(|(_, b)| (b.as_slice(), changes));
+                if std::ptr::eq(state, part) {
+                    last.extend(mine);
+                } else {
+                    chain.extend(mine);
+                }
+            }
         }
-        self.restore(id, mine.into_iter())?;
+        self.restore_chain(id, chain, last)?;
         Ok(())
+    }
+
+    /// What changed since the previous snapshot, with the timers in full, per key group; `None`
+    /// if the operator cannot tell. Every group of this worker is there, so that a group
+    /// whose timers are gone has them replaced by none.
+    fn snapshot_changes(&self) -> Result<Option<BTreeMap<u32, Vec<u8>>>, StateError> {
+        let Some(mut state) = self.op.snapshot_changes(&self.groups)? else {
+            return Ok(None);
+        };
+        let mut timers = self.timers.snapshot(&self.groups)?;
+        (0..self.groups.count())
+            .filter(|g| self.groups.worker_of(*g) == self.worker)
+            .map(|g| {
+                let s = state.remove(&g).unwrap_or_default();
+                let t = timers.remove(&g).unwrap_or_default();
+                Ok((g, encode(&KeyGroupState(self.frontier, s, t))?))
+            })
+            .collect::<Result<_, _>>()
+            .map(Some)
     }
 
     /// The operator's state and timers, per key group. Each group also records the
@@ -553,18 +709,35 @@ impl<Op: Operator> Driver<Op> {
     /// then continues with the records of later epochs. Groups from several workers (a
     /// restore at another parallelism) resume at the highest of their frontiers: a window
     /// that fired on any of them counts as fired (it may fire once more, never not at all).
+    #[cfg(test)]
     pub(crate) fn restore<'a>(
         &mut self,
         epoch: u64,
         groups: impl Iterator<Item = &'a [u8]>,
     ) -> Result<(), StateError> {
+        self.restore_chain(epoch, Vec::new(), groups.map(|g| (g, false)).collect())
+    }
+
+    /// [`Self::restore`] of the key groups of the parts incremental chains end with
+    /// (`last`), after those of the parts before them (`chain`, in order); each group is a
+    /// full snapshot (`false`) or changes (`true`). Timers are in full in every part: they
+    /// come from `last` only.
+    fn restore_chain(
+        &mut self,
+        epoch: u64,
+        chain: Vec<(&[u8], bool)>,
+        last: Vec<(&[u8], bool)>,
+    ) -> Result<(), StateError> {
+        for (bytes, changes) in chain {
+            let KeyGroupState(frontier, state, _) = decode(bytes)?;
+            self.frontier = self.frontier.max(frontier);
+            self.restore_state(&state, changes)?;
+        }
         let mut timers = Vec::new();
-        for bytes in groups {
+        for (bytes, changes) in last {
             let KeyGroupState(frontier, state, t) = decode(bytes)?;
             self.frontier = self.frontier.max(frontier);
-            if !state.is_empty() {
-                self.op.restore(&state)?;
-            }
+            self.restore_state(&state, changes)?;
             if !t.is_empty() {
                 timers.push(t);
             }
@@ -575,6 +748,14 @@ impl<Op: Operator> Driver<Op> {
         self.checked = self.checked.max(epoch.saturating_add(1));
         self.epoch = self.epoch.max(epoch.saturating_add(1));
         Ok(())
+    }
+
+    fn restore_state(&mut self, state: &[u8], changes: bool) -> Result<(), StateError> {
+        match (state.is_empty(), changes) {
+            (true, _) => Ok(()),
+            (false, false) => self.op.restore(state),
+            (false, true) => self.op.restore_changes(state),
+        }
     }
 }
 

@@ -9,13 +9,10 @@
 //! epochs, orders input, fires timers and takes snapshots; the operators below only say what
 //! a batch or a timer does to their state.
 
-use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::ops::AddAssign;
 
-use crate::driver::{keyed_operator, Ctx, Operator};
-use crate::error::StateError;
-use crate::keygroup::KeyGroups;
+use crate::driver::{keyed_operator, state_in, Ctx, Operator};
 use crate::state::{MemoryStateBackend, StateBackend};
 use crate::stream::{key_exchange, DataStream};
 use crate::timers::{Timer, TimerService};
@@ -209,7 +206,7 @@ where
     #[inline(never)]
     fn element(&mut self, batch: &mut Vec<(u64, T)>, cx: &mut Ctx<'_, Self>) {
         // The hot path of a keyed count: one hash lookup per record, no dynamic dispatch.
-        let map = self.state.map_mut();
+        let mut map = self.state.map_mut();
         let out = cx.out();
         out.reserve(batch.len());
         for (ts, d) in batch.drain(..) {
@@ -227,13 +224,7 @@ where
         }
     }
 
-    fn snapshot(&self, groups: &KeyGroups) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
-        self.state.snapshot_key_groups(groups)
-    }
-
-    fn restore(&mut self, group: &[u8]) -> Result<(), StateError> {
-        self.state.restore_key_group(group)
-    }
+    state_in!(state);
 }
 
 /// A running [`AggregateFunction`] per key: emits the result after every record.
@@ -271,26 +262,18 @@ where
     const ORDERED: bool = false;
 
     fn element(&mut self, batch: &mut Vec<(u64, T)>, cx: &mut Ctx<'_, Self>) {
-        let map = self.state.map_mut();
+        let mut map = self.state.map_mut();
         let out = cx.out();
         out.reserve(batch.len());
         for (ts, d) in batch.drain(..) {
             let k = (self.key)(&d);
-            let acc = map
-                .entry(k)
-                .or_insert_with(|| self.agg.create_accumulator());
+            let acc = map.get_or_insert_with(k, || self.agg.create_accumulator());
             self.agg.add(d, acc);
             out.push((ts, self.agg.get_result(acc)));
         }
     }
 
-    fn snapshot(&self, groups: &KeyGroups) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
-        self.state.snapshot_key_groups(groups)
-    }
-
-    fn restore(&mut self, group: &[u8]) -> Result<(), StateError> {
-        self.state.restore_key_group(group)
-    }
+    state_in!(state);
 }
 
 /// Runs a [`KeyedProcessFunction`] over per-key state in a [`StateBackend`].
@@ -371,13 +354,7 @@ where
         }
     }
 
-    fn snapshot(&self, groups: &KeyGroups) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
-        self.backend.snapshot_key_groups(groups)
-    }
-
-    fn restore(&mut self, group: &[u8]) -> Result<(), StateError> {
-        self.backend.restore_key_group(group)
-    }
+    state_in!(backend);
 }
 
 impl<'s, T: Data, K: Key, KF: Fn(&T) -> K + Clone + 'static> KeyedStream<'s, T, K, KF> {

@@ -13,7 +13,7 @@ use std::hash::Hash;
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{decode_keyed, encode_keyed};
+use crate::checkpoint::{decode, decode_keyed, encode, encode_keyed};
 use crate::error::StateError;
 use crate::hash::FxHashMap;
 use crate::keygroup::KeyGroups;
@@ -223,9 +223,116 @@ pub trait StateBackend<K: Key, S: Data>: 'static {
         }
         Ok(())
     }
+
+    /// From now on, remember what changes between snapshots, for
+    /// [`Self::snapshot_key_group_changes`] (checkpoints to storage call it once). Until
+    /// then a backend need not remember removed keys, which would grow without bound.
+    fn track_changes(&mut self) {}
+
+    /// Per key group, what changed since the previous snapshot (full or of changes): the
+    /// keys removed and the entries written, for [`Self::restore_key_group_changes`].
+    /// `None` if this backend cannot tell; the caller then takes a full snapshot.
+    fn snapshot_key_group_changes(
+        &self,
+        _groups: &KeyGroups,
+    ) -> Result<Option<BTreeMap<u32, Vec<u8>>>, StateError> {
+        Ok(None)
+    }
+
+    /// A snapshot (full or of changes) was taken: changes count from here.
+    fn snapshot_taken(&mut self) {}
+
+    /// Applies one key group's changes written by [`Self::snapshot_key_group_changes`] on
+    /// top of the state restored so far.
+    fn restore_key_group_changes(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        let (removed, written): (Vec<K>, Vec<(K, S)>) = decode(bytes)?;
+        for k in &removed {
+            self.remove(k);
+        }
+        for (k, s) in written {
+            self.insert(k, s);
+        }
+        Ok(())
+    }
 }
 
-/// The in-memory backend: a hash map (Fx-hashed) from key to state.
+/// A key's state and the generation of the last snapshot it changed after.
+type Stamped<S> = (S, u32);
+
+/// The in-memory backend's map, as operators on the hot path use it: every write stamps the
+/// entry with the current generation, and removals are remembered while changes are
+/// tracked, so that a checkpoint can write only what changed.
+pub(crate) struct TrackedMap<'a, K, S> {
+    map: &'a mut FxHashMap<K, Stamped<S>>,
+    generation: u32,
+    removed: Option<&'a mut Vec<K>>,
+}
+
+impl<K: Key, S> TrackedMap<'_, K, S> {
+    /// Mutable state of `key`, if any (counted as changed).
+    #[inline]
+    pub(crate) fn get_mut(&mut self, key: &K) -> Option<&mut S> {
+        let generation = self.generation;
+        self.map.get_mut(key).map(|e| {
+            e.1 = generation;
+            &mut e.0
+        })
+    }
+
+    /// Sets the state of `key`.
+    #[inline]
+    pub(crate) fn insert(&mut self, key: K, state: S) {
+        self.map.insert(key, (state, self.generation));
+    }
+
+    /// Mutable state of `key`, created with `init` if absent (counted as changed).
+    #[inline]
+    pub(crate) fn get_or_insert_with(&mut self, key: K, init: impl FnOnce() -> S) -> &mut S {
+        let generation = self.generation;
+        let e = self.map.entry(key).or_insert_with(|| (init(), generation));
+        e.1 = generation;
+        &mut e.0
+    }
+
+    /// Drops the state of `key`.
+    pub(crate) fn remove(&mut self, key: &K) -> Option<S> {
+        let old = self.map.remove(key)?;
+        if let Some(removed) = self.removed.as_mut() {
+            removed.push(key.clone());
+        }
+        Some(old.0)
+    }
+}
+
+fn encode_changes<K: Key, S: Data>(
+    groups: &KeyGroups,
+    map: &FxHashMap<K, Stamped<S>>,
+    generation: u32,
+    removed: &[K],
+) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
+    #[allow(clippy::type_complexity)]
+    let mut by_group: BTreeMap<u32, (Vec<&K>, Vec<(&K, &S)>)> = BTreeMap::new();
+    for k in removed {
+        by_group.entry(groups.group_of(k)).or_default().0.push(k);
+    }
+    for (k, (s, g)) in map {
+        if *g == generation {
+            by_group
+                .entry(groups.group_of(k))
+                .or_default()
+                .1
+                .push((k, s));
+        }
+    }
+    by_group
+        .into_iter()
+        .map(|(g, changes)| Ok((g, encode(&changes)?)))
+        .collect()
+}
+
+/// The in-memory backend: a hash map (Fx-hashed) from key to state. Each entry carries the
+/// generation it was last written in, so a checkpoint can take only what changed since the
+/// previous one ([`StateBackend::snapshot_key_group_changes`]).
 ///
 /// ```
 /// use rill_stream::{MemoryStateBackend, StateBackend};
@@ -237,13 +344,19 @@ pub trait StateBackend<K: Key, S: Data>: 'static {
 /// assert_eq!(c.get(&"a".to_string()), Some(&5));
 /// ```
 pub struct MemoryStateBackend<K, S> {
-    map: FxHashMap<K, S>,
+    map: FxHashMap<K, Stamped<S>>,
+    /// Entries written since the last snapshot carry this generation.
+    generation: u32,
+    /// Keys removed since the last snapshot, once changes are tracked.
+    removed: Option<Vec<K>>,
 }
 
 impl<K, S> Default for MemoryStateBackend<K, S> {
     fn default() -> Self {
         MemoryStateBackend {
             map: FxHashMap::default(),
+            generation: 1,
+            removed: None,
         }
     }
 }
@@ -251,43 +364,69 @@ impl<K, S> Default for MemoryStateBackend<K, S> {
 impl<K: Key, S: Data> MemoryStateBackend<K, S> {
     /// Direct access for operators on the hot path (one hash lookup per record).
     #[inline]
-    pub(crate) fn map_mut(&mut self) -> &mut FxHashMap<K, S> {
-        &mut self.map
+    pub(crate) fn map_mut(&mut self) -> TrackedMap<'_, K, S> {
+        TrackedMap {
+            map: &mut self.map,
+            generation: self.generation,
+            removed: self.removed.as_mut(),
+        }
+    }
+
+    /// Drops every key's state (the input ended; no snapshot of changes follows).
+    pub(crate) fn clear(&mut self) {
+        self.map.clear();
+        if let Some(removed) = self.removed.as_mut() {
+            removed.clear();
+        }
     }
 }
 
 impl<K: Key, S: Data> StateBackend<K, S> for MemoryStateBackend<K, S> {
     fn get(&self, key: &K) -> Option<&S> {
-        self.map.get(key)
+        self.map.get(key).map(|e| &e.0)
     }
     fn get_mut(&mut self, key: &K) -> Option<&mut S> {
-        self.map.get_mut(key)
+        let generation = self.generation;
+        self.map.get_mut(key).map(|e| {
+            e.1 = generation;
+            &mut e.0
+        })
     }
     fn get_or_insert_with(&mut self, key: &K, init: &mut dyn FnMut() -> S) -> &mut S {
-        self.map.entry(key.clone()).or_insert_with(init)
+        let generation = self.generation;
+        let e = self
+            .map
+            .entry(key.clone())
+            .or_insert_with(|| (init(), generation));
+        e.1 = generation;
+        &mut e.0
     }
     fn insert(&mut self, key: K, state: S) {
-        self.map.insert(key, state);
+        self.map_mut().insert(key, state);
     }
     fn remove(&mut self, key: &K) -> Option<S> {
-        self.map.remove(key)
+        self.map_mut().remove(key)
     }
     fn len(&self) -> usize {
         self.map.len()
     }
     fn for_each(&self, f: &mut dyn FnMut(&K, &S)) {
-        for (k, s) in &self.map {
+        for (k, (s, _)) in &self.map {
             f(k, s);
         }
     }
     fn snapshot(&self) -> Result<Vec<u8>, StateError> {
-        let entries: Vec<(&K, &S)> = self.map.iter().collect();
+        let entries: Vec<(&K, &S)> = self.map.iter().map(|(k, (s, _))| (k, s)).collect();
         bincode::serialize(&entries).map_err(|e| StateError::Encode(e.to_string()))
     }
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
         let entries: Vec<(K, S)> =
             bincode::deserialize(bytes).map_err(|e| StateError::Decode(e.to_string()))?;
-        self.map = entries.into_iter().collect();
+        let generation = self.generation;
+        self.map = entries
+            .into_iter()
+            .map(|(k, s)| (k, (s, generation)))
+            .collect();
         Ok(())
     }
     fn snapshot_key_groups(
@@ -295,6 +434,97 @@ impl<K: Key, S: Data> StateBackend<K, S> for MemoryStateBackend<K, S> {
         groups: &KeyGroups,
     ) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
         // Borrows the entries instead of cloning them as the default does.
-        encode_keyed(groups, self.map.iter())
+        encode_keyed(groups, self.map.iter().map(|(k, (s, _))| (k, s)))
+    }
+    fn track_changes(&mut self) {
+        self.removed.get_or_insert_with(Vec::new);
+    }
+    fn snapshot_key_group_changes(
+        &self,
+        groups: &KeyGroups,
+    ) -> Result<Option<BTreeMap<u32, Vec<u8>>>, StateError> {
+        match &self.removed {
+            Some(removed) => encode_changes(groups, &self.map, self.generation, removed).map(Some),
+            None => Ok(None),
+        }
+    }
+    fn snapshot_taken(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+        if let Some(removed) = self.removed.as_mut() {
+            removed.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restored(parts: &[(&BTreeMap<u32, Vec<u8>>, bool)]) -> BTreeMap<String, u64> {
+        let mut b = MemoryStateBackend::<String, u64>::default();
+        for (groups, changes) in parts {
+            for bytes in groups.values() {
+                match changes {
+                    false => b.restore_key_group(bytes).expect("full"),
+                    true => b.restore_key_group_changes(bytes).expect("changes"),
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        b.for_each(&mut |k, s| {
+            out.insert(k.clone(), *s);
+        });
+        out
+    }
+
+    #[test]
+    fn a_full_snapshot_and_its_changes_restore_the_state() {
+        let groups = KeyGroups::new(8, 1);
+        let mut b = MemoryStateBackend::<String, u64>::default();
+        b.track_changes();
+        for k in ["a", "b", "c", "d"] {
+            b.insert(k.into(), 1);
+        }
+        let full = b.snapshot_key_groups(&groups).expect("full");
+        b.snapshot_taken();
+        // Written, removed, removed and written again, untouched.
+        *b.get_mut(&"a".into()).expect("a") += 1;
+        b.remove(&"b".into());
+        b.remove(&"c".into());
+        b.insert("c".into(), 7);
+        b.insert("e".into(), 5);
+        let first = b
+            .snapshot_key_group_changes(&groups)
+            .expect("enc")
+            .expect("changes");
+        b.snapshot_taken();
+        // Only what changed since: "e" removed.
+        b.remove(&"e".into());
+        let second = b
+            .snapshot_key_group_changes(&groups)
+            .expect("enc")
+            .expect("changes");
+        let size = |m: &BTreeMap<u32, Vec<u8>>| m.values().map(Vec::len).sum::<usize>();
+        assert!(size(&second) < size(&first), "only the new changes");
+
+        let expected: BTreeMap<String, u64> = [("a", 2), ("c", 7), ("d", 1)]
+            .map(|(k, v)| (k.to_string(), v))
+            .into();
+        let chain = restored(&[(&full, false), (&first, true), (&second, true)]);
+        assert_eq!(chain, expected);
+        let mut current = BTreeMap::new();
+        b.for_each(&mut |k, s| {
+            current.insert(k.clone(), *s);
+        });
+        assert_eq!(current, expected);
+    }
+
+    #[test]
+    fn without_tracking_there_are_no_changes_to_take() {
+        let mut b = MemoryStateBackend::<u32, u64>::default();
+        b.insert(1, 1);
+        b.remove(&1);
+        let groups = KeyGroups::new(4, 1);
+        assert!(b.snapshot_key_group_changes(&groups).expect("ok").is_none());
     }
 }

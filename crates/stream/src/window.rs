@@ -27,16 +27,14 @@
 //! fired yet just joins it. With one source feeding the operator the two frontiers are the
 //! same.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::driver::{keyed_operator, Ctx, Operator};
-use crate::error::StateError;
+use crate::driver::{keyed_operator, state_in, Ctx, Operator};
 use crate::keyed::{AggregateFunction, KeyedStream};
-use crate::keygroup::KeyGroups;
 use crate::state::{MemoryStateBackend, StateBackend};
 use crate::stream::{key_exchange, DataStream, OutputTag};
 use crate::timers::Timer;
@@ -481,7 +479,7 @@ where
         // Lateness is judged against the frontier the batch was emitted under; whether a
         // window has fired against the operator's own frontier.
         let (f_r, fired_below, now) = (cx.batch_frontier(), cx.frontier(), cx.now());
-        let state = self.state.map_mut();
+        let mut state = self.state.map_mut();
         let wf = &mut self.wf;
         let results = &mut self.results;
         for (ts, d) in batch.drain(..) {
@@ -495,7 +493,7 @@ where
                     continue;
                 }
                 let mut w = self.assigner.assign(t)[0];
-                let wins = state.entry(k.clone()).or_default();
+                let wins = state.get_or_insert_with(k.clone(), Vec::new);
                 let mut acc = wf.create();
                 wf.add(&mut acc, d);
                 let mut i = 0;
@@ -549,7 +547,7 @@ where
                     placed = true;
                     let v = if i + 1 == n { d.take() } else { d.clone() };
                     let Some(v) = v else { continue };
-                    let wins = state.entry(k.clone()).or_default();
+                    let wins = state.get_or_insert_with(k.clone(), Vec::new);
                     let pos = match wins.iter().position(|(x, _)| *x == w) {
                         Some(p) => p,
                         None => {
@@ -596,7 +594,7 @@ where
     fn timer(&mut self, timer: Timer<K, WindowTimer>, cx: &mut Ctx<'_, Self>) {
         let event = self.event();
         let (k, w) = (timer.key, timer.ns.window);
-        let state = self.state.map_mut();
+        let mut state = self.state.map_mut();
         let Some(wins) = state.get_mut(&k) else {
             return;
         };
@@ -631,16 +629,10 @@ where
     }
 
     fn input_ended(&mut self, _cx: &mut Ctx<'_, Self>) {
-        self.state.map_mut().clear();
+        self.state.clear();
     }
 
-    fn snapshot(&self, groups: &KeyGroups) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
-        self.state.snapshot_key_groups(groups)
-    }
-
-    fn restore(&mut self, group: &[u8]) -> Result<(), StateError> {
-        self.state.restore_key_group(group)
-    }
+    state_in!(state);
 }
 
 /// A keyed stream cut into count windows. Created by [`KeyedStream::count_window`].
@@ -731,9 +723,10 @@ where
 
     fn element(&mut self, batch: &mut Vec<(u64, T)>, cx: &mut Ctx<'_, Self>) {
         let (size, slide) = (self.size, self.slide);
+        let mut state = self.state.map_mut();
         for (ts, d) in batch.drain(..) {
             let k = (self.key)(&d);
-            let (buf, since) = self.state.map_mut().entry(k.clone()).or_default();
+            let (buf, since) = state.get_or_insert_with(k.clone(), Default::default);
             buf.push_back((ts, d));
             if buf.len() > size {
                 buf.pop_front();
@@ -763,13 +756,7 @@ where
         }
     }
 
-    fn snapshot(&self, groups: &KeyGroups) -> Result<BTreeMap<u32, Vec<u8>>, StateError> {
-        self.state.snapshot_key_groups(groups)
-    }
-
-    fn restore(&mut self, group: &[u8]) -> Result<(), StateError> {
-        self.state.restore_key_group(group)
-    }
+    state_in!(state);
 }
 
 /// Marker for count windows in docs: Flink's `GlobalWindow` with a count trigger.

@@ -238,7 +238,16 @@ fn restore_writer<T, W: SinkWriter<T>>(
             Some(SnapshotState::Worker(bytes)) => share.push(bytes.clone()),
             Some(SnapshotState::WorkerIncrement { bytes, .. }) => {
                 let earlier = checkpoint.map_or(&[][..], |c| c.restored_earlier(old));
-                share.extend(earlier.iter().cloned());
+                for e in earlier {
+                    let SnapshotState::WorkerIncrement { bytes, .. } = e else {
+                        return Err(CheckpointError::Incompatible {
+                            id,
+                            detail: "a writer's earlier part is not an increment".into(),
+                        }
+                        .into());
+                    };
+                    share.push(bytes.clone());
+                }
                 share.push(bytes.clone());
             }
             None => {}

@@ -997,3 +997,123 @@ fn a_fold_at_end_resumes_from_its_partial_results() {
         );
     }
 }
+
+/// Record `i` of the many-keys job: 2000 keys once each, then three keys over and over,
+/// then the first 500 keys once more (their counts need the state of the first phase).
+fn many_keys_record(i: u64) -> (u32, u64) {
+    let key = match i {
+        0..2000 => i,
+        2000..5500 => i % 3,
+        _ => i - 5500,
+    };
+    (key as u32, 1)
+}
+
+/// Worker 0 reads `n` records of [`many_keys_record`] a few at a time, so that many
+/// checkpoints are taken while only three keys change.
+struct ManyKeys {
+    n: u64,
+    worker: usize,
+    offset: u64,
+    kill: Kill,
+}
+
+impl SourceReader<(u32, u64)> for ManyKeys {
+    fn poll(
+        &mut self,
+        out: &mut ReaderOutput<'_, (u32, u64)>,
+    ) -> Result<ReaderStatus, StreamError> {
+        if self.worker != 0 || self.offset >= self.n {
+            return Ok(ReaderStatus::Finished);
+        }
+        for _ in 0..40 {
+            if self.offset >= self.n {
+                break;
+            }
+            if !self.kill.emit()? {
+                return Ok(ReaderStatus::Idle);
+            }
+            out.collect(many_keys_record(self.offset));
+            self.offset += 1;
+        }
+        Ok(ReaderStatus::IdleFor(Duration::from_micros(100)))
+    }
+
+    fn snapshot(&mut self, _epoch: u64) -> Result<Vec<u8>, StreamError> {
+        Ok(self.offset.to_le_bytes().to_vec())
+    }
+
+    fn on_epoch_complete(&mut self, _checkpoint: u64) -> Result<(), StreamError> {
+        self.kill.checkpoints.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn restore(&mut self, snapshots: &[Vec<u8>]) -> Result<(), StreamError> {
+        if let Some(Ok(b)) = snapshots.first().map(|s| <[u8; 8]>::try_from(s.as_slice())) {
+            self.offset = u64::from_le_bytes(b);
+        }
+        Ok(())
+    }
+}
+
+fn run_many_keys(
+    storage: &Arc<dyn CheckpointStorage>,
+    parallelism: usize,
+    n: u64,
+    broker: &Broker,
+    kill: Kill,
+) -> Result<JobExecutionResult, StreamError> {
+    let (b, k) = (broker.clone(), kill);
+    checkpointed(storage, parallelism).execute("many-keys", move |env| {
+        let (k, b) = (k.clone(), b.clone());
+        let k2 = k.clone();
+        env.from_reader(
+            move |worker, _| ManyKeys {
+                n,
+                worker,
+                offset: 0,
+                kill: k2,
+            },
+            WatermarkStrategy::no_watermarks(),
+            "many",
+        )
+        .key_by(|t| t.0)
+        .sum(|t| &mut t.1)
+        .map(|(k, n)| format!("{k}:{n}"))
+        .sink_to(move |w, _| TwoPhase::new(&b, w, &k));
+    })
+}
+
+/// Keyed state with many keys of which few change checkpoints as changes (each part
+/// names the earlier parts it applies on, as the writer's increments do), and a crash
+/// restores through that chain — at the same parallelism and at another — to exactly the
+/// results of an uninterrupted run.
+#[test]
+fn keyed_state_checkpoints_as_changes_and_restores_through_the_chain() {
+    let n = 6000;
+    let expected = {
+        let broker = Broker::default();
+        run_many_keys(&memory(), 1, n, &broker, Kill::none()).expect("uninterrupted");
+        broker.values()
+    };
+    for (before, after) in [(1, 1), (1, 2), (2, 1)] {
+        let storage = memory();
+        let broker = Broker::default();
+        let kill = Kill {
+            after_checkpoints: 3,
+            ..Kill::after(5000)
+        };
+        run_many_keys(&storage, before, n, &broker, kill).expect_err("killed");
+        // Parts that name earlier ones (deps files) are the keyed operator's changes: this
+        // writer's commits are confirmed at once, so its increments never name earlier ones.
+        let deps: BTreeSet<String> = storage
+            .list("parts")
+            .expect("list")
+            .into_iter()
+            .filter_map(|f| Some(f.strip_suffix(".deps")?.rsplit('-').next()?.to_string()))
+            .collect();
+        assert_eq!(deps.len(), 1, "{before} -> {after}: deps of {deps:?}");
+        run_many_keys(&storage, after, n, &broker, Kill::none()).expect("restored");
+        assert_eq!(broker.values(), expected, "{before} -> {after}");
+    }
+}

@@ -235,8 +235,9 @@ impl CheckpointMetadata {
 pub(crate) struct Restored {
     pub(crate) meta: CheckpointMetadata,
     pub(crate) operators: BTreeMap<String, Vec<Option<SnapshotState>>>,
-    /// Writers' earlier increments, oldest first, by operator and worker.
-    pub(crate) earlier: BTreeMap<(String, u32), Vec<Vec<u8>>>,
+    /// The earlier parts increments and keyed changes stand on, oldest first, by operator
+    /// and worker.
+    pub(crate) earlier: BTreeMap<(String, u32), Vec<SnapshotState>>,
 }
 
 impl Restored {
@@ -253,8 +254,8 @@ impl Restored {
         self.operators.get(operator).map(Vec::as_slice)
     }
 
-    /// The earlier increments of `operator`'s writer on `worker`, oldest first.
-    pub(crate) fn earlier(&self, operator: &str, worker: usize) -> &[Vec<u8>] {
+    /// The earlier parts of `operator` on `worker`, oldest first.
+    pub(crate) fn earlier(&self, operator: &str, worker: usize) -> &[SnapshotState] {
         self.earlier
             .get(&(operator.to_string(), worker as u32))
             .map_or(&[], Vec::as_slice)
@@ -297,12 +298,11 @@ impl CheckpointStore {
             worker: part.worker,
             operator: operator_hash(&part.operator),
         };
-        if let SnapshotState::WorkerIncrement { earlier, .. } = &part.state {
-            if !earlier.is_empty() {
-                // Before the part: a part that is there always has its deps file.
-                let deps = envelope(earlier, || name.deps_file())?;
-                self.write_durably(&format!("{PARTS}/{}", name.deps_file()), &deps)?;
-            }
+        let earlier = part.state.earlier();
+        if !earlier.is_empty() {
+            // Before the part: a part that is there always has its deps file.
+            let deps = envelope(&earlier, || name.deps_file())?;
+            self.write_durably(&format!("{PARTS}/{}", name.deps_file()), &deps)?;
         }
         let bytes = envelope(part, || name.file())?;
         self.write_durably(&format!("{PARTS}/{}", name.file()), &bytes)?;
@@ -431,15 +431,12 @@ impl CheckpointStore {
                     missing: format!("{op} on worker {worker}"),
                 });
             };
-            // A writer's increment comes with the earlier ones it names, oldest first.
+            // A writer's increment, or keyed changes, come with the earlier parts they
+            // name, oldest first.
             let mut files = Vec::new();
             for e in self.read_deps(name, &deps)? {
                 let Some((_, earlier)) = parts.iter().find(|(n, _)| {
-                    n.operator == h
-                        && n.worker == *worker
-                        && n.from >= base
-                        && n.from == e
-                        && n.to == e
+                    n.operator == h && n.worker == *worker && n.from >= base && n.from == e
                 }) else {
                     return Err(CheckpointError::Incomplete {
                         id,
@@ -615,7 +612,7 @@ impl CheckpointStore {
             });
         }
         let mut operators: BTreeMap<String, Vec<Option<SnapshotState>>> = BTreeMap::new();
-        let mut earlier: BTreeMap<(String, u32), Vec<Vec<u8>>> = BTreeMap::new();
+        let mut earlier: BTreeMap<(String, u32), Vec<SnapshotState>> = BTreeMap::new();
         for p in &meta.parts {
             let path = format!("{PARTS}/{}", p.file);
             let part: PartFile = self.read_enveloped(path.clone())?;
@@ -625,19 +622,19 @@ impl CheckpointStore {
                     detail: format!("holds {} of worker {}", part.operator, part.worker),
                 });
             }
-            // A part that does not cover the checkpoint is an earlier increment of a writer
-            // (listed before the increment that names it).
+            // A part that does not cover the checkpoint is an earlier part of a writer's
+            // increments or of keyed changes (listed before the part that names it).
             if !(part.from <= meta.id && meta.id <= part.to) {
-                let SnapshotState::WorkerIncrement { bytes, .. } = part.state else {
+                if matches!(part.state, SnapshotState::Source { .. }) {
                     return Err(CheckpointError::Corrupt {
                         path,
                         detail: format!("does not cover checkpoint {}", meta.id),
                     });
-                };
+                }
                 earlier
                     .entry((part.operator, part.worker))
                     .or_default()
-                    .push(bytes);
+                    .push(part.state);
                 continue;
             }
             let slots = operators
@@ -722,7 +719,13 @@ mod tests {
         store.retain(Some(7)).expect("retain");
         let r = store.load_latest().expect("load").expect("some");
         assert_eq!(r.id(), 7);
-        assert_eq!(r.earlier("w@[2]", 0), &[vec![3], vec![5]]);
+        assert_eq!(
+            r.earlier("w@[2]", 0),
+            &[
+                increment(0, 3, 3, vec![]).state,
+                increment(0, 5, 5, vec![3]).state
+            ]
+        );
         assert!(matches!(
             r.parts("w@[2]").expect("op")[0],
             Some(SnapshotState::WorkerIncrement { ref bytes, .. }) if bytes == &vec![7]
