@@ -707,6 +707,11 @@ impl Routed {
         }
     }
 
+    /// No deduplicating exchange saw the message: finishing it later changes nothing.
+    pub(crate) fn is_plain(&self) -> bool {
+        self.remembered.is_empty() && !self.refused && self.durable_at.is_none()
+    }
+
     /// Settles the remembered keys given what the queues did, and returns the outcome to
     /// confirm: the later of the queues' round and the keys' (or a copy's original's).
     pub fn finish(mut self, mut outcome: PublishOutcome) -> PublishOutcome {

@@ -47,6 +47,7 @@
 
 use crate::broker::{Broker, LoginError};
 use crate::consumer::{ChannelCredit, ConnEvent, Consumer, Delivery, Outlet};
+use crate::dedup::Routed;
 use crate::exchange::Exchange;
 use crate::message::Message;
 use crate::queue::{ConsumeError, PublishOutcome, Queue};
@@ -483,7 +484,173 @@ impl Session {
         properties: Bytes,
         body: Bytes,
     ) -> Result<Published, AmqpError> {
+        let exchange = self.publish_exchange(publish)?;
+        let msg = self.message(&exchange, publish, properties, body)?;
+        if let Some(tx) = &mut self.tx {
+            tx.publishes.push(PendingPublish {
+                exchange,
+                msg,
+                mandatory: publish.mandatory,
+            });
+            return Ok(Published::default());
+        }
+        let mut published = Published::default();
+        let routed = self.route(&exchange, msg, publish.mandatory, &mut published.returned);
+        published.seq = self.note_published(routed);
+        Ok(published)
+    }
+
+    /// Publishes `messages` (routing key, encoded properties, body) to the exchange `exchange`
+    /// names, not mandatory, as [`Session::publish`] does each in turn, appending each
+    /// one's [`Published`] to `published`. Consecutive messages that go to the same single
+    /// queue go in under one lock of it: one handover of the queue to its consumers per run
+    /// instead of one per message, which is what a job's sink committing its output needs.
+    /// On an error, the messages before the one refused are published (and in
+    /// `published`), the rest are not.
+    pub fn publish_batch(
+        &mut self,
+        exchange: &Bytes,
+        messages: impl IntoIterator<Item = (Bytes, Bytes, Bytes)>,
+        published: &mut Vec<Published>,
+    ) -> Result<(), AmqpError> {
+        let mut publish = Publish {
+            exchange: exchange.clone(),
+            routing_key: Bytes::new(),
+            mandatory: false,
+            immediate: false,
+        };
+        let target = self.publish_exchange(&publish)?;
         let vhost = self.ctx.vhost.clone();
+        // A run: messages routed to `run_queue` alone, each with what exchanges did to it.
+        let mut run_queue: Option<Arc<Queue>> = None;
+        let mut run: Vec<(Arc<Message>, Routed)> = Vec::new();
+        let mut outcomes = Vec::new();
+        let mut result = Ok(());
+        for (routing_key, properties, body) in messages {
+            publish.routing_key = routing_key;
+            let msg = match self.message(&target, &publish, properties, body) {
+                Ok(m) => m,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            if self.tx.is_some() {
+                // Held until commit: nothing to batch.
+                published.push(self.publish_held(&target, msg));
+                continue;
+            }
+            self.route_buf.clear();
+            let routed = vhost.route_message(&target, &msg, &mut self.route_buf);
+            let single =
+                (self.route_buf.len() == 1 && routed.is_plain()).then(|| self.route_buf[0].clone());
+            match single {
+                Some(q) if run_queue.as_ref().is_none_or(|r| Arc::ptr_eq(r, &q)) => {
+                    run_queue = Some(q);
+                    run.push((msg, routed));
+                }
+                Some(q) => {
+                    self.publish_run(run_queue.replace(q), &mut run, &mut outcomes, published);
+                    run.push((msg, routed));
+                }
+                None => {
+                    self.publish_run(run_queue.take(), &mut run, &mut outcomes, published);
+                    let mut outcome = PublishOutcome::ACCEPTED;
+                    let mut queues = std::mem::take(&mut self.route_buf);
+                    for q in queues.drain(..) {
+                        let o = q.publish(msg.clone());
+                        outcome.accepted &= o.accepted;
+                        outcome.durable_at = outcome.durable_at.max(o.durable_at);
+                        self.note_flow(q);
+                    }
+                    self.route_buf = queues;
+                    let seq = self.note_published(routed.finish(outcome));
+                    published.push(Published {
+                        seq,
+                        returned: None,
+                    });
+                }
+            }
+        }
+        self.publish_run(run_queue, &mut run, &mut outcomes, published);
+        result
+    }
+
+    /// Publishes a batch's run into its queue under one lock and records each confirm.
+    fn publish_run(
+        &mut self,
+        queue: Option<Arc<Queue>>,
+        run: &mut Vec<(Arc<Message>, Routed)>,
+        outcomes: &mut Vec<PublishOutcome>,
+        published: &mut Vec<Published>,
+    ) {
+        let Some(q) = queue else { return };
+        if run.is_empty() {
+            return;
+        }
+        outcomes.clear();
+        q.publish_batch(run.iter().map(|(m, _)| m.clone()), outcomes);
+        for ((_, routed), outcome) in run.drain(..).zip(outcomes.drain(..)) {
+            let seq = self.note_published(routed.finish(outcome));
+            published.push(Published {
+                seq,
+                returned: None,
+            });
+        }
+        self.note_flow(q);
+    }
+
+    /// A publish inside a transaction: held until commit.
+    fn publish_held(&mut self, exchange: &Arc<Exchange>, msg: Arc<Message>) -> Published {
+        if let Some(tx) = &mut self.tx {
+            tx.publishes.push(PendingPublish {
+                exchange: exchange.clone(),
+                msg,
+                mandatory: false,
+            });
+        }
+        Published::default()
+    }
+
+    /// In confirm mode, numbers a routed publish and remembers when to confirm it.
+    fn note_published(&mut self, routed: PublishOutcome) -> Option<u64> {
+        let c = self.confirms.as_mut()?;
+        c.published += 1;
+        if !routed.accepted || routed.durable_at.is_some() {
+            c.waiting.push_back(Wait {
+                seq: c.published,
+                epoch: routed.durable_at.unwrap_or(0),
+                nack: !routed.accepted,
+            });
+        }
+        Some(c.published)
+    }
+
+    /// The exchange a publish names, if this session may publish to it.
+    fn publish_exchange(&self, publish: &Publish) -> Result<Arc<Exchange>, AmqpError> {
+        let vhost = &self.ctx.vhost;
+        let exchange = vhost.exchange(publish.exchange_str()?)?;
+        if exchange.config.internal {
+            return Err(AmqpError::new(
+                ReplyCode::AccessRefused,
+                format!(
+                    "cannot publish to internal exchange '{}' in vhost '{}'",
+                    exchange.name(),
+                    vhost.name
+                ),
+            ));
+        }
+        Ok(exchange)
+    }
+
+    /// Checks a publish's properties and makes its message.
+    fn message(
+        &self,
+        exchange: &Exchange,
+        publish: &Publish,
+        properties: Bytes,
+        body: Bytes,
+    ) -> Result<Arc<Message>, AmqpError> {
         let view = PropertiesView::new(&properties)?;
         if let Some(uid) = view.user_id() {
             if uid != self.ctx.user.as_bytes() {
@@ -500,51 +667,18 @@ impl Session {
         if let Some(exp) = view.expiration() {
             check_expiration(exp)?;
         }
-        let exchange = vhost.exchange(publish.exchange_str()?)?;
-        if exchange.config.internal {
-            return Err(AmqpError::new(
-                ReplyCode::AccessRefused,
-                format!(
-                    "cannot publish to internal exchange '{}' in vhost '{}'",
-                    exchange.name(),
-                    vhost.name
-                ),
-            ));
-        }
         publish.routing_key_str()?;
         let properties = if view.reply_to() == Some(REPLY_TO) {
             self.rewrite_reply_to(&properties)?
         } else {
             properties
         };
-        let msg = Arc::new(Message::new(
+        Ok(Arc::new(Message::new(
             exchange.config.name.clone(),
             publish.routing_key.clone(),
             properties,
             body,
-        ));
-        if let Some(tx) = &mut self.tx {
-            tx.publishes.push(PendingPublish {
-                exchange,
-                msg,
-                mandatory: publish.mandatory,
-            });
-            return Ok(Published::default());
-        }
-        let mut published = Published::default();
-        let routed = self.route(&exchange, msg, publish.mandatory, &mut published.returned);
-        if let Some(c) = &mut self.confirms {
-            c.published += 1;
-            published.seq = Some(c.published);
-            if !routed.accepted || routed.durable_at.is_some() {
-                c.waiting.push_back(Wait {
-                    seq: c.published,
-                    epoch: routed.durable_at.unwrap_or(0),
-                    nack: !routed.accepted,
-                });
-            }
-        }
-        Ok(published)
+        )))
     }
 
     /// [`Session::publish`] for in-process callers: properties are encoded here.
@@ -597,17 +731,22 @@ impl Session {
             }
             return routed.finish(outcome);
         }
-        for q in self.route_buf.drain(..) {
+        let mut queues = std::mem::take(&mut self.route_buf);
+        for q in queues.drain(..) {
             let o = q.publish(msg.clone());
             outcome.accepted &= o.accepted;
             outcome.durable_at = outcome.durable_at.max(o.durable_at);
-            if q.wants_publishers_paused()
-                && !self.flow_paused_by.iter().any(|p| Arc::ptr_eq(p, &q))
-            {
-                self.flow_paused_by.push(q);
-            }
+            self.note_flow(q);
         }
+        self.route_buf = queues;
         routed.finish(outcome)
+    }
+
+    /// Remembers a queue published to that wants publishers paused.
+    fn note_flow(&mut self, q: Arc<Queue>) {
+        if q.wants_publishers_paused() && !self.flow_paused_by.iter().any(|p| Arc::ptr_eq(p, &q)) {
+            self.flow_paused_by.push(q);
+        }
     }
 
     /// Whether a queue this session published to still wants publishers paused (credit flow:

@@ -276,3 +276,88 @@ fn exclusive_queues_go_with_their_session() {
     drop(s);
     assert_eq!(other.queue("mine").unwrap_err().code, ReplyCode::NotFound);
 }
+
+/// A batch goes where the same publishes one by one would go, with the same confirms: runs
+/// into one queue, messages for two queues, unroutable ones, copies a deduplicating queue
+/// drops within the batch, and an invalid message that stops the batch after the ones before.
+#[test]
+fn a_batch_publishes_as_its_messages_one_by_one_would() {
+    let broker = Broker::new(BrokerConfig::default());
+    let (mut s, _inbox) = open(&broker);
+    s.declare_exchange(ExchangeDeclare::durable("words", "direct"))
+        .unwrap();
+    let mut dedup = FieldTable::default();
+    dedup.insert("x-message-deduplication".into(), true.into());
+    s.declare_queue(QueueDeclare {
+        arguments: dedup,
+        ..QueueDeclare::durable("qa")
+    })
+    .unwrap();
+    s.declare_queue(QueueDeclare::durable("qb")).unwrap();
+    s.bind_queue("qa", "words", "a", FieldTable::default())
+        .unwrap();
+    s.bind_queue("qa", "words", "ab", FieldTable::default())
+        .unwrap();
+    s.bind_queue("qb", "words", "ab", FieldTable::default())
+        .unwrap();
+    s.confirm_select().unwrap();
+    let props = |id: &str| {
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-deduplication-header".into(),
+            rill_codec::AMQPValue::LongString(id.into()),
+        );
+        rill_codec::encode_properties(&BasicProperties::default().with_headers(h))
+    };
+    let msg = |rk: &'static str, id: &str, body: &'static str| {
+        (
+            Bytes::from_static(rk.as_bytes()),
+            props(id),
+            Bytes::from_static(body.as_bytes()),
+        )
+    };
+    let bad =
+        rill_codec::encode_properties(&BasicProperties::default().with_expiration("soon".into()));
+    let batch = vec![
+        msg("a", "1", "a1"),
+        msg("a", "2", "a2"),
+        msg("a", "1", "copy of a1"),
+        msg("ab", "3", "ab3"),
+        msg("nowhere", "4", "lost"),
+        msg("a", "5", "a5"),
+        (
+            Bytes::from_static(b"a"),
+            bad,
+            Bytes::from_static(b"refused"),
+        ),
+        msg("a", "6", "never"),
+    ];
+    let mut published = Vec::new();
+    let e = s
+        .publish_batch(&Bytes::from_static(b"words"), batch, &mut published)
+        .unwrap_err();
+    assert_eq!(e.code, ReplyCode::PreconditionFailed, "{e:?}");
+    let seqs: Vec<Option<u64>> = published.iter().map(|p| p.seq).collect();
+    assert_eq!(seqs, (1..=6).map(Some).collect::<Vec<_>>());
+    let take_all = |s: &mut Session, q: &str| {
+        let mut got = Vec::new();
+        while let Some((d, _)) = s.get(q, true).unwrap() {
+            got.push(String::from_utf8_lossy(&d.message.body).into_owned());
+        }
+        got
+    };
+    assert_eq!(take_all(&mut s, "qa"), ["a1", "a2", "ab3", "a5"]);
+    assert_eq!(take_all(&mut s, "qb"), ["ab3"]);
+    // All six are confirmed (transient: at once), the copy and the unroutable one too.
+    let mut confirmed = 0;
+    s.poll_confirms(&mut |c| {
+        if let Confirm::Ack { upto, .. } = c {
+            confirmed = upto;
+        }
+    });
+    assert_eq!(confirmed, 6);
+    let e = s
+        .publish_batch(&Bytes::from_static(b"missing"), Vec::new(), &mut published)
+        .unwrap_err();
+    assert_eq!(e.code, ReplyCode::NotFound);
+}

@@ -173,23 +173,53 @@ impl Classic {
         let mut dead = DeadLetters::new();
         // Read before taking the lock; a queue without deduplication reads nothing.
         let key = q.args.dedup.as_ref().and_then(|d| d.key_of(&msg));
-        let outcome = self.publish_locked(q, msg, key, &mut dead);
+        let outcome = {
+            let mut st = self.state.lock();
+            self.publish_locked(q, &mut st, msg, key, now_ms(), &mut dead)
+        };
         self.dead_letter(q, dead);
         outcome
+    }
+
+    /// [`Classic::publish`] of several messages in order under one lock: the queue's
+    /// consumers (and anyone else waiting for the lock) are handed it once, not per message.
+    pub(super) fn publish_batch(
+        &self,
+        q: &Arc<Queue>,
+        msgs: impl IntoIterator<Item = Arc<Message>>,
+        out: &mut Vec<PublishOutcome>,
+    ) {
+        let dedup = q.args.dedup.as_ref();
+        let keyed: Vec<(Arc<Message>, Option<MessageKey>)> = msgs
+            .into_iter()
+            .map(|m| {
+                let key = dedup.and_then(|d| d.key_of(&m));
+                (m, key)
+            })
+            .collect();
+        let mut dead = DeadLetters::new();
+        {
+            let mut st = self.state.lock();
+            let now = now_ms();
+            for (msg, key) in keyed {
+                out.push(self.publish_locked(q, &mut st, msg, key, now, &mut dead));
+            }
+        }
+        self.dead_letter(q, dead);
     }
 
     fn publish_locked(
         &self,
         q: &Arc<Queue>,
+        st: &mut QueueState,
         msg: Arc<Message>,
         key: Option<MessageKey>,
+        now: u64,
         dead: &mut DeadLetters,
     ) -> PublishOutcome {
-        let mut st = self.state.lock();
         if st.deleted {
             return PublishOutcome::ACCEPTED;
         }
-        let now = now_ms();
         if let (Some(k), Some(d)) = (&key, &st.dedup) {
             match d.check(k, now) {
                 Check::New => {}
@@ -265,7 +295,7 @@ impl Classic {
         });
         q.stats.published.fetch_add(1, Ordering::Relaxed);
         if !st.consumers.is_empty() {
-            self.dispatch_locked(q, &mut st, dead);
+            self.dispatch_locked(q, st, dead);
         }
         st.page_out_tail(level);
         while args.exceeded(st.ready.len, st.ready_bytes) {
@@ -275,8 +305,8 @@ impl Classic {
             }
         }
         // A TTL of 0 means "now or never": what no consumer took at once expires.
-        self.expire_head(q, &mut st, now, dead);
-        sync_gauges(q, &st);
+        self.expire_head(q, st, now, dead);
+        sync_gauges(q, st);
         PublishOutcome {
             accepted: true,
             durable_at,

@@ -257,6 +257,19 @@ impl Queue {
         }
     }
 
+    /// Publishes `msgs` in order, as [`Queue::publish`] each would, pushing their outcomes
+    /// onto `out`; a classic queue takes them under one lock.
+    pub fn publish_batch(
+        self: &Arc<Self>,
+        msgs: impl IntoIterator<Item = Arc<Message>>,
+        out: &mut Vec<PublishOutcome>,
+    ) {
+        match &self.kind {
+            QueueKind::Classic(c) => c.publish_batch(self, msgs, out),
+            QueueKind::Stream(s) => out.extend(msgs.into_iter().map(|m| s.publish(self, m))),
+        }
+    }
+
     /// Messages recovered from the log at start-up, in log order, as an index: bodies are read
     /// back when delivered. Those delivered before the restart come back redelivered.
     pub fn restore(&self, records: impl IntoIterator<Item = RecoveredRecord>) -> usize {

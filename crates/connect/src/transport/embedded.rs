@@ -16,7 +16,7 @@ use rill_broker::queue::Queue;
 use rill_broker::session::{Confirm, ConsumeOptions, Inbox, Session};
 use rill_broker::vhost::QueueDeclare;
 use rill_broker::{Broker, ConnEvent};
-use rill_codec::{Publish, ReplyCode};
+use rill_codec::ReplyCode;
 use std::sync::Arc;
 
 fn open(
@@ -253,31 +253,48 @@ impl EmbeddedSink {
         }
         // One sync round for everything published in this pass.
         let _batch = rill_store::SyncGroup::defer_start();
-        while let Some((seq, msg)) = self.pending.next_unsent() {
-            let publish = Publish {
-                exchange: self.exchange.clone(),
-                routing_key: Bytes::copy_from_slice(msg.routing_key.as_bytes()),
-                mandatory: false,
-                immediate: false,
-            };
-            let properties = msg.properties.encoded();
-            let body = msg.body.clone();
-            let published = self
+        let mut seqs = Vec::with_capacity(SEND_BATCH);
+        let mut published = Vec::with_capacity(SEND_BATCH);
+        loop {
+            seqs.clear();
+            published.clear();
+            let batch: Vec<(Bytes, Bytes, Bytes)> = self
+                .pending
+                .unsent()
+                .take(SEND_BATCH)
+                .map(|(seq, msg)| {
+                    seqs.push(seq);
+                    (
+                        Bytes::copy_from_slice(msg.routing_key.as_bytes()),
+                        msg.properties.encoded(),
+                        msg.body.clone(),
+                    )
+                })
+                .collect();
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let result = self
                 .session
-                .publish(&publish, properties, body)
-                .map_err(|e| ConnectError::refused("publishing", &e))?;
-            match published.seq {
-                Some(wire) => self.pending.sent(seq, wire),
-                None => {
-                    return Err(ConnectError::Config(
-                        "the sink's session is not in confirm mode".into(),
-                    ))
+                .publish_batch(&self.exchange, batch, &mut published);
+            for (seq, p) in seqs.iter().zip(&published) {
+                match p.seq {
+                    Some(wire) => self.pending.sent(*seq, wire),
+                    None => {
+                        return Err(ConnectError::Config(
+                            "the sink's session is not in confirm mode".into(),
+                        ))
+                    }
                 }
             }
+            result.map_err(|e| ConnectError::refused("publishing", &e))?;
         }
-        Ok(())
     }
 }
+
+/// Messages an embedded sink publishes under one lock of its queue: enough to hand the queue
+/// to its consumers rarely, few enough that they are not kept waiting long.
+const SEND_BATCH: usize = 256;
 
 impl SinkTransport for EmbeddedSink {
     /// Queues the message; it is published at the next [`SinkTransport::poll_confirmed`],

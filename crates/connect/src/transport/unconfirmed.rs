@@ -59,11 +59,6 @@ impl Unconfirmed {
             .filter_map(|&seq| self.get(seq).map(|e| (seq, &e.msg)))
     }
 
-    /// The first unsent message, if any.
-    pub(crate) fn next_unsent(&self) -> Option<(u64, &Outgoing)> {
-        self.unsent().next()
-    }
-
     /// `seq` went out as the broker's number `wire`.
     pub(crate) fn sent(&mut self, seq: u64, wire: u64) {
         if let Some(e) = self.entry(seq) {
