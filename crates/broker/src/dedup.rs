@@ -206,7 +206,7 @@ impl DedupArgs {
                 ttl_ms = raw_integer(raw).and_then(|n| u64::try_from(n).ok());
             }
         }
-        Some(MessageKey { key: key?, ttl_ms })
+        Some(MessageKey::new(key?, ttl_ms))
     }
 }
 
@@ -228,6 +228,22 @@ pub struct MessageKey {
     /// The header value, normalised (see [`canonical_key`]).
     pub key: Arc<[u8]>,
     pub ttl_ms: Option<u64>,
+    /// The key's hash ([`key_hash`]), taken once, before the queue's lock.
+    pub hash: u64,
+}
+
+impl MessageKey {
+    pub fn new(key: Arc<[u8]>, ttl_ms: Option<u64>) -> MessageKey {
+        let hash = key_hash(&key);
+        MessageKey { key, ttl_ms, hash }
+    }
+}
+
+/// The hash every [`Cache`] keys on: SipHash with random keys chosen once per process (keys
+/// come from clients), so that a message's key is hashed once, outside any lock.
+pub fn key_hash(key: &[u8]) -> u64 {
+    static HASHER: std::sync::LazyLock<RandomState> = std::sync::LazyLock::new(RandomState::new);
+    HASHER.hash_one(key)
 }
 
 /// An integer field value of any width (the raw tag and big-endian payload).
@@ -354,8 +370,6 @@ pub struct Cache {
     /// keys again (with millions of ids, re-hashing at each doubling cost a deduplicating
     /// sink a tenth of its time).
     entries: HashTable<Slot>,
-    /// SipHash with this cache's random keys: keys come from clients.
-    hasher: RandomState,
     /// Insertion order; an element is stale when its key was re-inserted later (its entry's
     /// `order` differs). Compacted when mostly stale.
     order: VecDeque<(u64, u64, Arc<[u8]>)>,
@@ -395,7 +409,7 @@ impl Cache {
 
     /// The entry for `key`, expired or not.
     pub fn peek(&self, key: &[u8]) -> Option<&Entry> {
-        self.find(self.hasher.hash_one(key), key).map(|s| &s.entry)
+        self.find(key_hash(key), key).map(|s| &s.entry)
     }
 
     /// The entry for `key` unless it is absent or expired at `now`.
@@ -403,12 +417,23 @@ impl Cache {
         self.peek(key).filter(|e| e.live(now))
     }
 
+    /// [`Cache::get`] of a key whose [`key_hash`] is `hash`.
+    pub fn get_hashed(&self, hash: u64, key: &[u8], now: u64) -> Option<&Entry> {
+        self.find(hash, key)
+            .map(|s| &s.entry)
+            .filter(|e| e.live(now))
+    }
+
     /// Remembers `key` as the newest entry (replacing an older entry for it) and evicts the
     /// oldest entries beyond the size.
-    pub fn insert(&mut self, key: Arc<[u8]>, mut entry: Entry) {
+    pub fn insert(&mut self, key: Arc<[u8]>, entry: Entry) {
+        self.insert_hashed(key_hash(&key), key, entry);
+    }
+
+    /// [`Cache::insert`] of a key whose [`key_hash`] is `hash`.
+    pub fn insert_hashed(&mut self, hash: u64, key: Arc<[u8]>, mut entry: Entry) {
         entry.order = self.next_order;
         self.next_order += 1;
-        let hash = self.hasher.hash_one(&*key);
         self.order.push_back((entry.order, hash, key.clone()));
         let old = match self.entries.find_mut(hash, |s| *s.key == *key) {
             Some(slot) => Some(std::mem::replace(&mut slot.entry, entry)),
@@ -445,7 +470,7 @@ impl Cache {
 
     /// Forgets `key`.
     pub fn remove(&mut self, key: &[u8]) -> Option<Entry> {
-        self.remove_hashed(self.hasher.hash_one(key), key)
+        self.remove_hashed(key_hash(key), key)
     }
 
     fn remove_hashed(&mut self, hash: u64, key: &[u8]) -> Option<Entry> {
@@ -518,7 +543,7 @@ impl Deduplicator {
     }
 
     pub fn check(&self, key: &MessageKey, now: u64) -> Check {
-        match self.cache.get(&key.key, now) {
+        match self.cache.get_hashed(key.hash, &key.key, now) {
             None => Check::New,
             Some(e) if e.pending => Check::InFlight,
             Some(e) => Check::Duplicate {
@@ -551,7 +576,7 @@ impl Deduplicator {
     pub fn remember_pending(&mut self, key: &MessageKey, now: u64) {
         let mut e = Entry::new(self.expiry(key, now), None);
         e.pending = true;
-        self.cache.insert(key.key.clone(), e);
+        self.cache.insert_hashed(key.hash, key.key.clone(), e);
     }
 
     /// Completes a key [`Deduplicator::remember_pending`] remembered, once its publish is
@@ -592,7 +617,7 @@ impl Deduplicator {
             entry.logged = Some(seq);
             entry.durable_at = entry.durable_at.max(Some(epoch));
         }
-        self.cache.insert(key.key.clone(), entry);
+        self.cache.insert_hashed(key.hash, key.key.clone(), entry);
         if entry.logged.is_some() {
             self.maybe_rewrite();
         }
@@ -915,10 +940,7 @@ mod tests {
     }
 
     fn mk(k: &str, ttl: Option<u64>) -> MessageKey {
-        MessageKey {
-            key: key(k),
-            ttl_ms: ttl,
-        }
+        MessageKey::new(key(k), ttl)
     }
 
     #[test]
