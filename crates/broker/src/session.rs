@@ -555,15 +555,7 @@ impl Session {
                 }
                 None => {
                     self.publish_run(run_queue.take(), &mut run, &mut outcomes, published);
-                    let mut outcome = PublishOutcome::ACCEPTED;
-                    let mut queues = std::mem::take(&mut self.route_buf);
-                    for q in queues.drain(..) {
-                        let o = q.publish(msg.clone());
-                        outcome.accepted &= o.accepted;
-                        outcome.durable_at = outcome.durable_at.max(o.durable_at);
-                        self.note_flow(q);
-                    }
-                    self.route_buf = queues;
+                    let outcome = self.publish_routed(&msg);
                     let seq = self.note_published(routed.finish(outcome));
                     published.push(Published {
                         seq,
@@ -719,7 +711,6 @@ impl Session {
         mandatory: bool,
         returned: &mut Option<Arc<Message>>,
     ) -> PublishOutcome {
-        let mut outcome = PublishOutcome::ACCEPTED;
         self.route_buf.clear();
         let routed = self
             .ctx
@@ -729,8 +720,15 @@ impl Session {
             if mandatory {
                 *returned = Some(msg);
             }
-            return routed.finish(outcome);
+            return routed.finish(PublishOutcome::ACCEPTED);
         }
+        let outcome = self.publish_routed(&msg);
+        routed.finish(outcome)
+    }
+
+    /// Publishes `msg` into the queues in `route_buf` (emptying it); their joint outcome.
+    fn publish_routed(&mut self, msg: &Arc<Message>) -> PublishOutcome {
+        let mut outcome = PublishOutcome::ACCEPTED;
         let mut queues = std::mem::take(&mut self.route_buf);
         for q in queues.drain(..) {
             let o = q.publish(msg.clone());
@@ -739,7 +737,7 @@ impl Session {
             self.note_flow(q);
         }
         self.route_buf = queues;
-        routed.finish(outcome)
+        outcome
     }
 
     /// Remembers a queue published to that wants publishers paused.

@@ -224,15 +224,15 @@ impl SinkWriter<String> for TwoPhase {
 type Rec = (u64, u8, u64);
 
 /// A replayable log read by worker 0's reader: its position is an offset.
-struct LogReader {
-    log: Arc<Vec<Rec>>,
+struct LogReader<T = Rec> {
+    log: Arc<Vec<T>>,
     worker: usize,
     offset: u64,
     kill: Kill,
 }
 
-impl SourceReader<Rec> for LogReader {
-    fn poll(&mut self, out: &mut ReaderOutput<'_, Rec>) -> Result<ReaderStatus, StreamError> {
+impl<T: Data + Copy> SourceReader<T> for LogReader<T> {
+    fn poll(&mut self, out: &mut ReaderOutput<'_, T>) -> Result<ReaderStatus, StreamError> {
         if self.worker != 0 {
             return Ok(ReaderStatus::Finished);
         }
@@ -1009,53 +1009,6 @@ fn many_keys_record(i: u64) -> (u32, u64) {
     (key as u32, 1)
 }
 
-/// Worker 0 reads `n` records of [`many_keys_record`] a few at a time, so that many
-/// checkpoints are taken while only three keys change.
-struct ManyKeys {
-    n: u64,
-    worker: usize,
-    offset: u64,
-    kill: Kill,
-}
-
-impl SourceReader<(u32, u64)> for ManyKeys {
-    fn poll(
-        &mut self,
-        out: &mut ReaderOutput<'_, (u32, u64)>,
-    ) -> Result<ReaderStatus, StreamError> {
-        if self.worker != 0 || self.offset >= self.n {
-            return Ok(ReaderStatus::Finished);
-        }
-        for _ in 0..40 {
-            if self.offset >= self.n {
-                break;
-            }
-            if !self.kill.emit()? {
-                return Ok(ReaderStatus::Idle);
-            }
-            out.collect(many_keys_record(self.offset));
-            self.offset += 1;
-        }
-        Ok(ReaderStatus::IdleFor(Duration::from_micros(100)))
-    }
-
-    fn snapshot(&mut self, _epoch: u64) -> Result<Vec<u8>, StreamError> {
-        Ok(self.offset.to_le_bytes().to_vec())
-    }
-
-    fn on_epoch_complete(&mut self, _checkpoint: u64) -> Result<(), StreamError> {
-        self.kill.checkpoints.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-
-    fn restore(&mut self, snapshots: &[Vec<u8>]) -> Result<(), StreamError> {
-        if let Some(Ok(b)) = snapshots.first().map(|s| <[u8; 8]>::try_from(s.as_slice())) {
-            self.offset = u64::from_le_bytes(b);
-        }
-        Ok(())
-    }
-}
-
 fn run_many_keys(
     storage: &Arc<dyn CheckpointStorage>,
     parallelism: usize,
@@ -1067,9 +1020,10 @@ fn run_many_keys(
     checkpointed(storage, parallelism).execute("many-keys", move |env| {
         let (k, b) = (k.clone(), b.clone());
         let k2 = k.clone();
+        let log: Arc<Vec<(u32, u64)>> = Arc::new((0..n).map(many_keys_record).collect());
         env.from_reader(
-            move |worker, _| ManyKeys {
-                n,
+            move |worker, _| LogReader {
+                log,
                 worker,
                 offset: 0,
                 kill: k2,
