@@ -102,6 +102,8 @@ fn main() {
             let config = rill_server::ServerConfig {
                 bind: std::net::Ipv4Addr::LOCALHOST.into(),
                 port,
+                // No management API: this example is about the job.
+                http_port: None,
                 data_dir: data_dir.into(),
                 max_connections: 1024,
                 memory_high_watermark: 0.4,

@@ -82,6 +82,11 @@ class RillBroker:
         return self.proc.url
 
     @property
+    def http_url(self) -> str:
+        """The management HTTP API."""
+        return self.proc.http_url
+
+    @property
     def data_dir(self) -> pathlib.Path:
         return self.proc.data_dir
 

@@ -69,6 +69,12 @@ class RillProcess:
     _log: object = field(default=None, repr=False)
     # More `rill server` flags, e.g. ["--memory-high-watermark", "0.5"].
     extra_args: list[str] = field(default_factory=list)
+    # The management HTTP API's port: free, and the same across restarts.
+    http_port: int = field(default_factory=lambda: free_port())
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def url(self) -> str:
@@ -85,7 +91,7 @@ class RillProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [str(binary), "server", "--port", str(self.port), "--data-dir", str(self.data_dir),
-             *self.extra_args],
+             "--http-port", str(self.http_port), *self.extra_args],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,

@@ -30,16 +30,23 @@ def available() -> bool:
 
 
 class RabbitNode:
-    def __init__(self, directory: pathlib.Path, port: int | None = None):
+    def __init__(self, directory: pathlib.Path, port: int | None = None,
+                 management: bool = False):
         self.dir = directory
         self.port = port or free_port()
         self.dist_port = free_port()
+        # With the management plugin: its HTTP API on this loopback port.
+        self.http_port = free_port() if management else None
         self.node = f"rilltest{self.port}@localhost"
         self.wrapper: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def env(self) -> dict[str, str]:
         d = self.dir
@@ -73,10 +80,12 @@ class RabbitNode:
                 f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
                 "loopback_users.guest = true\n"
                 "log.file.level = info\nlog.console = false\n"
+                + (f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.http_port}\n"
+                   if self.http_port else "")
             )
         plugins = self.dir / "enabled_plugins"
         if not plugins.exists():
-            plugins.write_text("[].\n")
+            plugins.write_text("[rabbitmq_management].\n" if self.http_port else "[].\n")
         (self.dir / "rabbit.pid").unlink(missing_ok=True)
         out = open(self.dir / "log" / "startup.log", "ab")
         # Its own session, so stopping it never signals the test runner.
@@ -93,7 +102,7 @@ class RabbitNode:
                 raise RuntimeError(f"rabbitmq-server wrote no pid file:\n{self.log_tail()}")
             time.sleep(0.2)
         self.ctl("wait", "--timeout", str(int(START_TIMEOUT)), str(self.dir / "rabbit.pid"))
-        while not port_open(self.port):
+        while not port_open(self.port) or (self.http_port and not port_open(self.http_port)):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"rabbitmq is not listening on {self.port}:\n{self.log_tail()}")
             time.sleep(0.1)

@@ -666,7 +666,8 @@ def test_unusable_data_dir_fails_at_start(tmp_path, kind):
             path.chmod(0o555)
     port = free_port()
     try:
-        res = subprocess.run([str(rill_bin()), "server", "--port", str(port), "--data-dir", str(path)],
+        res = subprocess.run([str(rill_bin()), "server", "--port", str(port), "--data-dir", str(path),
+                              "--http-port", str(free_port())],
                              capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
                              env=dict(os.environ, NO_COLOR="1"))
     except subprocess.TimeoutExpired:
@@ -697,7 +698,8 @@ def test_segment_from_a_newer_format_version_refuses_start(make_broker):
     seg.write_bytes(bytes(data))
     try:
         res = subprocess.run([str(rill_bin()), "server", "--port", str(broker.port),
-                              "--data-dir", str(broker.data_dir)],
+                              "--data-dir", str(broker.data_dir),
+                              "--http-port", str(free_port())],
                              capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
                              env=dict(os.environ, NO_COLOR="1"))
     except subprocess.TimeoutExpired:

@@ -37,8 +37,8 @@ def receive_pointed_at(queue: str, tmp: pathlib.Path) -> subprocess.Popen:
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(bool(REFERENCE_URL), reason="runs rill server --job: Rill mode only")
 def test_send_py_through_the_wordcount_to_receive_py(tmp_path):
-    if port_open(5672):
-        pytest.skip("port 5672 is busy")
+    if port_open(5672) or port_open(15672):
+        pytest.skip("port 5672 or 15672 is busy")
     log = open(tmp_path / "rill.log", "wb")
     # As the README says it, from a fresh directory (data goes to ./rill-data).
     server = subprocess.Popen([str(rill_bin()), "server", "--job", str(JOB_FILE)],

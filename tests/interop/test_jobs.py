@@ -338,6 +338,7 @@ def test_malformed_job_file_names_the_key_and_line(tmp_path):
     jf = job_file(tmp_path, 'name = "wc"\njob = "wordcount"\nsource_queue = "in"\n'
                             'sink_queue = "out"\nparallelism = 0\n')
     res = subprocess.run([str(rill_bin()), "server", "--port", str(free_port()),
+                          "--http-port", str(free_port()),
                           "--data-dir", str(tmp_path / "d"), "--job", str(jf)],
                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert res.returncode == 2
@@ -345,6 +346,7 @@ def test_malformed_job_file_names_the_key_and_line(tmp_path):
     jf.write_text('name = "wc"\njob = "wordcount"\nsource_queue = "in"\nsink_queue = "out"\n'
                   'prefech = 10\n')
     res = subprocess.run([str(rill_bin()), "server", "--port", str(free_port()),
+                          "--http-port", str(free_port()),
                           "--data-dir", str(tmp_path / "d"), "--job", str(jf)],
                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert res.returncode == 2

@@ -228,6 +228,7 @@ impl RillServer {
         let mut cmd = Command::new(std::env::current_exe().context("locate the rill binary")?);
         cmd.arg("server")
             .args(["--port", &port.to_string()])
+            .args(["--http-port", &free_port()?.to_string()])
             .arg("--data-dir")
             .arg(&data);
         if let Some(job) = job {

@@ -50,6 +50,9 @@ struct ServerArgs {
     /// AMQP port.
     #[arg(long, default_value_t = 5672)]
     port: u16,
+    /// Management HTTP API port (RabbitMQ's management plugin's API), on the same address.
+    #[arg(long, default_value_t = 15672)]
+    http_port: u16,
     /// Where durable state is kept.
     #[arg(long, default_value = "./rill-data")]
     data_dir: std::path::PathBuf,
@@ -109,6 +112,7 @@ fn server(args: ServerArgs) -> anyhow::Result<()> {
     let mut server = rill_server::Server::new(rill_server::ServerConfig {
         bind: args.bind,
         port: args.port,
+        http_port: Some(args.http_port),
         data_dir: args.data_dir,
         max_connections: args.max_connections,
         memory_high_watermark: args.memory_high_watermark,

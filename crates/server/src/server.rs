@@ -15,6 +15,8 @@ use tokio::sync::{broadcast, mpsc, Semaphore};
 pub struct ServerConfig {
     pub bind: IpAddr,
     pub port: u16,
+    /// The management HTTP API's port (on `bind`), if it is served.
+    pub http_port: Option<u16>,
     pub data_dir: PathBuf,
     /// Connections beyond this wait in the accept backlog.
     pub max_connections: usize,
@@ -61,6 +63,7 @@ pub fn run_blocking(config: ServerConfig) -> Result<(), ServerError> {
 /// let config = rill_server::ServerConfig {
 ///     bind: "127.0.0.1".parse().unwrap(),
 ///     port: 5672,
+///     http_port: Some(15672),
 ///     data_dir: "./rill-data".into(),
 ///     max_connections: 65_536,
 ///     memory_high_watermark: 0.4,
@@ -107,6 +110,17 @@ impl Server {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServerError::Bind { addr, source })?;
+            // Both ports are taken before anything starts: a port in use is a clear error.
+            let http = match config.http_port {
+                Some(port) => {
+                    let addr = SocketAddr::new(config.bind, port);
+                    let l = TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ServerError::Bind { addr, source })?;
+                    Some(l)
+                }
+                None => None,
+            };
             tracing::info!(%addr, data_dir = %config.data_dir.display(), "rill broker listening");
             let started = std::time::Instant::now();
             let broker = Broker::open(BrokerConfig::default(), &config.data_dir, config.sync)?;
@@ -132,6 +146,18 @@ impl Server {
                     data_dir: config.data_dir.clone(),
                 },
             ));
+            if let Some(listener) = http {
+                let addr = listener.local_addr().ok();
+                tracing::info!(addr = ?addr, "management HTTP API listening");
+                let broker = broker.clone();
+                // Ends with the runtime, after the AMQP listener.
+                tokio::spawn(async move {
+                    if let Err(e) = rill_http::serve(listener, broker, std::future::pending()).await
+                    {
+                        tracing::error!(error = %e, "the management HTTP API stopped");
+                    }
+                });
+            }
             let running = crate::jobs::start_all(jobs, &broker);
             let stop_jobs = async move {
                 shutdown_signal().await;

@@ -188,6 +188,8 @@ fn spawn_server(port: u16, data_dir: &Path, stderr_path: &Path) -> Child {
         .arg("server")
         .arg("--port")
         .arg(port.to_string())
+        .arg("--http-port")
+        .arg(free_port().to_string())
         .arg("--data-dir")
         .arg(data_dir)
         .stdin(Stdio::null())
