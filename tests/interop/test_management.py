@@ -45,6 +45,19 @@ class Api:
             status, headers, raw = e.code, dict(e.headers), e.read()
         return status, {k.lower(): v for k, v in headers.items()}, (json.loads(raw) if raw else None)
 
+    def request_raw(self, method: str, path: str, data: bytes) -> tuple[int, object | None]:
+        """A request with exactly `data` as its JSON body (malformed on purpose)."""
+        req = urllib.request.Request(self.http_url + path, data=data, method=method)
+        token = base64.b64encode(b"guest:guest").decode()
+        req.add_header("Authorization", f"Basic {token}")
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as res:
+                status, raw = res.status, res.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        return status, (json.loads(raw) if raw else None)
+
     def get(self, path: str) -> object:
         status, _, body = self.request("GET", path)
         assert status == 200, (self.kind, path, status, body)
@@ -246,3 +259,79 @@ def test_rill_serves_only_rabbitmq_field_names(make_broker, rabbitmq_management)
 
     for what, ours, theirs in pairs:
         check(what, ours, theirs, what)
+
+
+def test_create_purge_and_delete_queues_exchanges_and_bindings(api):
+    q, x = uniq("wq"), uniq("wx")
+    put = lambda path, body: api.request("PUT", path, body=body)  # noqa: E731
+    assert put(f"/api/queues/%2F/{q}", {"durable": True, "arguments": {"x-max-length": 5}})[0] == 201
+    assert put(f"/api/queues/%2F/{q}", {"durable": True, "arguments": {"x-max-length": 5}})[0] == 204
+    got = api.get(f"/api/queues/%2F/{q}")
+    assert (got["durable"], got["auto_delete"], got["arguments"]) == (True, False, {"x-max-length": 5})
+    status, _, body = put(f"/api/queues/%2F/{q}", {"durable": False, "arguments": {"x-max-length": 5}})
+    assert (status, body) == (400, {"error": "bad_request", "reason":
+        f"inequivalent arg 'durable' for queue '{q}' in vhost '/': received 'false' but current is 'true'"})
+    status, _, body = put(f"/api/queues/%2F/{q}2", {"durable": "yes"})
+    assert (status, body) == (400, {"error": "bad_request", "reason": ["not_boolean", "yes"]})
+    status, _, body = api.request("PUT", "/api/queues/nope/x", body={})
+    assert (status, body) == (404, {"error": "not_found", "reason": "vhost_not_found"})
+    assert put(f"/api/queues/%2F/{q}3", {})[0] == 201
+    assert api.get(f"/api/queues/%2F/{q}3")["durable"] is False
+
+    assert put(f"/api/exchanges/%2F/{x}", {"type": "topic", "durable": True})[0] == 201
+    assert put(f"/api/exchanges/%2F/{x}", {"type": "topic", "durable": True})[0] == 204
+    assert api.get(f"/api/exchanges/%2F/{x}")["type"] == "topic"
+    status, _, body = put(f"/api/exchanges/%2F/{x}2", {"type": "nope"})
+    assert (status, body) == (400, {"error": "bad_request", "reason": "unknown exchange type 'nope'"})
+    assert put(f"/api/exchanges/%2F/{x}3", {})[0] == 201
+    assert api.get(f"/api/exchanges/%2F/{x}3")["type"] == "direct"
+
+    path = f"/api/bindings/%2F/e/{x}/q/{q}"
+    status, headers, body = api.request("POST", path, body={"routing_key": "a.b", "arguments": {}})
+    assert (status, headers.get("location"), body) == (201, f"{q}/a.b", None)
+    listed = api.get(path)
+    assert [(b["routing_key"], b["properties_key"]) for b in listed] == [("a.b", "a.b")]
+    assert api.get(f"{path}/a.b")["destination"] == q
+    status, _, body = api.request("POST", f"/api/bindings/%2F/e/nope/q/{q}", body={"routing_key": "k"})
+    assert (status, body) == (404, {"error": "not_found", "reason": "no exchange 'nope' in vhost '/'"})
+    status, _, body = api.request("POST", f"/api/bindings/%2F/e/{x}/q/nope", body={"routing_key": "k"})
+    assert (status, body) == (404, {"error": "not_found", "reason": "no queue 'nope' in vhost '/'"})
+    assert api.request("DELETE", f"{path}/a.b")[0] == 204
+    assert api.request("DELETE", f"{path}/a.b")[0] == 404
+    assert api.get(path) == []
+
+    with pika.BlockingConnection(pika.URLParameters(api.amqp_url)) as c:
+        ch = c.channel()
+        ch.confirm_delivery()
+        for i in range(2):
+            ch.basic_publish("", q, f"m{i}".encode())
+    # RabbitMQ shows no counts for a new queue until its statistics come in.
+    messages = lambda: api.get(f"/api/queues/%2F/{q}").get("messages")  # noqa: E731
+    assert eventually(messages, lambda n: n == 2) == 2
+    assert api.request("DELETE", f"/api/queues/%2F/{q}/contents")[0] == 204
+    assert eventually(messages, lambda n: n == 0) == 0
+
+    assert api.request("DELETE", f"/api/queues/%2F/{q}")[0] == 204
+    assert api.request("DELETE", f"/api/queues/%2F/{q}")[0] == 404
+    assert api.request("DELETE", f"/api/exchanges/%2F/{x}")[0] == 204
+    assert api.request("DELETE", f"/api/exchanges/%2F/{x}")[0] == 404
+    status, _, body = api.request("DELETE", "/api/exchanges/%2F/amq.direct")
+    assert (status, body) == (401, {"error": "not_authorised", "reason": "Access refused."})
+    # No body at all is an empty object.
+    assert api.request("PUT", f"/api/queues/%2F/{q}", body=None)[0] == 201
+    req_status = api.request_raw("PUT", f"/api/queues/%2F/{q}4", b'{"durable":')
+    assert req_status == (400, {"error": "bad_request", "reason": "not_json"})
+
+
+def test_durable_objects_made_over_http_survive_a_restart(make_broker):
+    broker = make_broker()
+    api = Api("rill", broker.url, broker.http_url)
+    q, x = uniq("dq"), uniq("dx")
+    assert api.request("PUT", f"/api/queues/%2F/{q}", body={"durable": True})[0] == 201
+    assert api.request("PUT", f"/api/exchanges/%2F/{x}", body={"type": "fanout", "durable": True})[0] == 201
+    assert api.request("POST", f"/api/bindings/%2F/e/{x}/q/{q}", body={"routing_key": "r"})[0] == 201
+    broker.kill()
+    broker.start()
+    assert api.get(f"/api/queues/%2F/{q}")["durable"] is True
+    assert api.get(f"/api/exchanges/%2F/{x}")["type"] == "fanout"
+    assert [b["routing_key"] for b in api.get(f"/api/bindings/%2F/e/{x}/q/{q}")] == ["r"]

@@ -7,7 +7,7 @@ use crate::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::{Json, Router};
 use rill_broker::exchange::{Destination, Exchange};
 use rill_broker::queue::Queue;
@@ -27,13 +27,35 @@ pub fn routes() -> Router<AppState> {
         .route("/api/vhosts/{vhost}", get(vhost))
         .route("/api/queues", get(queues))
         .route("/api/queues/{vhost}", get(queues_of))
-        .route("/api/queues/{vhost}/{name}", get(queue))
+        .route(
+            "/api/queues/{vhost}/{name}",
+            get(queue)
+                .put(crate::write::put_queue)
+                .delete(crate::write::delete_queue),
+        )
+        .route(
+            "/api/queues/{vhost}/{name}/contents",
+            delete(crate::write::purge_queue),
+        )
         .route("/api/queues/{vhost}/{name}/bindings", get(queue_bindings))
         .route("/api/exchanges", get(exchanges))
         .route("/api/exchanges/{vhost}", get(exchanges_of))
-        .route("/api/exchanges/{vhost}/{name}", get(exchange))
+        .route(
+            "/api/exchanges/{vhost}/{name}",
+            get(exchange)
+                .put(crate::write::put_exchange)
+                .delete(crate::write::delete_exchange),
+        )
         .route("/api/bindings", get(bindings))
         .route("/api/bindings/{vhost}", get(bindings_of))
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{dest}",
+            get(crate::write::get_bindings_between).post(crate::write::post_binding),
+        )
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{dest}/{props}",
+            get(binding).delete(crate::write::delete_binding),
+        )
         .fallback(not_found)
 }
 
@@ -348,6 +370,11 @@ async fn exchange(
     Ok(Json(body))
 }
 
+/// The last part of a binding's path (its `properties_key`).
+pub(crate) fn binding_path(routing_key: &str, arguments: &rill_codec::FieldTable) -> String {
+    properties_key(routing_key, arguments)
+}
+
 /// RabbitMQ's `properties_key`: the routing key alone when there are no arguments (`~` for
 /// an empty one); with arguments, the routing key and a digest of them after a `~`.
 fn properties_key(routing_key: &str, arguments: &rill_codec::FieldTable) -> String {
@@ -458,4 +485,60 @@ async fn queue_bindings(
         )]));
     }
     Json(Value::Array(vhost_bindings(&v, Some(&name))))
+}
+
+/// The bindings from exchange `source` to `dest` (a queue if `to_queue`).
+pub(crate) fn bindings_between(v: &VHost, source: &str, dest: &str, to_queue: bool) -> Vec<Value> {
+    let kind = if to_queue { "queue" } else { "exchange" };
+    let mut all = if source.is_empty() {
+        // The default exchange's implicit binding is the only one it has.
+        vhost_bindings(v, to_queue.then_some(dest))
+    } else {
+        vhost_bindings(v, None)
+    };
+    all.retain(|b| {
+        b["source"] == source && b["destination"] == dest && b["destination_type"] == kind
+    });
+    all
+}
+
+/// The routing key and arguments of the binding from `source` to `dest` whose
+/// `properties_key` is `props` (the default exchange's cannot be removed: none).
+pub(crate) fn find_binding(
+    v: &VHost,
+    source: &str,
+    dest: &str,
+    to_queue: bool,
+    props: &str,
+) -> Option<(String, rill_codec::FieldTable)> {
+    if source.is_empty() {
+        return None;
+    }
+    let x = v.exchange(source).ok()?;
+    x.bindings().into_iter().find_map(|b| {
+        let matches = match &b.destination {
+            Destination::Queue(q) => to_queue && q.name() == dest,
+            Destination::Exchange(n) => !to_queue && &**n == dest,
+        };
+        (matches && properties_key(&b.routing_key, &b.arguments) == props)
+            .then(|| (b.routing_key.clone(), b.arguments.clone()))
+    })
+}
+
+async fn binding(
+    State(state): State<AppState>,
+    _user: User,
+    Path((v, source, kind, dest, props)): Path<(String, String, String, String, String)>,
+) -> Answer {
+    let to_queue = match kind.as_str() {
+        "q" => true,
+        "e" => false,
+        _ => return Err(ApiError::NotFound),
+    };
+    let v = find_vhost(&state, &v)?;
+    bindings_between(&v, &source, &dest, to_queue)
+        .into_iter()
+        .find(|b| b["properties_key"] == props.as_str())
+        .map(Json)
+        .ok_or(ApiError::NotFound)
 }

@@ -9,9 +9,10 @@
 //! does, for the `_details.rate` figures; [`json`] turns AMQP field tables into JSON as
 //! RabbitMQ does.
 //!
-//! Served so far (read-only): `/api/overview`, `/api/whoami`, `/api/vhosts[/{vhost}]`,
+//! Served so far: reading `/api/overview`, `/api/whoami`, `/api/vhosts[/{vhost}]`,
 //! `/api/queues[/{vhost}[/{name}]]`, `/api/queues/{vhost}/{name}/bindings`,
-//! `/api/exchanges[/{vhost}[/{name}]]`, `/api/bindings[/{vhost}]`.
+//! `/api/exchanges[/{vhost}[/{name}]]`, `/api/bindings[/{vhost}[/e/{x}/{q|e}/{d}[/{props}]]]`;
+//! creating and deleting queues, exchanges and bindings, and purging queues ([`write`]).
 //!
 //! ```no_run
 //! # async fn run() -> std::io::Result<()> {
@@ -25,6 +26,7 @@ pub mod api;
 pub mod auth;
 pub mod json;
 pub mod rates;
+pub mod write;
 
 use rill_broker::Broker;
 use std::future::Future;
