@@ -335,3 +335,51 @@ def test_durable_objects_made_over_http_survive_a_restart(make_broker):
     assert api.get(f"/api/queues/%2F/{q}")["durable"] is True
     assert api.get(f"/api/exchanges/%2F/{x}")["type"] == "fanout"
     assert [b["routing_key"] for b in api.get(f"/api/bindings/%2F/e/{x}/q/{q}")] == ["r"]
+
+
+def test_publish_and_get_messages_over_http(api):
+    q = uniq("gq")
+    assert api.request("PUT", f"/api/queues/%2F/{q}", body={})[0] == 201
+    publish = lambda x, body: api.request("POST", f"/api/exchanges/%2F/{x}/publish", body=body)  # noqa: E731
+    props = {"delivery_mode": 2, "headers": {"h": 1}, "content_type": "text/plain"}
+    status, _, body = publish("amq.default", {"properties": props, "routing_key": q,
+                                              "payload": "hello", "payload_encoding": "string"})
+    assert (status, body) == (200, {"routed": True})
+    assert api.request("POST", "/api/exchanges/%2F/amq.default/publish", body={
+        "properties": {}, "routing_key": "nowhere", "payload": "x", "payload_encoding": "string"})[2] == {"routed": False}
+    assert api.request("POST", "/api/exchanges/%2F/amq.default/publish", body={
+        "properties": {}, "routing_key": q, "payload": "aGk=", "payload_encoding": "base64"})[2] == {"routed": True}
+    status, _, body = api.request("POST", "/api/exchanges/%2F/amq.default/publish", body={
+        "properties": {}, "routing_key": q, "payload": "x"})
+    assert (status, body) == (400, {"error": "bad_request", "reason": "[{key_missing,payload_encoding}]"})
+    status, _, body = api.request("POST", "/api/exchanges/%2F/amq.default/publish", body={})
+    assert (status, body) == (400, {"error": "bad_request", "reason":
+        "[{key_missing,routing_key},\n {key_missing,properties},\n {key_missing,payload},\n"
+        " {key_missing,payload_encoding}]"})
+    status, _, body = api.request("POST", "/api/exchanges/%2F/nope/publish", body={
+        "properties": {}, "routing_key": q, "payload": "x", "payload_encoding": "string"})
+    assert (status, body) == (400, {"error": "bad_request",
+                                    "reason": "404 NOT_FOUND - no exchange 'nope' in vhost '/'"})
+
+    get = lambda body: api.request("POST", f"/api/queues/%2F/{q}/get", body=body)  # noqa: E731
+    status, _, got = get({"count": 5, "ackmode": "ack_requeue_true", "encoding": "auto",
+                          "truncate": 50000})
+    assert status == 200
+    assert got == [
+        {"payload_bytes": 5, "redelivered": False, "exchange": "", "routing_key": q,
+         "message_count": 1, "properties": props, "payload": "hello", "payload_encoding": "string"},
+        {"payload_bytes": 2, "redelivered": False, "exchange": "", "routing_key": q,
+         "message_count": 0, "properties": [], "payload": "hi", "payload_encoding": "string"},
+    ]
+    _, _, got = get({"count": 1, "ackmode": "ack_requeue_false", "encoding": "auto"})
+    assert [(m["payload"], m["redelivered"], m["message_count"]) for m in got] == [("hello", True, 1)]
+    _, _, got = get({"count": 1, "ackmode": "ack_requeue_true", "encoding": "base64"})
+    assert [(m["payload"], m["payload_encoding"], m["redelivered"]) for m in got] == [
+        ("aGk=", "base64", True)]
+    status, _, body = get({})
+    assert (status, body) == (400, {"error": "bad_request", "reason":
+        "[{key_missing,ackmode},{key_missing,count},{key_missing,encoding}]"})
+    status, _, body = api.request("POST", "/api/queues/%2F/nope/get",
+                                  body={"count": 1, "ackmode": "ack_requeue_true", "encoding": "auto"})
+    assert (status, body) == (404, {"error": "not_found",
+                                    "reason": "NOT_FOUND - no queue 'nope' in vhost '/'"})

@@ -7,7 +7,7 @@ use crate::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use rill_broker::exchange::{Destination, Exchange};
 use rill_broker::queue::Queue;
@@ -36,6 +36,14 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/api/queues/{vhost}/{name}/contents",
             delete(crate::write::purge_queue),
+        )
+        .route(
+            "/api/queues/{vhost}/{name}/get",
+            post(crate::actions::get_messages),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}/publish",
+            post(crate::actions::publish),
         )
         .route("/api/queues/{vhost}/{name}/bindings", get(queue_bindings))
         .route("/api/exchanges", get(exchanges))

@@ -16,10 +16,28 @@ use std::net::SocketAddr;
 pub const MANAGEMENT_TAGS: [&str; 4] = ["administrator", "monitoring", "management", "policymaker"];
 
 /// An authenticated management user.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct User {
     pub name: String,
     pub tags: Vec<String>,
+    /// What the user logged in with: actions that open a broker session as the user
+    /// present it again.
+    password: String,
+}
+
+impl User {
+    pub(crate) fn password(&self) -> &str {
+        &self.password
+    }
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("tags", &self.tags)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a request was refused.
@@ -76,6 +94,7 @@ impl FromRequestParts<AppState> for User {
         Ok(User {
             name: user.name,
             tags: user.tags,
+            password,
         })
     }
 }
@@ -102,7 +121,7 @@ pub fn basic_credentials(value: &str) -> Option<(String, String)> {
 
 /// Standard base64 with padding (what `Authorization: Basic` carries). Twenty lines here
 /// rather than a crate for the one call.
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn base64_decode(s: &str) -> Option<Vec<u8>> {
     let value = |c: u8| -> Option<u32> {
         Some(match c {
             b'A'..=b'Z' => c - b'A',

@@ -22,6 +22,7 @@
 //! # }
 //! ```
 
+pub mod actions;
 pub mod api;
 pub mod auth;
 pub mod json;

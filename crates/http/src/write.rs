@@ -30,18 +30,23 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn bad_request(reason: impl Into<Value>) -> Failure {
+    pub(crate) fn bad_request(reason: impl Into<Value>) -> Failure {
         Failure {
             status: StatusCode::BAD_REQUEST,
             body: json!({"error": "bad_request", "reason": reason.into()}),
         }
     }
 
-    fn not_found(reason: impl Into<Value>) -> Failure {
+    pub(crate) fn not_found(reason: impl Into<Value>) -> Failure {
         Failure {
             status: StatusCode::NOT_FOUND,
             body: json!({"error": "not_found", "reason": reason.into()}),
         }
+    }
+
+    /// The `{error, reason}` body.
+    pub fn body(&self) -> &Value {
+        &self.body
     }
 
     /// RabbitMQ answers a refused operation on a built-in object with 401.
