@@ -383,3 +383,46 @@ def test_publish_and_get_messages_over_http(api):
                                   body={"count": 1, "ackmode": "ack_requeue_true", "encoding": "auto"})
     assert (status, body) == (404, {"error": "not_found",
                                     "reason": "NOT_FOUND - no queue 'nope' in vhost '/'"})
+
+
+@pytest.fixture(scope="module")
+def rabbitmqadmin(rabbitmq_management, tmp_path_factory):
+    """RabbitMQ's own `rabbitmqadmin`, as its management plugin serves it."""
+    path = tmp_path_factory.mktemp("cli") / "rabbitmqadmin"
+    req = urllib.request.Request(rabbitmq_management.http_url + "/cli/rabbitmqadmin")
+    req.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    with urllib.request.urlopen(req, timeout=10) as res:
+        path.write_bytes(res.read())
+    return path
+
+
+def test_rabbitmqadmin_lists_declares_publishes_gets_and_deletes(api, rabbitmqadmin):
+    import subprocess
+    import sys
+    import urllib.parse
+
+    port = str(urllib.parse.urlparse(api.http_url).port)
+
+    def admin(*args: str) -> str:
+        res = subprocess.run([sys.executable, str(rabbitmqadmin), "-H", "127.0.0.1", "-P", port,
+                              "-u", "guest", "-p", "guest", *args],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, (api.kind, args, res.stdout, res.stderr)
+        return res.stdout
+
+    q, x = uniq("aq"), uniq("ax")
+    assert "queue declared" in admin("declare", "queue", f"name={q}", "durable=true")
+    assert "exchange declared" in admin("declare", "exchange", f"name={x}", "type=fanout")
+    assert "binding declared" in admin("declare", "binding", f"source={x}", f"destination={q}")
+    assert "Message published" in admin("publish", f"exchange={x}", "routing_key=any",
+                                         "payload=hello")
+    assert f"| {q} |" in admin("list", "queues", "name")
+    rows = [line for line in admin("list", "bindings", "source", "destination").splitlines()
+            if q in line]
+    assert len(rows) == 2, rows  # the default exchange's and x's
+    got = admin("-f", "raw_json", "get", f"queue={q}", "ackmode=ack_requeue_false")
+    assert [(m["payload"], m["exchange"]) for m in json.loads(got)] == [("hello", x)]
+    assert "queue purged" in admin("purge", "queue", f"name={q}")
+    assert "exchange deleted" in admin("delete", "exchange", f"name={x}")
+    assert "queue deleted" in admin("delete", "queue", f"name={q}")
+    assert f"| {q} |" not in admin("list", "queues", "name")

@@ -183,9 +183,9 @@ pub(crate) async fn get_messages(
 ) -> Result<Json<Value>, Failure> {
     let m = object(&body)?;
     keys_missing(&m, &["ackmode", "count", "encoding"])?;
-    let count = m["count"]
-        .as_u64()
-        .ok_or_else(|| Failure::bad_request("count must be a number"))?;
+    // A number, or digits in a string (what `rabbitmqadmin` sends).
+    let int = |v: &Value| v.as_u64().or_else(|| v.as_str()?.parse().ok());
+    let count = int(&m["count"]).ok_or_else(|| Failure::bad_request("count must be a number"))?;
     let (ack, requeue) = match m["ackmode"].as_str() {
         Some("ack_requeue_true") | Some("reject_requeue_true") => (true, true),
         Some("ack_requeue_false") => (true, false),
@@ -197,7 +197,7 @@ pub(crate) async fn get_messages(
         Some("base64") => true,
         _ => return Err(Failure::bad_request("unknown encoding")),
     };
-    let truncate = m.get("truncate").and_then(Value::as_u64);
+    let truncate = m.get("truncate").and_then(int);
     let not_found = || Failure::not_found(format!("NOT_FOUND - no queue '{name}' in vhost '{v}'"));
     let vhost = state.broker.vhost(&v).ok_or_else(not_found)?;
     let q = vhost

@@ -109,11 +109,14 @@ fn body_object(body: &Bytes) -> Result<Map<String, Value>, Failure> {
     }
 }
 
-/// A boolean field (default `false`); anything else is RabbitMQ's `["not_boolean", value]`.
+/// A boolean field (default `false`): `true`/`false`, or those words as strings (what
+/// `rabbitmqadmin` sends); anything else is RabbitMQ's `["not_boolean", value]`.
 fn flag(m: &Map<String, Value>, key: &str) -> Result<bool, Failure> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) if s == "true" => Ok(true),
+        Some(Value::String(s)) if s == "false" => Ok(false),
         Some(Value::String(s)) => Err(Failure::bad_request(json!(["not_boolean", s]))),
         Some(other) => Err(Failure::bad_request(json!([
             "not_boolean",
