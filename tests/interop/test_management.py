@@ -426,3 +426,40 @@ def test_rabbitmqadmin_lists_declares_publishes_gets_and_deletes(api, rabbitmqad
     assert "exchange deleted" in admin("delete", "exchange", f"name={x}")
     assert "queue deleted" in admin("delete", "queue", f"name={q}")
     assert f"| {q} |" not in admin("list", "queues", "name")
+
+
+def test_health_checks(api):
+    for path in ("/api/health/checks/alarms", "/api/health/checks/local-alarms",
+                 "/api/health/checks/virtual-hosts", "/api/aliveness-test/%2F"):
+        assert api.get(path) == {"status": "ok"}, (api.kind, path)
+    status, _, body = api.request("GET", "/api/aliveness-test/nope")
+    assert (status, body) == (404, {"error": "Object Not Found", "reason": "Not Found"})
+    import urllib.parse
+    amqp_port = urllib.parse.urlparse(api.amqp_url).port
+    assert api.get(f"/api/health/checks/port-listener/{amqp_port}") == {"status": "ok",
+                                                                        "port": amqp_port}
+    status, _, body = api.request("GET", "/api/health/checks/port-listener/1")
+    assert status == 503
+    assert (body["status"], body["reason"], body["missing"]) == ("failed", "No active listener", 1)
+    assert amqp_port in body["ports"]
+    status, _, body = api.request("GET", "/api/health/checks/alarms", auth=None)
+    assert status == 401
+
+
+def test_a_resource_alarm_fails_the_alarm_checks(request, make_broker):
+    rabbit = request.getfixturevalue("rabbitmq_management")
+    rill = make_broker(extra_args=["--memory-high-watermark", "0.0000001"])
+    rabbit.ctl("set_vm_memory_high_watermark", "0.00001")
+    try:
+        for api in (Api("rabbitmq", rabbit.url, rabbit.http_url), Api("rill", rill.url, rill.http_url)):
+            for path, where in (("alarms", "in the cluster"), ("local-alarms", "on the node")):
+                status, _, body = eventually(
+                    lambda: api.request("GET", f"/api/health/checks/{path}"),
+                    lambda r: r[0] == 503)
+                assert status == 503, (api.kind, path, body)
+                assert body["status"] == "failed"
+                assert body["reason"] == f"There are alarms in effect {where}"
+                assert [a["resource"] for a in body["alarms"]] == ["memory"]
+                assert set(body["alarms"][0]) == {"node", "resource"}
+    finally:
+        rabbit.ctl("set_vm_memory_high_watermark", "0.4")

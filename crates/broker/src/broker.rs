@@ -267,6 +267,11 @@ impl Broker {
     }
 
     /// The connection.blocked reason while an alarm is in force, RabbitMQ's wording.
+    /// The resources (`memory`, `disk`) whose alarm is in force.
+    pub fn alarms(&self) -> Vec<String> {
+        self.inner.alarms.lock().clone()
+    }
+
     pub fn alarm_reason(&self) -> Option<String> {
         let alarms = self.inner.alarms.lock();
         match alarms.first() {

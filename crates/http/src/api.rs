@@ -64,6 +64,20 @@ pub fn routes() -> Router<AppState> {
             "/api/bindings/{vhost}/e/{source}/{kind}/{dest}/{props}",
             get(binding).delete(crate::write::delete_binding),
         )
+        .route("/api/health/checks/alarms", get(crate::health::alarms))
+        .route(
+            "/api/health/checks/local-alarms",
+            get(crate::health::local_alarms),
+        )
+        .route(
+            "/api/health/checks/virtual-hosts",
+            get(crate::health::virtual_hosts),
+        )
+        .route(
+            "/api/health/checks/port-listener/{port}",
+            get(crate::health::port_listener),
+        )
+        .route("/api/aliveness-test/{vhost}", get(crate::health::aliveness))
         .fallback(not_found)
 }
 

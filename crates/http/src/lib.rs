@@ -18,13 +18,14 @@
 //! # async fn run() -> std::io::Result<()> {
 //! let broker = rill_broker::Broker::new(rill_broker::BrokerConfig::default());
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:15672").await?;
-//! rill_http::serve(listener, broker, std::future::pending()).await
+//! rill_http::serve(listener, broker, None, std::future::pending()).await
 //! # }
 //! ```
 
 pub mod actions;
 pub mod api;
 pub mod auth;
+pub mod health;
 pub mod json;
 pub mod rates;
 pub mod write;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub node: Arc<str>,
     /// Where the HTTP listener is, for `/api/overview`'s listeners.
     pub http: Option<SocketAddr>,
+    /// Where the AMQP listener is (listeners, the port-listener health check).
+    pub amqp: Option<SocketAddr>,
 }
 
 impl AppState {
@@ -53,6 +56,7 @@ impl AppState {
             rates: Arc::new(rates::Rates::default()),
             node: node_name().into(),
             http,
+            amqp: None,
         }
     }
 }
@@ -76,12 +80,15 @@ pub fn router(state: AppState) -> axum::Router {
 }
 
 /// Serves the API on `listener` until `shutdown` completes, sampling rates meanwhile.
+/// `amqp` is where the broker's AMQP listener is, if it has one.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     broker: Broker,
+    amqp: Option<SocketAddr>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = AppState::new(broker, listener.local_addr().ok());
+    let mut state = AppState::new(broker, listener.local_addr().ok());
+    state.amqp = amqp;
     let sampler = tokio::spawn(rates::sample_forever(
         state.broker.clone(),
         state.rates.clone(),

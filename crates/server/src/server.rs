@@ -122,6 +122,7 @@ impl Server {
                 None => None,
             };
             tracing::info!(%addr, data_dir = %config.data_dir.display(), "rill broker listening");
+            let addr_amqp = listener.local_addr().unwrap_or(addr);
             let started = std::time::Instant::now();
             let broker = Broker::open(BrokerConfig::default(), &config.data_dir, config.sync)?;
             tracing::info!(
@@ -150,9 +151,11 @@ impl Server {
                 let addr = listener.local_addr().ok();
                 tracing::info!(addr = ?addr, "management HTTP API listening");
                 let broker = broker.clone();
+                let amqp = Some(addr_amqp);
                 // Ends with the runtime, after the AMQP listener.
                 tokio::spawn(async move {
-                    if let Err(e) = rill_http::serve(listener, broker, std::future::pending()).await
+                    if let Err(e) =
+                        rill_http::serve(listener, broker, amqp, std::future::pending()).await
                     {
                         tracing::error!(error = %e, "the management HTTP API stopped");
                     }
