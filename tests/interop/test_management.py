@@ -463,3 +463,29 @@ def test_a_resource_alarm_fails_the_alarm_checks(request, make_broker):
                 assert set(body["alarms"][0]) == {"node", "resource"}
     finally:
         rabbit.ctl("set_vm_memory_high_watermark", "0.4")
+
+
+def test_definitions_exported_from_rill_import_into_rabbitmq(make_broker, rabbitmq_management):
+    broker = make_broker()
+    rill = Api("rill", broker.url, broker.http_url)
+    rabbit = Api("rabbitmq", rabbitmq_management.url, rabbitmq_management.http_url)
+    q, x = uniq("eq"), uniq("ex")
+    declare(rill, q, x, 0)
+    exported = rill.get("/api/definitions")
+    assert set(exported) == set(rabbit.get("/api/definitions"))
+    assert {"name": q, "vhost": "/", "durable": True, "auto_delete": False,
+            "arguments": {"x-max-length": 10}} in exported["queues"]
+    assert any(e["name"] == x and e["type"] == "direct" for e in exported["exchanges"])
+    assert not any(e["name"].startswith("amq.") or e["name"] == "" for e in exported["exchanges"])
+    assert {b["routing_key"] for b in exported["bindings"] if b["source"] == x} == {"k", "h"}
+    guest = next(u for u in exported["users"] if u["name"] == "guest")
+    assert guest["hashing_algorithm"] == "rabbit_password_hashing_sha256"
+    assert guest["tags"] == ["administrator"]
+    # RabbitMQ takes the file as it is; guest's password still works after its hash was
+    # replaced by Rill's, so the hash is RabbitMQ's salted SHA-256 of the same password.
+    status, _, body = rabbit.request("POST", "/api/definitions", body=exported)
+    assert status in (200, 201, 204), (status, body)
+    assert rabbit.get("/api/whoami")["name"] == "guest"
+    assert rabbit.get(f"/api/queues/%2F/{q}")["arguments"] == {"x-max-length": 10}
+    assert rabbit.get(f"/api/exchanges/%2F/{x}")["type"] == "direct"
+    assert {b["routing_key"] for b in rabbit.get(f"/api/bindings/%2F/e/{x}/q/{q}")} == {"k", "h"}

@@ -46,6 +46,35 @@ pub struct User {
     pub loopback_only: bool,
 }
 
+/// The name RabbitMQ gives its salted SHA-256 password hashing.
+pub const PASSWORD_HASHING: &str = "rabbit_password_hashing_sha256";
+
+impl User {
+    /// The password hashed as RabbitMQ hashes it (`base64(salt ++ sha256(salt ++ password))`,
+    /// a fresh 4-byte salt each time): what definitions exports carry, and what RabbitMQ
+    /// accepts on import.
+    pub fn password_hash(&self) -> String {
+        password_hash(rand::random(), &self.password)
+    }
+}
+
+/// RabbitMQ's `rabbit_password_hashing_sha256` with the given salt.
+///
+/// ```
+/// // RabbitMQ's documented example: salt 908D C60A, password "test12".
+/// let h = rill_broker::broker::password_hash([0x90, 0x8D, 0xC6, 0x0A], "test12");
+/// assert_eq!(h, "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR");
+/// ```
+pub fn password_hash(salt: [u8; 4], password: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(password.as_bytes());
+    let mut raw = salt.to_vec();
+    raw.extend_from_slice(&h.finalize());
+    rill_codec::base64::encode(&raw)
+}
+
 #[derive(Debug, Clone)]
 pub struct Broker {
     inner: Arc<Inner>,
@@ -192,6 +221,13 @@ impl Broker {
 
     pub fn vhosts(&self) -> Vec<Arc<VHost>> {
         self.inner.vhosts.read().values().cloned().collect()
+    }
+
+    /// Every user, by name.
+    pub fn users(&self) -> Vec<User> {
+        let mut users: Vec<User> = self.inner.users.read().values().cloned().collect();
+        users.sort_by(|a, b| a.name.cmp(&b.name));
+        users
     }
 
     pub fn add_user(&self, name: &str, password: &str, tags: Vec<String>, loopback_only: bool) {

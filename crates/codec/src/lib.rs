@@ -49,6 +49,7 @@ mod wire;
 #[allow(clippy::unwrap_used)] // tests may panic
 mod tests;
 
+pub mod base64;
 pub use amq_protocol;
 pub use amq_protocol::protocol::AMQPClass;
 pub use amq_protocol::protocol::BasicProperties;

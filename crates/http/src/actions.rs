@@ -152,28 +152,6 @@ fn properties_from(v: &Value) -> Result<BasicProperties, Failure> {
     Ok(p)
 }
 
-/// Standard base64 with padding.
-fn base64_encode(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// `POST /api/queues/{vhost}/{name}/get`: `{count, ackmode, encoding[, truncate]}`.
 pub(crate) async fn get_messages(
     State(state): State<AppState>,
@@ -221,7 +199,7 @@ pub(crate) async fn get_messages(
         let shown = truncate.map_or(body, |t| &body[..body.len().min(t as usize)]);
         let (payload, encoding) = match (base64, std::str::from_utf8(shown)) {
             (false, Ok(s)) => (s.to_string(), "string"),
-            _ => (base64_encode(shown), "base64"),
+            _ => (rill_codec::base64::encode(shown), "base64"),
         };
         out.push(json!({
             "payload_bytes": body.len(),
@@ -267,7 +245,7 @@ pub(crate) async fn publish(
     let body = match m["payload_encoding"].as_str() {
         Some("string") => Bytes::copy_from_slice(payload.as_bytes()),
         Some("base64") => Bytes::from(
-            crate::auth::base64_decode(payload)
+            rill_codec::base64::decode(payload)
                 .ok_or_else(|| Failure::bad_request("payload is not base64"))?,
         ),
         _ => return Err(Failure::bad_request("unknown payload_encoding")),
@@ -301,15 +279,6 @@ pub(crate) async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_round_trips() {
-        for data in [&b""[..], b"a", b"ab", b"abc", b"abcd", &[0, 255, 128, 7, 9]] {
-            let e = base64_encode(data);
-            assert_eq!(crate::auth::base64_decode(&e).as_deref(), Some(data), "{e}");
-        }
-        assert_eq!(base64_encode(b"hi"), "aGk=");
-    }
 
     #[test]
     fn missing_keys_read_as_erlang_prints_them() {

@@ -64,6 +64,7 @@ pub fn routes() -> Router<AppState> {
             "/api/bindings/{vhost}/e/{source}/{kind}/{dest}/{props}",
             get(binding).delete(crate::write::delete_binding),
         )
+        .route("/api/definitions", get(crate::definitions::export))
         .route("/api/health/checks/alarms", get(crate::health::alarms))
         .route(
             "/api/health/checks/local-alarms",

@@ -114,55 +114,14 @@ pub fn basic_credentials(value: &str) -> Option<(String, String)> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
-    let decoded = String::from_utf8(base64_decode(encoded.trim())?).ok()?;
+    let decoded = String::from_utf8(rill_codec::base64::decode(encoded.trim())?).ok()?;
     let (user, password) = decoded.split_once(':')?;
     Some((user.to_string(), password.to_string()))
-}
-
-/// Standard base64 with padding (what `Authorization: Basic` carries). Twenty lines here
-/// rather than a crate for the one call.
-pub(crate) fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let bytes = s.trim_end_matches('=').as_bytes();
-    if !s.len().is_multiple_of(4) || s.len() - bytes.len() > 2 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let mut n = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            n |= value(c)? << (18 - 6 * i);
-        }
-        let take = chunk.len() - 1;
-        out.extend_from_slice(&n.to_be_bytes()[1..1 + take]);
-    }
-    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_decodes_every_padding() {
-        assert_eq!(base64_decode("").as_deref(), Some(&b""[..]));
-        assert_eq!(base64_decode("YQ==").as_deref(), Some(&b"a"[..]));
-        assert_eq!(base64_decode("YWI=").as_deref(), Some(&b"ab"[..]));
-        assert_eq!(base64_decode("YWJj").as_deref(), Some(&b"abc"[..]));
-        assert_eq!(base64_decode("YWJjZA==").as_deref(), Some(&b"abcd"[..]));
-        assert_eq!(base64_decode("YWJ"), None);
-        assert_eq!(base64_decode("YW!j"), None);
-        assert_eq!(base64_decode("Y==="), None);
-    }
 
     #[test]
     fn passwords_may_hold_colons() {

@@ -25,6 +25,7 @@
 pub mod actions;
 pub mod api;
 pub mod auth;
+pub mod definitions;
 pub mod health;
 pub mod json;
 pub mod rates;
