@@ -178,11 +178,7 @@ pub(crate) async fn get_messages(
     let truncate = m.get("truncate").and_then(int);
     let not_found = || Failure::not_found(format!("NOT_FOUND - no queue '{name}' in vhost '{v}'"));
     let vhost = state.broker.vhost(&v).ok_or_else(not_found)?;
-    let q = vhost
-        .queues()
-        .into_iter()
-        .find(|q| q.name() == name && !q.is_deleted())
-        .ok_or_else(not_found)?;
+    let q = crate::api::find_queue(&vhost, &name).map_err(|_| not_found())?;
     // All taken first (the counts left go down), then settled together, as RabbitMQ does.
     let mut taken = Vec::new();
     for _ in 0..count {

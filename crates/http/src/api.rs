@@ -317,7 +317,8 @@ async fn queues_of(State(state): State<AppState>, _user: User, Path(v): Path<Str
     Ok(Json(queues_json(&state, &[v])))
 }
 
-fn find_queue(v: &VHost, name: &str) -> Result<Arc<Queue>, ApiError> {
+/// The queue `name` of `v`, unless it is missing (or being deleted).
+pub(crate) fn find_queue(v: &VHost, name: &str) -> Result<Arc<Queue>, ApiError> {
     v.queues()
         .into_iter()
         .find(|q| q.name() == name && !q.is_deleted())

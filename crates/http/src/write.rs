@@ -3,7 +3,7 @@
 //! it already existed (or on delete), 400 `bad_request` for bodies it cannot use and for
 //! inequivalent redeclarations, 404 `not_found` naming what is missing.
 
-use crate::api::{binding_path, ApiError};
+use crate::api::{binding_path, find_queue, ApiError};
 use crate::auth::User;
 use crate::json::{from_json_table, Invalid};
 use crate::AppState;
@@ -174,10 +174,7 @@ pub(crate) async fn put_queue(
     let v = vhost_for_write(&state, &v)?;
     let (durable, auto_delete) = (flag(&m, "durable")?, flag(&m, "auto_delete")?);
     let arguments = arguments(&m)?;
-    let existed = v
-        .queues()
-        .iter()
-        .any(|q| q.name() == name && !q.is_deleted());
+    let existed = find_queue(&v, &name).is_ok();
     v.declare_queue(
         HTTP_CONNECTION,
         QueueDeclare {
@@ -209,13 +206,7 @@ pub(crate) async fn delete_queue(
     Query(opts): Query<DeleteOptions>,
 ) -> Result<Response, Failure> {
     let v = state.broker.vhost(&v).ok_or(ApiError::NotFound)?;
-    if !v
-        .queues()
-        .iter()
-        .any(|q| q.name() == name && !q.is_deleted())
-    {
-        return Err(ApiError::NotFound.into());
-    }
+    find_queue(&v, &name)?;
     v.delete_queue(
         HTTP_CONNECTION,
         &name,
@@ -233,12 +224,7 @@ pub(crate) async fn purge_queue(
     Path((v, name)): Path<(String, String)>,
 ) -> Result<Response, Failure> {
     let v = state.broker.vhost(&v).ok_or(ApiError::NotFound)?;
-    let q = v
-        .queues()
-        .into_iter()
-        .find(|q| q.name() == name && !q.is_deleted())
-        .ok_or(ApiError::NotFound)?;
-    q.purge();
+    find_queue(&v, &name)?.purge();
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -304,9 +290,7 @@ fn check_binding_ends(v: &VHost, source: &str, dest: &str, to_queue: bool) -> Re
     v.exchange(source)
         .map_err(|_| Failure::not_found(format!("no exchange '{source}' in vhost '{}'", v.name)))?;
     let present = if to_queue {
-        v.queues()
-            .iter()
-            .any(|q| q.name() == dest && !q.is_deleted())
+        find_queue(v, dest).is_ok()
     } else {
         v.exchange(dest).is_ok()
     };
