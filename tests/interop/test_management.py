@@ -493,3 +493,22 @@ def test_definitions_exported_from_rill_import_into_rabbitmq(make_broker, rabbit
     assert rabbit.get(f"/api/queues/%2F/{q}")["arguments"] == {"x-max-length": 10}
     assert rabbit.get(f"/api/exchanges/%2F/{x}")["type"] == "direct"
     assert {b["routing_key"] for b in rabbit.get(f"/api/bindings/%2F/e/{x}/q/{q}")} == {"k", "h"}
+
+
+def test_users_and_permissions(api):
+    users = api.get("/api/users")
+    guest = next(u for u in users if u["name"] == "guest")
+    assert set(guest) == {"name", "password_hash", "hashing_algorithm", "tags", "limits"}
+    assert (guest["hashing_algorithm"], guest["tags"], guest["limits"]) == (
+        "rabbit_password_hashing_sha256", ["administrator"], {})
+    assert len(base64.b64decode(guest["password_hash"])) == 36  # 4-byte salt + SHA-256
+    assert api.get("/api/users/guest")["name"] == "guest"
+    full = {"user": "guest", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
+    assert full in api.get("/api/permissions")
+    assert full in api.get("/api/users/guest/permissions")
+    assert full in api.get("/api/vhosts/%2F/permissions")
+    assert api.get("/api/permissions/%2F/guest") == full
+    assert api.get("/api/users/without-permissions") == []
+    for path in ("/api/users/nope", "/api/permissions/%2F/nope", "/api/permissions/nope/guest"):
+        status, _, body = api.request("GET", path)
+        assert (status, body) == (404, {"error": "Object Not Found", "reason": "Not Found"}), path

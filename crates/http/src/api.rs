@@ -65,6 +65,25 @@ pub fn routes() -> Router<AppState> {
             get(binding).delete(crate::write::delete_binding),
         )
         .route("/api/definitions", get(crate::definitions::export))
+        .route("/api/users", get(crate::users::list))
+        .route(
+            "/api/users/without-permissions",
+            get(crate::users::without_permissions),
+        )
+        .route("/api/users/{user}", get(crate::users::one))
+        .route(
+            "/api/users/{user}/permissions",
+            get(crate::users::user_permissions),
+        )
+        .route("/api/permissions", get(crate::users::all_permissions))
+        .route(
+            "/api/permissions/{vhost}/{user}",
+            get(crate::users::permission),
+        )
+        .route(
+            "/api/vhosts/{vhost}/permissions",
+            get(crate::users::vhost_permissions),
+        )
         .route("/api/health/checks/alarms", get(crate::health::alarms))
         .route(
             "/api/health/checks/local-alarms",

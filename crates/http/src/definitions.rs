@@ -8,7 +8,6 @@ use crate::json::table;
 use crate::AppState;
 use axum::extract::State;
 use axum::Json;
-use rill_broker::broker::PASSWORD_HASHING;
 use rill_broker::exchange::Destination;
 use serde_json::{json, Value};
 
@@ -48,27 +47,14 @@ pub(crate) async fn export(State(state): State<AppState>, _user: User) -> Json<V
             push_bindings(&mut bindings, &v.name, x);
         }
     }
-    // Rill does not restrict users to vhosts yet: every user may do anything in every vhost.
-    let permissions: Vec<Value> = users
-        .iter()
-        .flat_map(|u| {
-            vhosts.iter().map(move |v| {
-                json!({"user": u.name, "vhost": v.name,
-                       "configure": ".*", "write": ".*", "read": ".*"})
-            })
-        })
-        .collect();
     Json(json!({
         "rabbit_version": MANAGEMENT_VERSION,
         "rabbitmq_version": MANAGEMENT_VERSION,
         "product_name": "Rill",
         "product_version": env!("CARGO_PKG_VERSION"),
-        "users": users.iter().map(|u| json!({
-            "name": u.name, "password_hash": u.password_hash(),
-            "hashing_algorithm": PASSWORD_HASHING, "tags": u.tags, "limits": {},
-        })).collect::<Vec<_>>(),
+        "users": users.iter().map(crate::users::user_json).collect::<Vec<_>>(),
         "vhosts": vhosts.iter().map(|v| json!({"name": v.name})).collect::<Vec<_>>(),
-        "permissions": permissions,
+        "permissions": crate::users::permissions(&state),
         "topic_permissions": [],
         "parameters": [],
         "global_parameters": [],

@@ -29,6 +29,7 @@ pub mod definitions;
 pub mod health;
 pub mod json;
 pub mod rates;
+pub mod users;
 pub mod write;
 
 use rill_broker::Broker;
