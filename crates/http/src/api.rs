@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use rill_broker::exchange::{Destination, Exchange};
+use rill_broker::exchange::{Binding, Destination, Exchange};
 use rill_broker::queue::Queue;
 use rill_broker::vhost::VHost;
 use serde_json::{json, Value};
@@ -126,7 +126,7 @@ async fn not_found() -> ApiError {
 
 type Answer = Result<Json<Value>, ApiError>;
 
-fn find_vhost(state: &AppState, name: &str) -> Result<Arc<VHost>, ApiError> {
+pub(crate) fn find_vhost(state: &AppState, name: &str) -> Result<Arc<VHost>, ApiError> {
     state.broker.vhost(name).ok_or(ApiError::NotFound)
 }
 
@@ -254,10 +254,11 @@ fn vhost_json(state: &AppState, v: &VHost) -> Value {
 }
 
 async fn vhosts(State(state): State<AppState>, _user: User) -> Json<Value> {
-    let mut vs = state.broker.vhosts();
-    vs.sort_by(|a, b| a.name.cmp(&b.name));
     Json(Value::Array(
-        vs.iter().map(|v| vhost_json(&state, v)).collect(),
+        all_vhosts(&state)
+            .iter()
+            .map(|v| vhost_json(&state, v))
+            .collect(),
     ))
 }
 
@@ -321,7 +322,8 @@ fn queues_json(state: &AppState, vhosts: &[Arc<VHost>]) -> Value {
     )
 }
 
-fn all_vhosts(state: &AppState) -> Vec<Arc<VHost>> {
+/// Every vhost, by name.
+pub(crate) fn all_vhosts(state: &AppState) -> Vec<Arc<VHost>> {
     let mut vs = state.broker.vhosts();
     vs.sort_by(|a, b| a.name.cmp(&b.name));
     vs
@@ -379,9 +381,8 @@ fn exchanges_json(vhosts: &[Arc<VHost>]) -> Value {
         vhosts
             .iter()
             .flat_map(|v| {
-                let mut xs = v.exchanges();
-                xs.sort_by(|a, b| a.config.name.cmp(&b.config.name));
-                xs.iter()
+                sorted_exchanges(v)
+                    .iter()
                     .map(|x| exchange_json(&v.name, x))
                     .collect::<Vec<_>>()
             })
@@ -464,37 +465,54 @@ fn vhost_bindings(v: &VHost, only_queue: Option<&str>) -> Vec<Value> {
         .filter(|q| only_queue.is_none_or(|n| n == q.name()))
         .map(|q| binding_json(&v.name, "", q.name(), "queue", q.name(), &empty))
         .collect();
-    let mut xs = v.exchanges();
-    xs.sort_by(|a, b| a.config.name.cmp(&b.config.name));
-    for x in xs.iter().filter(|x| !x.config.name.is_empty()) {
-        let mut bs: Vec<Value> = x
-            .bindings()
-            .iter()
-            .filter_map(|b| {
-                let (dest, kind) = match &b.destination {
-                    Destination::Queue(q) => (q.name().to_string(), "queue"),
-                    Destination::Exchange(n) => (n.to_string(), "exchange"),
-                };
-                if only_queue.is_some_and(|n| kind != "queue" || n != dest) {
-                    return None;
-                }
-                Some(binding_json(
-                    &v.name,
-                    &x.config.name,
-                    &dest,
-                    kind,
-                    &b.routing_key,
-                    &b.arguments,
-                ))
-            })
-            .collect();
-        bs.sort_by(|a, b| {
-            let key = |v: &Value| (v["destination"].to_string(), v["routing_key"].to_string());
-            key(a).cmp(&key(b))
-        });
+    for x in sorted_exchanges(v)
+        .iter()
+        .filter(|x| !x.config.name.is_empty())
+    {
+        let mut bs = exchange_bindings(&v.name, x);
+        if let Some(n) = only_queue {
+            bs.retain(|b| b["destination_type"] == "queue" && b["destination"] == n);
+        }
         out.extend(bs);
     }
     out
+}
+
+/// Every exchange of `v`, by name.
+pub(crate) fn sorted_exchanges(v: &VHost) -> Vec<Arc<Exchange>> {
+    let mut xs = v.exchanges();
+    xs.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+    xs
+}
+
+/// Where a binding leads: its name and RabbitMQ's `destination_type`.
+fn destination_of(b: &Binding) -> (&str, &'static str) {
+    match &b.destination {
+        Destination::Queue(q) => (q.name(), "queue"),
+        Destination::Exchange(n) => (n, "exchange"),
+    }
+}
+
+/// The declared bindings from exchange `x` of vhost `vhost`, by destination then routing
+/// key.
+pub(crate) fn exchange_bindings(vhost: &str, x: &Exchange) -> Vec<Value> {
+    let mut bs: Vec<Value> = x
+        .bindings()
+        .iter()
+        .map(|b| {
+            let (dest, kind) = destination_of(b);
+            binding_json(
+                vhost,
+                &x.config.name,
+                dest,
+                kind,
+                &b.routing_key,
+                &b.arguments,
+            )
+        })
+        .collect();
+    bs.sort_by_key(|b| (b["destination"].to_string(), b["routing_key"].to_string()));
+    bs
 }
 
 async fn bindings(State(state): State<AppState>, _user: User) -> Json<Value> {
@@ -559,10 +577,8 @@ pub(crate) fn find_binding(
     }
     let x = v.exchange(source).ok()?;
     x.bindings().into_iter().find_map(|b| {
-        let matches = match &b.destination {
-            Destination::Queue(q) => to_queue && q.name() == dest,
-            Destination::Exchange(n) => !to_queue && &**n == dest,
-        };
+        let (name, kind) = destination_of(&b);
+        let matches = name == dest && (kind == "queue") == to_queue;
         (matches && properties_key(&b.routing_key, &b.arguments) == props)
             .then(|| (b.routing_key.clone(), b.arguments.clone()))
     })

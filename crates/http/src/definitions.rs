@@ -2,20 +2,17 @@
 //! bindings in RabbitMQ's definitions format, which RabbitMQ imports as it is (passwords as
 //! its salted SHA-256 hashes).
 
-use crate::api::MANAGEMENT_VERSION;
+use crate::api::{all_vhosts, exchange_bindings, sorted_exchanges, MANAGEMENT_VERSION};
 use crate::auth::User;
 use crate::json::table;
 use crate::AppState;
 use axum::extract::State;
 use axum::Json;
-use rill_broker::exchange::Destination;
 use serde_json::{json, Value};
 
 pub(crate) async fn export(State(state): State<AppState>, _user: User) -> Json<Value> {
-    let broker = &state.broker;
-    let mut vhosts = broker.vhosts();
-    vhosts.sort_by(|a, b| a.name.cmp(&b.name));
-    let users = broker.users();
+    let vhosts = all_vhosts(&state);
+    let users = state.broker.users();
     let (mut queues, mut exchanges, mut bindings) = (Vec::new(), Vec::new(), Vec::new());
     for v in &vhosts {
         let mut qs = v.queues();
@@ -28,9 +25,7 @@ pub(crate) async fn export(State(state): State<AppState>, _user: User) -> Json<V
                 "auto_delete": q.config.auto_delete, "arguments": table(&q.config.arguments),
             }));
         }
-        let mut xs = v.exchanges();
-        xs.sort_by(|a, b| a.config.name.cmp(&b.config.name));
-        for x in &xs {
+        for x in &sorted_exchanges(v) {
             let c = &x.config;
             // Built-in exchanges exist everywhere; the default exchange's bindings are implicit.
             if c.name.is_empty() || c.name.starts_with("amq.") {
@@ -65,20 +60,12 @@ pub(crate) async fn export(State(state): State<AppState>, _user: User) -> Json<V
     }))
 }
 
+/// `x`'s bindings as definitions list them (without the API's `properties_key`).
 fn push_bindings(out: &mut Vec<Value>, vhost: &str, x: &rill_broker::exchange::Exchange) {
-    let mut bs: Vec<Value> = x
-        .bindings()
-        .iter()
-        .map(|b| {
-            let (dest, kind) = match &b.destination {
-                Destination::Queue(q) => (q.name().to_string(), "queue"),
-                Destination::Exchange(n) => (n.to_string(), "exchange"),
-            };
-            json!({"source": &*x.config.name, "vhost": vhost, "destination": dest,
-                   "destination_type": kind, "routing_key": b.routing_key,
-                   "arguments": table(&b.arguments)})
-        })
-        .collect();
-    bs.sort_by_key(|b| (b["destination"].to_string(), b["routing_key"].to_string()));
-    out.extend(bs);
+    out.extend(exchange_bindings(vhost, x).into_iter().map(|mut b| {
+        if let Value::Object(m) = &mut b {
+            m.remove("properties_key");
+        }
+        b
+    }));
 }

@@ -83,7 +83,7 @@ pub(crate) async fn aliveness(
     user: User,
     Path(vhost): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.broker.vhost(&vhost).ok_or(ApiError::NotFound)?;
+    crate::api::find_vhost(&state, &vhost)?;
     let broker = state.broker.clone();
     let test = move || -> Result<(), String> {
         let mut s = Session::open(

@@ -20,20 +20,14 @@ pub(crate) fn user_json(u: &BrokerUser) -> Value {
 
 /// Every (user, vhost) permission, users by name, then vhosts by name.
 pub(crate) fn permissions(state: &AppState) -> Vec<Value> {
-    let mut vhosts: Vec<String> = state
-        .broker
-        .vhosts()
-        .iter()
-        .map(|v| v.name.clone())
-        .collect();
-    vhosts.sort();
+    let vhosts = crate::api::all_vhosts(state);
     state
         .broker
         .users()
         .iter()
         .flat_map(|u| {
             vhosts.iter().map(move |v| {
-                json!({"user": u.name, "vhost": v,
+                json!({"user": u.name, "vhost": v.name,
                        "configure": ".*", "write": ".*", "read": ".*"})
             })
         })
@@ -86,7 +80,7 @@ pub(crate) async fn vhost_permissions(
     _user: User,
     Path(vhost): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    state.broker.vhost(&vhost).ok_or(ApiError::NotFound)?;
+    crate::api::find_vhost(&state, &vhost)?;
     let mut ps = permissions(&state);
     ps.retain(|p| p["vhost"] == vhost.as_str());
     Ok(Json(Value::Array(ps)))

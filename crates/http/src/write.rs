@@ -3,7 +3,7 @@
 //! it already existed (or on delete), 400 `bad_request` for bodies it cannot use and for
 //! inequivalent redeclarations, 404 `not_found` naming what is missing.
 
-use crate::api::{binding_path, find_queue, ApiError};
+use crate::api::{binding_path, find_queue, find_vhost, ApiError};
 use crate::auth::User;
 use crate::json::{from_json_table, Invalid};
 use crate::AppState;
@@ -205,7 +205,7 @@ pub(crate) async fn delete_queue(
     Path((v, name)): Path<(String, String)>,
     Query(opts): Query<DeleteOptions>,
 ) -> Result<Response, Failure> {
-    let v = state.broker.vhost(&v).ok_or(ApiError::NotFound)?;
+    let v = find_vhost(&state, &v)?;
     find_queue(&v, &name)?;
     v.delete_queue(
         HTTP_CONNECTION,
@@ -223,7 +223,7 @@ pub(crate) async fn purge_queue(
     _user: User,
     Path((v, name)): Path<(String, String)>,
 ) -> Result<Response, Failure> {
-    let v = state.broker.vhost(&v).ok_or(ApiError::NotFound)?;
+    let v = find_vhost(&state, &v)?;
     find_queue(&v, &name)?.purge();
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -264,7 +264,7 @@ pub(crate) async fn delete_exchange(
     Path((v, name)): Path<(String, String)>,
     Query(opts): Query<DeleteOptions>,
 ) -> Result<Response, Failure> {
-    let v = state.broker.vhost(&v).ok_or(ApiError::NotFound)?;
+    let v = find_vhost(&state, &v)?;
     if name.is_empty() || name.starts_with("amq.") {
         return Err(Failure::access_refused());
     }
@@ -333,7 +333,7 @@ pub(crate) async fn get_bindings_between(
     Path((v, source, kind, dest)): Path<(String, String, String, String)>,
 ) -> Result<Json<Value>, Failure> {
     let to_queue = binding_ends(&kind)?;
-    let v = state.broker.vhost(&v).ok_or(ApiError::NotFound)?;
+    let v = find_vhost(&state, &v)?;
     check_binding_ends(&v, &source, &dest, to_queue)?;
     Ok(Json(Value::Array(crate::api::bindings_between(
         &v, &source, &dest, to_queue,
@@ -346,7 +346,7 @@ pub(crate) async fn delete_binding(
     Path((v, source, kind, dest, props)): Path<(String, String, String, String, String)>,
 ) -> Result<Response, Failure> {
     let to_queue = binding_ends(&kind)?;
-    let v = state.broker.vhost(&v).ok_or(ApiError::NotFound)?;
+    let v = find_vhost(&state, &v)?;
     let found =
         crate::api::find_binding(&v, &source, &dest, to_queue, &props).ok_or(ApiError::NotFound)?;
     let (routing_key, arguments) = found;
